@@ -1,0 +1,115 @@
+"""Compose Hydra configs for a verb, with errors that name the offending key or group."""
+
+from __future__ import annotations
+
+import difflib
+import os
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from fedmed.errors import FedmedError
+
+
+def config_dir() -> Path:
+    """``$FEDMED_CONFIG_DIR``, else ``configs/`` of the project this package was installed from, else ``./configs``."""
+    env = os.environ.get("FEDMED_CONFIG_DIR")
+    candidates = [Path(env)] if env else []
+    candidates += [Path(__file__).resolve().parent.parent / "configs", Path.cwd() / "configs"]
+    for c in candidates:
+        if (c / "fit.yaml").exists():
+            return c.resolve()
+    raise FedmedError(f"no fedmed configs found (looked in {', '.join(map(str, candidates))}); set FEDMED_CONFIG_DIR")
+
+
+def _register_resolvers() -> None:
+    if not OmegaConf.has_resolver("fedmed_root"):
+        OmegaConf.register_new_resolver("fedmed_root", lambda: os.environ.get("FEDMED_ROOT", str(config_dir().parent)))
+    if not OmegaConf.has_resolver("len"):
+        OmegaConf.register_new_resolver("len", lambda x: len(x))
+
+
+def groups(verb: str = "fit") -> dict[str, list[str]]:
+    """Config groups and their options, e.g. ``{"data": ["breastmnist", "pneumoniamnist"], ...}``."""
+    root = config_dir()
+    return {
+        d.name: sorted(p.stem for p in d.glob("*.yaml"))
+        for d in sorted(root.iterdir())
+        if d.is_dir() and any(d.glob("*.yaml"))
+    }
+
+
+def _all_keys(cfg: DictConfig, prefix: str = "") -> list[str]:
+    keys = []
+    for k in cfg.keys():
+        path = f"{prefix}{k}"
+        keys.append(path)
+        node = cfg._get_node(k)
+        if isinstance(node, DictConfig):
+            keys += _all_keys(node, f"{path}.")
+    return keys
+
+
+def compose(verb: str, overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
+    """Compose ``configs/<verb>.yaml`` with Hydra-style ``overrides`` and resolve every interpolation.
+
+    Raises:
+        FedmedError: unknown key (with a suggestion), unknown group option, or a value that
+            does not resolve.
+    """
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    _register_resolvers()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        try:
+            cfg = hydra_compose(config_name=verb, overrides=list(overrides))
+        except HydraException as exc:
+            raise FedmedError(_explain_override_error(exc, verb, overrides)) from None
+    try:
+        OmegaConf.resolve(cfg)
+    except OmegaConfBaseException as exc:
+        raise FedmedError(f"config value does not resolve: {exc}") from None
+    return cfg
+
+
+def _explain_override_error(exc: Exception, verb: str, overrides) -> str:
+    msg = str(exc)
+    if "is not in struct" in msg or "Could not override" in msg or "Key '" in msg:
+        for ov in overrides:
+            key = ov.lstrip("+~").split("=", 1)[0]
+            if key and f"'{key}'" in msg:
+                base = _compose_plain(verb)
+                known = _all_keys(base)
+                close = difflib.get_close_matches(key, known, n=3, cutoff=0.6)
+                hint = f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+                return f"unknown config key '{key}' in override '{ov}'.{hint} (`fedmed {verb} --cfg` shows every key.)"
+    if "Could not find" in msg or "Could not load" in msg:
+        return f"{msg.strip()}\n(`fedmed {verb} --help` lists every group and its options.)"
+    return f"bad override in {list(overrides)}: {msg.strip()}"
+
+
+def _compose_plain(verb: str) -> DictConfig:
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        return hydra_compose(config_name=verb)
+
+
+def site_config(cfg: DictConfig, name: str, verb: str = "fit") -> DictConfig:
+    """The resolved ``site`` node for site ``name`` under the run's current config."""
+    path = config_dir() / "site" / f"{name}.yaml"
+    if not path.exists():
+        known = groups(verb).get("site", [])
+        raise FedmedError(f"federation.sites names {name!r}, but {path} does not exist; sites: {known}")
+    node = OmegaConf.load(path)
+    merged = OmegaConf.merge(OmegaConf.to_container(cfg, resolve=True), {"site": node})
+    OmegaConf.resolve(merged)
+    return merged.site

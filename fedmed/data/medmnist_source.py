@@ -1,0 +1,147 @@
+"""MedMNIST datasets by name, read through the ``medmnist`` package from its official npz files."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+
+from fedmed.errors import DataNotFoundError, FedmedError
+
+SPLITS = ("train", "val", "test")
+
+
+def md5sum(path: str | Path, chunk: int = 1 << 20) -> str:
+    """Return the hex md5 of a file, read in chunks."""
+    h = hashlib.md5()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+@dataclass
+class MedMNISTSource:
+    """One MedMNIST dataset (e.g. ``pneumoniamnist``) stored as medmnist's official npz file.
+
+    The file lives at ``<root>/<flag>[_<size>].npz``, exactly where ``medmnist`` puts it. If it is
+    absent, medmnist's ordinary download runs; if that fails (no network), a
+    :class:`DataNotFoundError` says where to put the file. The md5 is checked against
+    ``medmnist.INFO``.
+
+    Args:
+        name: medmnist flag, e.g. ``pneumoniamnist`` or ``breastmnist``.
+        root: folder that holds (or will hold) the npz file.
+        size: image size, 28 (default) or one of 64/128/224 for MedMNIST+.
+        download: try medmnist's download when the file is absent.
+    """
+
+    name: str
+    root: str
+    size: int = 28
+    download: bool = True
+
+    def __post_init__(self) -> None:
+        import medmnist
+
+        if self.name not in medmnist.INFO:
+            known = ", ".join(sorted(medmnist.INFO))
+            raise FedmedError(f"data.name={self.name!r} is not a MedMNIST dataset; known: {known}")
+        self.info = medmnist.INFO[self.name]
+        if self.size != 28 and self.size not in (64, 128, 224):
+            raise FedmedError(f"data.size={self.size} is not offered by MedMNIST (28, 64, 128, 224)")
+
+    # -- identity -------------------------------------------------------------------------
+    @property
+    def filename(self) -> str:
+        return f"{self.name}.npz" if self.size == 28 else f"{self.name}_{self.size}.npz"
+
+    @property
+    def path(self) -> Path:
+        return Path(self.root).expanduser().resolve() / self.filename
+
+    @property
+    def expected_md5(self) -> str:
+        return self.info["MD5"] if self.size == 28 else self.info[f"MD5_{self.size}"]
+
+    @property
+    def class_names(self) -> list[str]:
+        labels = self.info["label"]
+        return [labels[str(i)] for i in range(len(labels))]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.info["label"])
+
+    @property
+    def task(self) -> str:
+        return self.info["task"]
+
+    # -- loading --------------------------------------------------------------------------
+    def ensure_file(self) -> Path:
+        """Make sure the npz exists and matches medmnist's md5; return its path."""
+        path = self.path
+        if not path.exists():
+            self._download()
+        actual = md5sum(path)
+        if actual != self.expected_md5:
+            raise FedmedError(
+                f"{path} is corrupt or not the official file: md5 {actual}, "
+                f"medmnist expects {self.expected_md5}. Replace it with the official {self.filename}."
+            )
+        return path
+
+    def _download(self) -> None:
+        import medmnist
+
+        url = self.info["url"] if self.size == 28 else self.info[f"url_{self.size}"]
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        cls = getattr(medmnist, self.info["python_class"])
+        try:  # the ordinary medmnist download (md5-checked by it)
+            cls(split="train", root=str(self.path.parent), download=True, size=self.size)
+        except Exception as exc:  # noqa: BLE001 - any network/IO failure gets the same advice
+            raise DataNotFoundError(
+                f"{self.filename} is not in {self.path.parent} and medmnist could not download it "
+                f"({type(exc).__name__}: {exc}). Download {url} by hand and put it at {self.path}, "
+                "or point data.root / FEDMED_DATA_DIR at the folder that holds it."
+            ) from exc
+        if not self.path.exists():
+            raise DataNotFoundError(f"medmnist's download did not produce {self.path}")
+
+    @cached_property
+    def arrays(self) -> dict[str, np.ndarray]:
+        """All splits as arrays: ``{split}_images`` (N,H,W[,C]) uint8 and ``{split}_labels`` (N,)."""
+        path = self.ensure_file()
+        try:
+            with np.load(path) as npz:
+                out = {}
+                for split in SPLITS:
+                    out[f"{split}_images"] = npz[f"{split}_images"]
+                    out[f"{split}_labels"] = npz[f"{split}_labels"].reshape(len(npz[f"{split}_labels"]), -1)
+        except (OSError, ValueError, KeyError) as exc:
+            raise FedmedError(f"could not read {path}: {exc}") from exc
+        if self.task.startswith("multi-label"):
+            raise FedmedError(f"{self.name} is multi-label ({self.task}); fedmed classifies one label per image")
+        for split in SPLITS:
+            out[f"{split}_labels"] = out[f"{split}_labels"][:, 0].astype(np.int64)
+        return out
+
+    def images(self, split: str) -> np.ndarray:
+        self._check_split(split)
+        return self.arrays[f"{split}_images"]
+
+    def labels(self, split: str) -> np.ndarray:
+        self._check_split(split)
+        return self.arrays[f"{split}_labels"]
+
+    def sample_id(self, split: str, index: int) -> str:
+        """Stable id of one sample: ``<split>/<index in the official split>``."""
+        return f"{split}/{index}"
+
+    @staticmethod
+    def _check_split(split: str) -> None:
+        if split not in SPLITS:
+            raise FedmedError(f"split={split!r} is not one of {SPLITS}")

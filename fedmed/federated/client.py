@@ -1,0 +1,230 @@
+"""The site client: one hospital's data, its own Lightning Trainer, its own MLflow run.
+
+Its verbs follow MONAI's ``ClientAlgo`` (initialize / train / get_weights / evaluate /
+finalize). It talks to the server only through weights and metrics, so a network transport
+(Flower) can carry the same calls.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import warnings
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import lightning as L
+import torch
+
+from fedmed.data.datamodule import SiteData, make_loader
+from fedmed.models.classifier import Classifier
+from fedmed.models.metrics import evaluate
+
+log = logging.getLogger("fedmed")
+
+StateDict = Mapping[str, torch.Tensor]
+
+# Lightning prints device banners for every Trainer; a federation makes one per site per round.
+for _name in ("lightning.pytorch.utilities.rank_zero", "lightning.pytorch.accelerators.cuda", "lightning.fabric"):
+    logging.getLogger(_name).setLevel(logging.WARNING)
+warnings.filterwarnings("ignore", ".*does not have many workers.*")
+warnings.filterwarnings("ignore", ".*number of training batches.*smaller than the logging interval.*")
+warnings.filterwarnings("ignore", ".*defined a `validation_step` but have no `val_dataloader`.*")
+warnings.filterwarnings("ignore", ".*isinstance\\(treespec, LeafSpec\\)` is deprecated.*")
+
+
+@dataclass
+class FitResult:
+    """What a site returns after local training."""
+
+    site: str
+    weights: dict[str, torch.Tensor]
+    num_samples: int
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class EvalResult:
+    """What a site returns after evaluating weights on its validation data."""
+
+    site: str
+    num_samples: int
+    metrics: dict[str, float]
+    confmat: torch.Tensor | None = None
+
+
+def clone_state(state: StateDict) -> dict[str, torch.Tensor]:
+    """Detached CPU copies, so later training never mutates what was sent."""
+    return {k: v.detach().to("cpu", copy=True) for k, v in state.items()}
+
+
+def site_seed(seed: int, round_idx: int, site_index: int) -> int:
+    """Seed for one site's work in one round: independent of which other sites ran, or in what order."""
+    return (seed * 1_000_003 + round_idx * 1_009 + site_index) % (2**31 - 1)
+
+
+class EpochProgress(L.Callback):
+    """One log line per local epoch, and (for baselines) per-epoch metrics to the site's MLflow run."""
+
+    def __init__(self, site: str, label: str, on_epoch: Callable[[int, dict[str, float]], None] | None = None):
+        self.site, self.label, self.on_epoch = site, label, on_epoch
+        self._t0 = 0.0
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        self._t0 = time.perf_counter()
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        if trainer.val_dataloaders is not None and trainer.limit_val_batches:
+            return  # reported after validation instead
+        self._report(trainer, pl_module)
+
+    def on_validation_epoch_end(self, trainer, pl_module):
+        if not trainer.sanity_checking:
+            self._report(trainer, pl_module)
+
+    def _report(self, trainer, pl_module):
+        m = {k: float(v) for k, v in trainer.callback_metrics.items() if v.ndim == 0}
+        extra = f" val_loss={m['val_loss']:.4f} val_acc={m.get('val_acc', float('nan')):.4f}" if "val_loss" in m else ""
+        log.info(
+            "  [%s] %s epoch %d/%d train_loss=%.4f%s (%.1fs)",
+            self.site, self.label, trainer.current_epoch + 1, trainer.max_epochs,
+            m.get("train_loss", float("nan")), extra, time.perf_counter() - self._t0,
+        )
+        if self.on_epoch:
+            self.on_epoch(trainer.current_epoch + 1, m)
+
+
+class BestOnValidation(L.Callback):
+    """Keeps (in memory) the weights of the epoch with the lowest validation loss."""
+
+    def __init__(self):
+        self.best_loss, self.best_epoch, self.best_state = float("inf"), 0, None
+
+    def on_validation_epoch_end(self, trainer, pl_module):
+        if trainer.sanity_checking:
+            return
+        loss = float(trainer.callback_metrics["val_loss"])
+        if loss < self.best_loss:
+            self.best_loss, self.best_epoch = loss, trainer.current_epoch + 1
+            self.best_state = clone_state(pl_module.net.state_dict())
+
+
+class SiteClient:
+    """One site of a federation.
+
+    Args:
+        name: site name (``configs/site/<name>.yaml``).
+        data: the site's train/val data, loaded from its manifest.
+        module_factory: builds a fresh :class:`Classifier` (same architecture at every site).
+        batch_size: training batch size.
+        trainer_kwargs: extra ``lightning.Trainer`` arguments (accelerator, devices, limits...).
+        seed: base seed of the run.
+        site_index: this site's position in the federation (mixes into its seeds).
+        tracker: optional :class:`fedmed.tracking.Tracker`; with ``run_id``, the site logs there.
+        run_id: this site's own MLflow run.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        data: SiteData,
+        module_factory: Callable[[], Classifier],
+        batch_size: int = 64,
+        trainer_kwargs: Mapping[str, Any] | None = None,
+        seed: int = 0,
+        site_index: int = 0,
+        tracker=None,
+        run_id: str | None = None,
+    ):
+        self.name, self.data, self.batch_size = name, data, batch_size
+        self.trainer_kwargs = dict(trainer_kwargs or {})
+        self.seed, self.site_index = seed, site_index
+        self.tracker, self.run_id = tracker, run_id
+        self.module = module_factory()
+
+    # -- ClientAlgo-style verbs ---------------------------------------------------------------
+    def initialize(self) -> dict[str, int]:
+        return {"num_train": len(self.data.train), "num_val": len(self.data.val)}
+
+    def get_weights(self) -> dict[str, torch.Tensor]:
+        return clone_state(self.module.net.state_dict())
+
+    def set_weights(self, weights: StateDict) -> None:
+        self.module.net.load_state_dict(weights, strict=True)
+
+    def train(self, weights: StateDict, round_idx: int, epochs: int) -> FitResult:
+        """Start from ``weights``, train ``epochs`` local epochs, return the new weights and n_k."""
+        self.set_weights(weights)
+        seed = site_seed(self.seed, round_idx, self.site_index)
+        L.seed_everything(seed, verbose=False)
+        loader = make_loader(self.data.train, self.batch_size, shuffle=True, seed=seed)
+        trainer = self._trainer(epochs, [EpochProgress(self.name, f"round {round_idx}")], validate=False)
+        t0 = time.perf_counter()
+        trainer.fit(self.module, train_dataloaders=loader)
+        metrics = {"train_loss": float(trainer.callback_metrics.get("train_loss", float("nan"))),
+                   "train_seconds": time.perf_counter() - t0}
+        if self.tracker and self.run_id:
+            self.tracker.log_metrics(self.run_id, metrics, step=round_idx)
+        return FitResult(self.name, self.get_weights(), len(self.data.train), metrics)
+
+    def evaluate(self, weights: StateDict, round_idx: int) -> EvalResult:
+        """Evaluate ``weights`` on this site's validation data; log to the site's run as ``val_*``."""
+        self.set_weights(weights)
+        loader = make_loader(self.data.val, 256, shuffle=False)
+        metrics, confmat = evaluate(self.module.net.to(self._device()), loader, self.module.num_classes)
+        self.module.net.cpu()
+        if self.tracker and self.run_id:
+            self.tracker.log_metrics(self.run_id, {f"val_{k}": v for k, v in metrics.items()}, step=round_idx)
+        return EvalResult(self.name, len(self.data.val), metrics, confmat)
+
+    def finalize(self, status: str = "FINISHED") -> None:
+        if self.tracker and self.run_id:
+            self.tracker.end_run(self.run_id, status)
+
+    # -- training alone (local and centralized baselines) --------------------------------------
+    def train_alone(self, epochs: int, select: str = "best_val_loss") -> tuple[dict[str, torch.Tensor], int]:
+        """Train continuously for ``epochs`` with validation after each epoch.
+
+        Returns:
+            (weights, epoch): the best-validation-loss epoch's weights, or the last epoch's if
+            ``select == "last"``.
+        """
+        L.seed_everything(site_seed(self.seed, 0, self.site_index), verbose=False)
+        best = BestOnValidation()
+
+        def log_epoch(epoch: int, m: dict[str, float]) -> None:
+            if self.tracker and self.run_id:
+                self.tracker.log_metrics(self.run_id, m, step=epoch)
+
+        trainer = self._trainer(epochs, [EpochProgress(self.name, "training", log_epoch), best], validate=True)
+        trainer.fit(
+            self.module,
+            train_dataloaders=make_loader(self.data.train, self.batch_size, shuffle=True, seed=self.seed),
+            val_dataloaders=make_loader(self.data.val, 256, shuffle=False),
+        )
+        if select == "last" or best.best_state is None:
+            return self.get_weights(), epochs
+        return best.best_state, best.best_epoch
+
+    # -- helpers --------------------------------------------------------------------------
+    def _trainer(self, epochs: int, callbacks: list, validate: bool) -> L.Trainer:
+        kwargs = dict(self.trainer_kwargs)
+        if not validate:
+            kwargs["limit_val_batches"] = 0
+        return L.Trainer(
+            max_epochs=epochs,
+            logger=False,
+            enable_checkpointing=False,
+            enable_model_summary=False,
+            enable_progress_bar=False,
+            num_sanity_val_steps=0,
+            callbacks=callbacks,
+            **kwargs,
+        )
+
+    def _device(self) -> torch.device:
+        acc = str(self.trainer_kwargs.get("accelerator", "cpu"))
+        if acc in ("gpu", "cuda", "auto") and torch.cuda.is_available():
+            return torch.device("cuda")
+        return torch.device("cpu")

@@ -1,0 +1,29 @@
+"""How the server reaches a site. In-process here; a network transport offers the same two calls."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+
+from fedmed.federated.client import EvalResult, FitResult, SiteClient, clone_state
+
+
+class InProcessSite:
+    """A site in this process. Weights are copied both ways, as they would be over a wire.
+
+    Args:
+        client: the site's :class:`SiteClient`.
+    """
+
+    def __init__(self, client: SiteClient):
+        self.client = client
+        self.name = client.name
+
+    def fit(self, weights: Mapping[str, torch.Tensor], round_idx: int, epochs: int) -> FitResult:
+        result = self.client.train(clone_state(weights), round_idx, epochs)
+        result.weights = clone_state(result.weights)
+        return result
+
+    def evaluate(self, weights: Mapping[str, torch.Tensor], round_idx: int) -> EvalResult:
+        return self.client.evaluate(clone_state(weights), round_idx)

@@ -1,0 +1,66 @@
+"""Compact CNN: three conv blocks (32/64/64) with max-pooling and a dense head. 2D or 3D."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import torch
+from monai.networks.layers import Conv, Dropout, Norm, Pool
+from torch import nn
+
+
+class CompactCNN(nn.Module):
+    """Three conv blocks (conv3 -> BN -> ReLU -> maxpool), then a dense head.
+
+    The network returns logits; :meth:`fedmed.models.classifier.Classifier.predict_proba`
+    gives the softmax output. An adaptive pool before the head makes it work on any input
+    size >= 8 (28x28 maps to 3x3 without resampling).
+
+    Args:
+        in_channels: image channels (1 for grey, 3 for RGB).
+        num_classes: number of output classes.
+        spatial_dims: 2 for images, 3 for volumes.
+        channels: widths of the three conv blocks.
+        hidden: width of the dense hidden layer.
+        dropout: dropout before the last layer.
+    """
+
+    #: layer(s) whose activations the Grad-CAM family should use
+    target_layers = ("features.block3.conv",)
+
+    def __init__(
+        self,
+        in_channels: int = 1,
+        num_classes: int = 2,
+        spatial_dims: int = 2,
+        channels: tuple[int, int, int] = (32, 64, 64),
+        hidden: int = 128,
+        dropout: float = 0.3,
+    ):
+        super().__init__()
+        if spatial_dims not in (2, 3):
+            raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
+        conv, norm = Conv[Conv.CONV, spatial_dims], Norm[Norm.BATCH, spatial_dims]
+        pool = Pool[Pool.MAX, spatial_dims]
+        blocks, c_in = [], in_channels
+        for i, c_out in enumerate(channels, start=1):
+            block = nn.Sequential()
+            block.add_module("conv", conv(c_in, c_out, kernel_size=3, padding=1, bias=False))
+            block.add_module("norm", norm(c_out))
+            block.add_module("act", nn.ReLU(inplace=True))
+            block.add_module("pool", pool(2))
+            blocks.append((f"block{i}", block))
+            c_in = c_out
+        self.features = nn.Sequential(OrderedDict(blocks))
+        grid = (3,) * spatial_dims
+        self.head = nn.Sequential(
+            Pool[Pool.ADAPTIVEAVG, spatial_dims](grid),  # (B,64,3,3[,3])
+            nn.Flatten(),
+            nn.Linear(c_in * 3**spatial_dims, hidden),
+            nn.ReLU(inplace=True),
+            Dropout[Dropout.DROPOUT, 1](dropout),
+            nn.Linear(hidden, num_classes),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B,C,H,W[,D]) -> (B,num_classes)
+        return self.head(self.features(x))

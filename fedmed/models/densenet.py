@@ -1,0 +1,54 @@
+"""DenseNet variant built from MONAI's DenseNet, with a stem that suits 28x28 inputs."""
+
+from __future__ import annotations
+
+from monai.networks.layers import Conv
+from monai.networks.nets import DenseNet
+from torch import nn
+
+
+class SmallInputDenseNet(DenseNet):
+    """MONAI DenseNet whose stem keeps resolution on small images.
+
+    MONAI's DenseNet121 stem (7x7 conv stride 2 + max-pool) and three transitions shrink a
+    28x28 image to 0x0. With ``small_input=True`` the stem is a 3x3 stride-1 conv with no
+    pooling, and the default three dense blocks (two transitions) take 28 -> 14 -> 7.
+    With ``small_input=False`` it is MONAI's standard stem, for 128 px and up.
+
+    Args:
+        in_channels: image channels.
+        num_classes: number of output classes.
+        spatial_dims: 2 or 3.
+        init_features: stem width.
+        growth_rate: features added per dense layer.
+        block_config: dense layers per block.
+        small_input: replace the stem as above.
+        dropout: dropout inside dense layers.
+    """
+
+    target_layers = ("features.norm5",)
+
+    def __init__(
+        self,
+        in_channels: int = 1,
+        num_classes: int = 2,
+        spatial_dims: int = 2,
+        init_features: int = 32,
+        growth_rate: int = 16,
+        block_config: tuple[int, ...] = (4, 8, 6),
+        small_input: bool = True,
+        dropout: float = 0.0,
+    ):
+        super().__init__(
+            spatial_dims=spatial_dims,
+            in_channels=in_channels,
+            out_channels=num_classes,
+            init_features=init_features,
+            growth_rate=growth_rate,
+            block_config=tuple(block_config),
+            dropout_prob=dropout,
+        )
+        if small_input:
+            conv = Conv[Conv.CONV, spatial_dims]
+            self.features.conv0 = conv(in_channels, init_features, kernel_size=3, stride=1, padding=1, bias=False)
+            self.features.pool0 = nn.Identity()

@@ -1,0 +1,5 @@
+"""One module per CLI verb: ``run(cfg) -> results``. Wiring only; logic lives in the library."""
+
+from fedmed.tasks import fit
+
+TASKS = {"fit": fit.run}

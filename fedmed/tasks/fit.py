@@ -1,0 +1,167 @@
+"""``fedmed fit``: federated training, or a local / centralized baseline on the same splits.
+
+Wiring only: builds sources, sites, clients, the orchestrator and the MLflow runs from the config.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import lightning as L
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from fedmed.config import site_config
+from fedmed.data.datamodule import SiteData, make_loader, split_dataset
+from fedmed.data.manifest import read_manifest
+from fedmed.data.sites import describe_partition, ensure_manifests, site_class_counts
+from fedmed.errors import FedmedError
+from fedmed.federated import FedAvg, InProcessSite, Orchestrator, SiteClient
+from fedmed.models.classifier import Classifier
+from fedmed.models.metrics import evaluate
+from fedmed.reporting import confusion_figure, fmt_bytes, summary_table
+from fedmed.tracking import Tracker
+
+log = logging.getLogger("fedmed")
+
+MODES = ("federated", "centralized", "local")
+STRATEGIES = {"fedavg": FedAvg}
+
+
+def build_module(cfg: DictConfig) -> Classifier:
+    """The Lightning classifier for ``cfg.model`` on ``cfg.data``."""
+    net = instantiate(cfg.model.net, _convert_="all")
+    return Classifier(net, cfg.data.num_classes, lr=cfg.model.optimizer.lr, weight_decay=cfg.model.optimizer.weight_decay)
+
+
+def build_strategy(cfg: DictConfig):
+    name = cfg.federation.strategy
+    if name not in STRATEGIES:
+        raise FedmedError(f"federation.strategy={name!r} is not one of {sorted(STRATEGIES)}")
+    return STRATEGIES[name](bn_stats=cfg.federation.bn_stats)
+
+
+def resolve_mode(cfg: DictConfig) -> str:
+    mode = "local" if cfg.get("site") else cfg.mode
+    if mode not in MODES:
+        raise FedmedError(f"mode={mode!r} is not one of {MODES}")
+    if mode == "local" and not cfg.get("site"):
+        raise FedmedError("mode=local needs a site: fedmed fit site=<name>")
+    return mode
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    """Run ``fedmed fit``; returns the test metrics, per-site metrics and the MLflow run id."""
+    mode = resolve_mode(cfg)
+    source = instantiate(cfg.data.source)
+    source.ensure_file()
+    sites = [cfg.site.name] if mode == "local" else list(cfg.federation.sites)
+    site_cfgs = {s: site_config(cfg, s) for s in sites}
+    manifests = {}
+    if mode != "centralized":
+        p = cfg.partition
+        ensure_manifests(source, list(cfg.federation.sites), [site_config(cfg, s).manifest for s in cfg.federation.sites],
+                         p.method, p.alpha, cfg.seed, p.min_samples)
+        manifests = {s: read_manifest(site_cfgs[s].manifest) for s in sites}
+        log.info(describe_partition(list(manifests.values())))
+    epochs = cfg.federation.rounds * cfg.federation.local_epochs
+
+    tracker = Tracker(cfg.logger.tracking_uri, cfg.logger.experiment, cfg.logger.artifact_location)
+    name = cfg.run_name or f"{mode}-{cfg.data.name}-{cfg.model.name}" + (f"-{sites[0]}" if mode == "local" else "")
+    tags = {"dataset": cfg.data.name, "model": cfg.model.name, "mode": mode,
+            "strategy": cfg.federation.strategy if mode == "federated" else "none",
+            "partition": cfg.partition.dirname if mode != "centralized" else "pooled"}
+    if mode == "local":
+        tags["site"] = sites[0]
+    run_id = tracker.start_run(name, tags)
+    tracker.log_params(run_id, OmegaConf.to_container(cfg, resolve=True))
+    tracker.log_text(run_id, OmegaConf.to_yaml(cfg), "config.yaml")
+    if manifests:
+        counts = site_class_counts(list(manifests.values()))
+        tracker.log_dict(run_id, {s: row.tolist() for s, row in zip(manifests, counts)}, "partition/class_counts.json")
+        tracker.log_text(run_id, describe_partition(list(manifests.values())), "partition/summary.txt")
+    clients: list[SiteClient] = []
+    try:
+        L.seed_everything(cfg.seed, verbose=False)
+        initial = build_module(cfg).net.state_dict()
+        trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
+        t0 = time.perf_counter()
+        if mode == "federated":
+            for k, s in enumerate(sites):
+                site_source = instantiate(cfg.data.source, root=site_cfgs[s].data_root)
+                child = tracker.start_run(s, {"site": s, "dataset": cfg.data.name, "role": "site"}, parent_id=run_id)
+                data = SiteData.from_manifest(manifests[s], site_source)
+                tracker.log_params(child, {"site": s, "num_train": len(data.train), "num_val": len(data.val),
+                                           "manifest": site_cfgs[s].manifest})
+                clients.append(SiteClient(s, data, lambda: build_module(cfg), cfg.data.batch_size, trainer_kwargs,
+                                          cfg.seed, k, tracker, child))
+            fed = cfg.federation
+            orchestrator = Orchestrator(
+                [InProcessSite(c) for c in clients], build_strategy(cfg), fed.rounds, fed.local_epochs,
+                fed.fraction, fed.min_sites, cfg.seed, fed.select, tracker, run_id,
+            )
+            result = orchestrator.run(initial)
+            weights, chosen = result.weights, f"round {result.round}/{fed.rounds}"
+            site_rows = [("global model", s, "val", e) for s, e in result.site_eval.items()]
+            per_round = result.history[-1]
+            comm = (f"bytes sent per round: {fmt_bytes(per_round.bytes_down)} down + {fmt_bytes(per_round.bytes_up)} up "
+                    f"({len(per_round.sites)} sites; model {fmt_bytes(per_round.bytes_up / len(per_round.sites))}); "
+                    "raw images sent: 0")
+        else:
+            if mode == "local":
+                s = sites[0]
+                site_source = instantiate(cfg.data.source, root=site_cfgs[s].data_root)
+                data, who = SiteData.from_manifest(manifests[s], site_source), s
+            else:
+                data, who = SiteData.pooled(source), "pooled"
+            client = SiteClient(who, data, lambda: build_module(cfg), cfg.data.batch_size, trainer_kwargs,
+                                cfg.seed, 0, tracker, run_id)
+            weights, best_epoch = client.train_alone(epochs, "last" if cfg.federation.select == "last" else "best_val_loss")
+            chosen = f"epoch {best_epoch}/{epochs}"
+            tracker.set_tags(run_id, {"selected_epoch": best_epoch})
+            site_rows = [(f"{mode} model", who, "val", client.evaluate(weights, epochs))]
+            comm = "bytes sent: 0 (no federation)"
+        seconds = time.perf_counter() - t0
+
+        # -- final evaluation on the official test split ---------------------------------
+        module = build_module(cfg)
+        module.net.load_state_dict(weights)
+        test_metrics, confmat = evaluate(module.net, make_loader(split_dataset(source, "test"), 256, False),
+                                         cfg.data.num_classes)
+        tracker.log_metrics(run_id, {f"test_{k}": v for k, v in test_metrics.items()}, step=cfg.federation.rounds)
+        tracker.log_metrics(run_id, {"fit_seconds": seconds}, step=0)
+        title = f"{cfg.data.name} test, {mode} {cfg.model.name} ({chosen})"
+        tracker.log_figure(run_id, confusion_figure(confmat, source.class_names, title), "confusion_matrix_test.png")
+        tracker.log_state_dict(run_id, {"state_dict": weights, "config": OmegaConf.to_container(cfg, resolve=True),
+                                        "class_names": source.class_names}, "checkpoint/model.pt")
+        if cfg.logger.log_model:
+            example = split_dataset(source, "test").x[:2].numpy()
+            tracker.log_model(run_id, module.net.cpu().eval(), example, "model")
+
+        rows = [{"who": f"{label} @ {site}", "split": split, "n": e.num_samples, **e.metrics}
+                for label, site, split, e in site_rows]
+        rows.append({"who": f"{mode} model", "split": "test (official)", "n": int(confmat.sum()), **test_metrics})
+        text = summary_table(
+            f"fedmed fit: {mode}, {cfg.data.name}, {cfg.model.name}, selected {chosen}, {seconds:.0f}s",
+            rows,
+            f"{comm}\nMLflow run {run_id} in {cfg.logger.tracking_uri}",
+        )
+        tracker.log_text(run_id, text, "summary.txt")
+        for c in clients:
+            c.finalize("FINISHED")
+        tracker.end_run(run_id, "FINISHED")
+    except BaseException:
+        for c in clients:
+            c.finalize("FAILED")
+        tracker.end_run(run_id, "FAILED")
+        raise
+    return {
+        "mode": mode,
+        "run_id": run_id,
+        "test": test_metrics,
+        "sites": {site: e.metrics for _, site, _, e in site_rows},
+        "selected": chosen,
+        "seconds": seconds,
+    }

@@ -1,0 +1,116 @@
+"""MLflow run layout: one parent run per federation, one nested child run per site, step = round.
+
+All calls go through an explicit :class:`mlflow.MlflowClient` and explicit run ids, so several
+site runs can be open at once (and, later, logged from other processes or machines).
+Nesting uses the ``mlflow.parentRunId`` tag (never Lightning's MLFlowLogger holding the
+parent's id: it ends the run it holds).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import mlflow
+from mlflow import MlflowClient
+from mlflow.entities import Metric, Param
+
+MAX_PARAM_LEN = 6000  # MLflow 3 allows long param values; keep well inside the limit
+
+
+def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``; lists are kept as their JSON text."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, Mapping):
+            out.update(flatten(v, f"{key}."))
+        else:
+            out[key] = json.dumps(v) if isinstance(v, (list, tuple)) else v
+    return out
+
+
+class Tracker:
+    """Logs to one MLflow experiment.
+
+    Args:
+        tracking_uri: e.g. ``sqlite:///mlflow.db`` (the default: an embedded store, nothing to start).
+        experiment: experiment name.
+        artifact_location: where artifacts of a *new* experiment go, e.g. ``./mlruns``.
+    """
+
+    def __init__(self, tracking_uri: str, experiment: str, artifact_location: str | None = None):
+        self.tracking_uri = tracking_uri
+        self.client = MlflowClient(tracking_uri=tracking_uri)
+        exp = self.client.get_experiment_by_name(experiment)
+        if exp is None:
+            loc = Path(artifact_location).expanduser().resolve().as_uri() if artifact_location else None
+            self.experiment_id = self.client.create_experiment(experiment, artifact_location=loc)
+        else:
+            self.experiment_id = exp.experiment_id
+
+    def start_run(self, name: str, tags: Mapping[str, str] | None = None, parent_id: str | None = None) -> str:
+        tags = {k: str(v) for k, v in (tags or {}).items()}
+        if parent_id:
+            tags["mlflow.parentRunId"] = parent_id
+        run = self.client.create_run(self.experiment_id, run_name=name, tags=tags)
+        return run.info.run_id
+
+    def end_run(self, run_id: str, status: str = "FINISHED") -> None:
+        self.client.set_terminated(run_id, status=status)
+
+    def set_tags(self, run_id: str, tags: Mapping[str, Any]) -> None:
+        for k, v in tags.items():
+            self.client.set_tag(run_id, k, str(v))
+
+    def log_params(self, run_id: str, params: Mapping[str, Any]) -> None:
+        items = [Param(k, str(v)[:MAX_PARAM_LEN]) for k, v in flatten(params).items()]
+        for i in range(0, len(items), 100):  # MLflow accepts at most 100 params per batch
+            self.client.log_batch(run_id, params=items[i : i + 100])
+
+    def log_metrics(self, run_id: str, metrics: Mapping[str, float], step: int) -> None:
+        import time
+
+        ts = int(time.time() * 1000)
+        items = [Metric(k, float(v), ts, step) for k, v in metrics.items()]
+        for i in range(0, len(items), 1000):
+            self.client.log_batch(run_id, metrics=items[i : i + 1000])
+
+    def log_figure(self, run_id: str, figure, artifact_file: str) -> None:
+        self.client.log_figure(run_id, figure, artifact_file)
+
+    def log_text(self, run_id: str, text: str, artifact_file: str) -> None:
+        self.client.log_text(run_id, text, artifact_file)
+
+    def log_dict(self, run_id: str, data: Mapping[str, Any], artifact_file: str) -> None:
+        self.client.log_dict(run_id, dict(data), artifact_file)
+
+    def log_state_dict(self, run_id: str, state: Mapping[str, Any], artifact_file: str) -> None:
+        import torch
+
+        buf = io.BytesIO()
+        torch.save(dict(state), buf)
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / Path(artifact_file).name
+            path.write_bytes(buf.getvalue())
+            self.client.log_artifact(run_id, str(path), str(Path(artifact_file).parent) or None)
+
+    def log_model(self, run_id: str, model, input_example, name: str = "model") -> None:
+        """Log a torch model in MLflow's pytorch flavour (loadable with ``mlflow.pytorch.load_model``).
+
+        ``input_example`` (a numpy batch) gives the model its signature and lets MLflow trace it.
+        """
+        import mlflow.pytorch
+        import torch
+
+        mlflow.set_tracking_uri(self.tracking_uri)
+        with mlflow.start_run(run_id=run_id, experiment_id=self.experiment_id, log_system_metrics=False):
+            mlflow.pytorch.log_model(
+                model, name=name, input_example=input_example, pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"]
+            )
+        # start_run(...) as a context ends the run; the caller decides the final status
+        self.client.update_run(run_id, status="RUNNING")
