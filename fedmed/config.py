@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import re
 import os
 from pathlib import Path
 
@@ -88,8 +89,13 @@ def _explain_override_error(exc: Exception, verb: str, overrides) -> str:
                 close = difflib.get_close_matches(key, known, n=3, cutoff=0.6)
                 hint = f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
                 return f"unknown config key '{key}' in override '{ov}'.{hint} (`fedmed {verb} --cfg` shows every key.)"
-    if "Could not find" in msg or "Could not load" in msg:
-        return f"{msg.strip()}\n(`fedmed {verb} --help` lists every group and its options.)"
+    found = re.search(r"Could not (?:find|load) '([^']+)/([^'/]+)'", msg)
+    if found:
+        group, option = found.groups()
+        options = groups(verb).get(group, [])
+        close = difflib.get_close_matches(option, options, n=1)
+        hint = f" Did you mean {group}={close[0]}?" if close else ""
+        return f"no option {option!r} for config group '{group}' (configs/{group}/{option}.yaml); options: {', '.join(options)}.{hint}"
     return f"bad override in {list(overrides)}: {msg.strip()}"
 
 

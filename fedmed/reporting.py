@@ -48,7 +48,10 @@ def summary_table(title: str, rows: Sequence[dict], footer: str | None = None, c
         table.add_column(col, justify=justify, no_wrap=True)
     for r in rows:
         table.add_row(r["who"], r["split"], str(r["n"]), f"{r['acc']:.4f}", f"{r['f1']:.4f}", f"{r['auroc']:.4f}")
-    console = console or Console()
+    if console is None:
+        console = Console()
+        if not console.is_terminal:  # CI logs and pipes: wide enough that nothing is cut
+            console = Console(width=120)
     console.print(table)
     if footer:
         console.print(footer)

@@ -85,6 +85,11 @@ class MedMNISTSource:
         """Make sure the npz exists and matches medmnist's md5; return its path."""
         path = self.path
         if not path.exists():
+            if not self.download:
+                raise DataNotFoundError(
+                    f"{self.filename} is not in {path.parent} (download disabled). Put the official file at "
+                    f"{path}, or point data.source.root / FEDMED_DATA_DIR at the folder that holds it."
+                )
             self._download()
         actual = md5sum(path)
         if actual != self.expected_md5:

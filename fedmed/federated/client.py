@@ -168,13 +168,13 @@ class SiteClient:
             self.tracker.log_metrics(self.run_id, metrics, step=round_idx)
         return FitResult(self.name, self.get_weights(), len(self.data.train), metrics)
 
-    def evaluate(self, weights: StateDict, round_idx: int) -> EvalResult:
-        """Evaluate ``weights`` on this site's validation data; log to the site's run as ``val_*``."""
+    def evaluate(self, weights: StateDict, round_idx: int, log_metrics: bool = True) -> EvalResult:
+        """Evaluate ``weights`` on this site's validation data; log to the site's run as ``val_*`` (step = round)."""
         self.set_weights(weights)
         loader = make_loader(self.data.val, 256, shuffle=False)
         metrics, confmat = evaluate(self.module.net.to(self._device()), loader, self.module.num_classes)
         self.module.net.cpu()
-        if self.tracker and self.run_id:
+        if log_metrics and self.tracker and self.run_id:
             self.tracker.log_metrics(self.run_id, {f"val_{k}": v for k, v in metrics.items()}, step=round_idx)
         return EvalResult(self.name, len(self.data.val), metrics, confmat)
 

@@ -121,7 +121,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             weights, best_epoch = client.train_alone(epochs, "last" if cfg.federation.select == "last" else "best_val_loss")
             chosen = f"epoch {best_epoch}/{epochs}"
             tracker.set_tags(run_id, {"selected_epoch": best_epoch})
-            site_rows = [(f"{mode} model", who, "val", client.evaluate(weights, epochs))]
+            site_rows = [(f"{mode} model", who, "val", client.evaluate(weights, epochs, log_metrics=False))]
             comm = "bytes sent: 0 (no federation)"
         seconds = time.perf_counter() - t0
 

@@ -1,0 +1,112 @@
+"""MedMNIST source, manifests and site data: real file, and the error paths with files the tests write."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from fedmed.data import MedMNISTSource, SiteData, read_manifest, write_manifest
+from fedmed.data.sites import build_manifests, ensure_manifests
+from fedmed.errors import DataNotFoundError, FedmedError, ManifestError
+
+
+def test_real_pneumoniamnist_splits(pneumonia):
+    assert pneumonia.ensure_file() == pneumonia.path
+    assert [len(pneumonia.labels(s)) for s in ("train", "val", "test")] == [4708, 524, 624]
+    assert pneumonia.images("train").shape == (4708, 28, 28) and pneumonia.num_classes == 2
+    assert pneumonia.class_names == ["normal", "pneumonia"]
+
+
+def test_site_trains_only_on_its_manifest(pneumonia, tmp_path):
+    sites = ["a", "b", "c"]
+    paths = ensure_manifests(pneumonia, sites, [tmp_path / f"{s}.json" for s in sites], "dirichlet", 0.5, 42)
+    manifests = [read_manifest(p) for p in paths]
+    ids = [set(e["image"] for e in m.training) for m in manifests]
+    assert not (ids[0] & ids[1]) and sum(map(len, ids)) == 4708
+    data = SiteData.from_manifest(manifests[0], pneumonia)
+    assert data.train.ids == [e["image"] for e in manifests[0].training]
+    i = int(data.train.ids[0].split("/")[1])
+    np.testing.assert_allclose(data.train.x[0, 0].numpy(), pneumonia.images("train")[i] / 255.0, rtol=1e-6)
+    assert data.train.x.shape[1:] == (1, 28, 28) and 0.0 <= float(data.train.x.min()) <= float(data.train.x.max()) <= 1.0
+    # same settings -> the existing files are reused; different settings -> refused, file untouched
+    before = paths[0].read_text()
+    assert ensure_manifests(pneumonia, sites, paths, "dirichlet", 0.5, 42) == paths
+    with pytest.raises(ManifestError, match="a.json"):
+        ensure_manifests(pneumonia, sites, paths, "dirichlet", 0.1, 42)
+    assert paths[0].read_text() == before
+
+
+def test_manifests_are_deterministic(pneumonia):
+    a = build_manifests(pneumonia, ["x", "y"], "dirichlet", 0.3, seed=1)
+    b = build_manifests(pneumonia, ["x", "y"], "dirichlet", 0.3, seed=1)
+    assert [m.to_json() for m in a] == [m.to_json() for m in b]
+    assert a[0].source["md5"] == "28209eda62fecd6e6a2d98b1501bb15f"
+
+
+@pytest.fixture
+def one_manifest(pneumonia, tmp_path):
+    m = build_manifests(pneumonia, ["solo"], "iid", None, seed=0, min_samples=1)[0]
+    m.training = m.training[:20]
+    m.validation = m.validation[:5]
+    return m
+
+
+def test_manifest_naming_missing_sample(pneumonia, one_manifest):
+    one_manifest.training.append({"image": "train/99999", "label": 0})
+    with pytest.raises(ManifestError, match="train/99999"):
+        SiteData.from_manifest(one_manifest, pneumonia)
+
+
+def test_manifest_with_wrong_label(pneumonia, one_manifest):
+    item = one_manifest.training[3]
+    item["label"] = 1 - item["label"]
+    with pytest.raises(ManifestError, match=item["image"]):
+        SiteData.from_manifest(one_manifest, pneumonia)
+
+
+def test_manifest_putting_test_data_in_training(pneumonia, one_manifest):
+    one_manifest.training.append({"image": "test/0", "label": int(pneumonia.labels("test")[0])})
+    with pytest.raises(ManifestError, match="test sample"):
+        SiteData.from_manifest(one_manifest, pneumonia)
+
+
+def test_manifest_out_of_range_label_and_bad_json(one_manifest, tmp_path):
+    path = write_manifest(one_manifest, tmp_path / "m.json")
+    raw = json.loads(path.read_text())
+    raw["training"][0]["label"] = 7
+    path.write_text(json.dumps(raw))
+    with pytest.raises(ManifestError, match=r"m.json.*label 7"):
+        read_manifest(path)
+    path.write_text("{not json")
+    with pytest.raises(ManifestError, match="m.json"):
+        read_manifest(path)
+    with pytest.raises(ManifestError, match="does not exist"):
+        read_manifest(tmp_path / "nope.json")
+
+
+def test_corrupt_file_is_named(pneumonia, tmp_path):
+    bad = tmp_path / "pneumoniamnist.npz"
+    bad.write_bytes(pneumonia.path.read_bytes()[:10_000])  # truncated copy
+    with pytest.raises(FedmedError, match=r"pneumoniamnist.npz is corrupt.*md5"):
+        MedMNISTSource("pneumoniamnist", str(tmp_path)).ensure_file()
+
+
+def test_missing_file_says_where_to_put_it(tmp_path):
+    src = MedMNISTSource("breastmnist", str(tmp_path / "empty"), download=False)
+    with pytest.raises(DataNotFoundError, match=r"breastmnist.npz.*empty"):
+        src.ensure_file()
+
+
+def test_unknown_dataset_and_size():
+    with pytest.raises(FedmedError, match="pneumonia_mnist"):
+        MedMNISTSource("pneumonia_mnist", "/tmp")
+    with pytest.raises(FedmedError, match="data.size=32"):
+        MedMNISTSource("pneumoniamnist", "/tmp", size=32)
+
+
+def test_manifest_for_other_file_is_refused(pneumonia, one_manifest, tmp_path):
+    one_manifest.source["md5"] = "0" * 32
+    with pytest.raises(ManifestError, match="different data"):
+        SiteData.from_manifest(one_manifest, pneumonia)
+    shutil.rmtree(tmp_path, ignore_errors=True)

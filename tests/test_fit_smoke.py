@@ -1,0 +1,94 @@
+"""`fedmed fit` on the real PneumoniaMNIST file: the CLI, the three modes and the MLflow run tree."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from mlflow import MlflowClient
+
+from fedmed.cli import main
+from fedmed.config import compose
+from fedmed.tasks import fit
+from tests.conftest import PNEUMONIA, needs
+
+pytestmark = needs(PNEUMONIA)
+
+
+def runs_of(tmp_path):
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("fedmed")
+    return client, exp, client.search_runs([exp.experiment_id])
+
+
+def test_cli_smoke_writes_the_mlflow_run_tree(tmp_path, isolated):
+    env = {**os.environ, "FEDMED_DATA_DIR": os.environ["FEDMED_DATA_DIR"]}
+    proc = subprocess.run(
+        [sys.executable, "-m", "fedmed.cli", "fit", "experiment=smoke", *isolated],
+        capture_output=True, text=True, env=env, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "federated model" in proc.stdout and "test (official)" in proc.stdout and "bytes sent per round" in proc.stdout
+    assert "round 1/1" in proc.stderr and "[hospital_a] round 1 epoch 1/1" in proc.stderr
+
+    client, exp, runs = runs_of(tmp_path)
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    assert len(parents) == 1 and len(children) == 2
+    parent = parents[0]
+    assert parent.info.status == "FINISHED"
+    assert {k: parent.data.tags[k] for k in ("dataset", "model", "strategy", "mode")} == {
+        "dataset": "pneumoniamnist", "model": "cnn", "strategy": "fedavg", "mode": "federated"}
+    assert parent.data.params["federation.rounds"] == "1" and parent.data.params["data.name"] == "pneumoniamnist"
+    assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parent.info.run_id}
+    assert sorted(c.info.run_name for c in children) == ["hospital_a", "hospital_b"]
+    for c in children:
+        assert c.info.status == "FINISHED"
+        hist = client.get_metric_history(c.info.run_id, "val_acc")
+        assert [m.step for m in hist] == [1] and 0.0 <= hist[0].value <= 1.0
+        assert [m.step for m in client.get_metric_history(c.info.run_id, "train_loss")] == [1]
+    assert [m.step for m in client.get_metric_history(parent.info.run_id, "val_auroc")] == [1]
+    assert client.get_metric_history(parent.info.run_id, "comm_bytes_up")[0].value > 0
+    assert 0.0 <= parent.data.metrics["test_acc"] <= 1.0 and "test_f1_class1" in parent.data.metrics
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"confusion_matrix_test.png", "config.yaml", "summary.txt", "checkpoint", "partition"} <= artifacts
+    models = client.search_logged_models(experiment_ids=[exp.experiment_id])
+    assert [m.source_run_id for m in models] == [parent.info.run_id]
+
+
+def test_local_and_centralized_baselines_share_epochs_and_evaluation(tmp_path, isolated):
+    base = [*isolated, "experiment=smoke", "federation.rounds=2", "logger.log_model=false"]
+    local = fit.run(compose("fit", [*base, "site=hospital_b"]))
+    central = fit.run(compose("fit", [*base, "mode=centralized"]))
+    assert local["mode"] == "local" and central["mode"] == "centralized"
+    assert set(local["test"]) == set(central["test"]) and "auroc" in local["test"]
+    client, _, runs = runs_of(tmp_path)
+    by_mode = {r.data.tags["mode"]: r for r in runs}
+    assert by_mode["local"].data.tags["site"] == "hospital_b"
+    for r in by_mode.values():  # one epoch per (round x local epoch), validated each epoch
+        assert [m.step for m in client.get_metric_history(r.info.run_id, "val_loss")] == [1, 2]
+        assert "test_acc" in r.data.metrics
+
+
+def test_same_seed_same_global_weights(tmp_path, isolated):
+    args = [*isolated, "experiment=smoke", "logger.log_model=false", "federation.select=last"]
+    a = fit.run(compose("fit", args))
+    b = fit.run(compose("fit", args))
+    assert a["test"] == b["test"]
+    c = fit.run(compose("fit", [*args, "seed=1"]))
+    assert c["test"] != a["test"]
+
+
+def test_missing_data_is_a_clear_cli_error(tmp_path, isolated, capsys):
+    code = main(["fit", *isolated, f"data.source.root={tmp_path / 'nowhere'}", "data.source.download=false"])
+    err = capsys.readouterr().err
+    assert code == 1 and "pneumoniamnist.npz" in err and "nowhere" in err and "Traceback" not in err
+
+
+def test_checkpoint_artifact_reloads(tmp_path, isolated):
+    res = fit.run(compose("fit", [*isolated, "experiment=smoke", "logger.log_model=false"]))
+    client, _, _ = runs_of(tmp_path)
+    path = client.download_artifacts(res["run_id"], "checkpoint/model.pt", str(tmp_path))
+    ckpt = torch.load(path, weights_only=False)
+    assert ckpt["class_names"] == ["normal", "pneumonia"] and "features.block1.conv.weight" in ckpt["state_dict"]
