@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import textwrap
 from collections.abc import Sequence
 
 import matplotlib
@@ -24,7 +25,7 @@ def confusion_figure(confmat: torch.Tensor, class_names: Sequence[str], title: s
     ax.set_yticks(range(k), class_names)
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
-    ax.set_title(title, fontsize=9)
+    ax.set_title(textwrap.fill(title, 34), fontsize=9)
     for i in range(k):
         for j in range(k):
             ax.text(j, i, int(cm[i, j]), ha="center", va="center", color="white" if cm[i, j] > cm.max() / 2 else "black")

@@ -52,6 +52,32 @@ def resolve_mode(cfg: DictConfig) -> str:
     return mode
 
 
+def _site_data(cfg: DictConfig, manifest, site_cfg: DictConfig) -> SiteData:
+    """A site's data: its manifest, read against the site's own copy of the source."""
+    return SiteData.from_manifest(manifest, instantiate(cfg.data.source, root=site_cfg.data_root))
+
+
+def _site_client(cfg: DictConfig, name: str, index: int, data: SiteData, tracker, run_id: str) -> SiteClient:
+    trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
+    return SiteClient(name, data, lambda: build_module(cfg), cfg.data.batch_size, trainer_kwargs, cfg.seed, index,
+                      tracker, run_id)
+
+
+def _federate(cfg: DictConfig, clients: list[SiteClient], initial, tracker, run_id: str):
+    """Run the orchestrator; return (weights, selection text, per-site rows, communication text)."""
+    fed = cfg.federation
+    orchestrator = Orchestrator(
+        [InProcessSite(c) for c in clients], build_strategy(cfg), fed.rounds, fed.local_epochs,
+        fed.fraction, fed.min_sites, cfg.seed, fed.select, tracker, run_id,
+    )
+    result = orchestrator.run(initial)
+    rows = [("global model", s, "val", e) for s, e in result.site_eval.items()]
+    last = result.history[-1]
+    comm = (f"bytes sent per round: {fmt_bytes(last.bytes_down)} down + {fmt_bytes(last.bytes_up)} up "
+            f"({len(last.sites)} sites; model {fmt_bytes(last.bytes_up / len(last.sites))}); raw images sent: 0")
+    return result.weights, f"round {result.round}/{fed.rounds}", rows, comm
+
+
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Run ``fedmed fit``; returns the test metrics, per-site metrics and the MLflow run id."""
     mode = resolve_mode(cfg)
@@ -86,38 +112,19 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     try:
         L.seed_everything(cfg.seed, verbose=False)
         initial = build_module(cfg).net.state_dict()
-        trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
         t0 = time.perf_counter()
         if mode == "federated":
             for k, s in enumerate(sites):
-                site_source = instantiate(cfg.data.source, root=site_cfgs[s].data_root)
                 child = tracker.start_run(s, {"site": s, "dataset": cfg.data.name, "role": "site"}, parent_id=run_id)
-                data = SiteData.from_manifest(manifests[s], site_source)
-                tracker.log_params(child, {"site": s, "num_train": len(data.train), "num_val": len(data.val),
-                                           "manifest": site_cfgs[s].manifest})
-                clients.append(SiteClient(s, data, lambda: build_module(cfg), cfg.data.batch_size, trainer_kwargs,
-                                          cfg.seed, k, tracker, child))
-            fed = cfg.federation
-            orchestrator = Orchestrator(
-                [InProcessSite(c) for c in clients], build_strategy(cfg), fed.rounds, fed.local_epochs,
-                fed.fraction, fed.min_sites, cfg.seed, fed.select, tracker, run_id,
-            )
-            result = orchestrator.run(initial)
-            weights, chosen = result.weights, f"round {result.round}/{fed.rounds}"
-            site_rows = [("global model", s, "val", e) for s, e in result.site_eval.items()]
-            per_round = result.history[-1]
-            comm = (f"bytes sent per round: {fmt_bytes(per_round.bytes_down)} down + {fmt_bytes(per_round.bytes_up)} up "
-                    f"({len(per_round.sites)} sites; model {fmt_bytes(per_round.bytes_up / len(per_round.sites))}); "
-                    "raw images sent: 0")
+                clients.append(_site_client(cfg, s, k, _site_data(cfg, manifests[s], site_cfgs[s]), tracker, child))
+                tracker.log_params(child, {**clients[-1].initialize(), "manifest": site_cfgs[s].manifest})
+            weights, chosen, site_rows, comm = _federate(cfg, clients, initial, tracker, run_id)
         else:
             if mode == "local":
-                s = sites[0]
-                site_source = instantiate(cfg.data.source, root=site_cfgs[s].data_root)
-                data, who = SiteData.from_manifest(manifests[s], site_source), s
+                who, data = sites[0], _site_data(cfg, manifests[sites[0]], site_cfgs[sites[0]])
             else:
-                data, who = SiteData.pooled(source), "pooled"
-            client = SiteClient(who, data, lambda: build_module(cfg), cfg.data.batch_size, trainer_kwargs,
-                                cfg.seed, 0, tracker, run_id)
+                who, data = "pooled", SiteData.pooled(source)
+            client = _site_client(cfg, who, 0, data, tracker, run_id)
             weights, best_epoch = client.train_alone(epochs, "last" if cfg.federation.select == "last" else "best_val_loss")
             chosen = f"epoch {best_epoch}/{epochs}"
             tracker.set_tags(run_id, {"selected_epoch": best_epoch})
@@ -128,8 +135,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         # -- final evaluation on the official test split ---------------------------------
         module = build_module(cfg)
         module.net.load_state_dict(weights)
-        test_metrics, confmat = evaluate(module.net, make_loader(split_dataset(source, "test"), 256, False),
-                                         cfg.data.num_classes)
+        test = split_dataset(source, "test")
+        test_metrics, confmat = evaluate(module.net, make_loader(test, 256, False), cfg.data.num_classes)
         tracker.log_metrics(run_id, {f"test_{k}": v for k, v in test_metrics.items()}, step=cfg.federation.rounds)
         tracker.log_metrics(run_id, {"fit_seconds": seconds}, step=0)
         title = f"{cfg.data.name} test, {mode} {cfg.model.name} ({chosen})"
@@ -137,8 +144,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         tracker.log_state_dict(run_id, {"state_dict": weights, "config": OmegaConf.to_container(cfg, resolve=True),
                                         "class_names": source.class_names}, "checkpoint/model.pt")
         if cfg.logger.log_model:
-            example = split_dataset(source, "test").x[:2].numpy()
-            tracker.log_model(run_id, module.net.cpu().eval(), example, "model")
+            tracker.log_model(run_id, module.net.cpu().eval(), test.x[:2].numpy(), "model")
 
         rows = [{"who": f"{label} @ {site}", "split": split, "n": e.num_samples, **e.metrics}
                 for label, site, split, e in site_rows]

@@ -1,0 +1,58 @@
+"""Benchmark: federated (default `fedmed fit`) vs centralized vs each site alone, on the official test split.
+
+Every mode uses the same model, the same total epochs (rounds x local epochs), the same
+model-selection rule (best validation loss, never the test split) and the same test evaluation.
+
+Usage:
+    FEDMED_DATA_DIR=../shared/data python benchmarks/fit_baselines.py [--seeds 42 43 44] [override ...]
+
+Prints a markdown table (mean +- std over seeds) and writes bench_out/fit_baselines.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+from fedmed.cli import setup_logging
+from fedmed.config import compose
+from fedmed.tasks import fit
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[42, 43, 44])
+    ap.add_argument("overrides", nargs="*", help="Hydra overrides applied to every run, e.g. data=breastmnist")
+    args = ap.parse_args()
+    setup_logging()
+    base = ["logger.experiment=benchmark-fit", "logger.log_model=false", *args.overrides]
+    rows: dict[str, list[dict]] = {}
+    for seed in args.seeds:
+        cfg = compose("fit", [*base, f"seed={seed}"])
+        runs = [("federated (FedAvg)", []), ("centralized", ["mode=centralized"])]
+        runs += [(f"local: {s}", [f"site={s}"]) for s in cfg.federation.sites]
+        for label, extra in runs:
+            t0 = time.perf_counter()
+            res = fit.run(compose("fit", [*base, f"seed={seed}", *extra]))
+            rows.setdefault(label, []).append({**res["test"], "seconds": time.perf_counter() - t0, "seed": seed})
+
+    def ms(vals):
+        return f"{statistics.mean(vals):.3f} ± {statistics.stdev(vals):.3f}" if len(vals) > 1 else f"{vals[0]:.3f}"
+
+    print(f"\n{cfg.data.name}, {cfg.model.name}, partition {cfg.partition.dirname.replace(f'seed{args.seeds[-1]}', 'seed*')}, "
+          f"{cfg.federation.rounds} rounds x {cfg.federation.local_epochs} local epochs; seeds {args.seeds}\n")
+    print("| run | test ACC | test AUROC | test macro-F1 | time (s) |")
+    print("|---|---|---|---|---|")
+    for label, rs in rows.items():
+        print(f"| {label} | {ms([r['acc'] for r in rs])} | {ms([r['auroc'] for r in rs])} | "
+              f"{ms([r['f1'] for r in rs])} | {statistics.mean(r['seconds'] for r in rs):.0f} |")
+    out = Path("bench_out")
+    out.mkdir(exist_ok=True)
+    (out / "fit_baselines.json").write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()
