@@ -110,3 +110,14 @@ def test_manifest_for_other_file_is_refused(pneumonia, one_manifest, tmp_path):
     with pytest.raises(ManifestError, match="different data"):
         SiteData.from_manifest(one_manifest, pneumonia)
     shutil.rmtree(tmp_path, ignore_errors=True)
+
+
+def test_absent_file_runs_medmnist_download_or_says_where_to_put_it(tmp_path):
+    src = MedMNISTSource("breastmnist", str(tmp_path / "dl"))
+    try:
+        path = src.ensure_file()
+    except DataNotFoundError as exc:  # no network (these machines): the advice names URL, md5 and place
+        msg = str(exc)
+        assert "breastmnist.npz" in msg and src.info["url"] in msg and src.expected_md5 in msg and str(src.path) in msg
+    else:  # a machine with network: the ordinary download happened and was md5-checked
+        assert path.exists()

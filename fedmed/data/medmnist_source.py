@@ -88,7 +88,7 @@ class MedMNISTSource:
             if not self.download:
                 raise DataNotFoundError(
                     f"{self.filename} is not in {path.parent} (download disabled). Put the official file at "
-                    f"{path}, or point data.source.root / FEDMED_DATA_DIR at the folder that holds it."
+                    f"{path}, or point FEDMED_DATA_DIR (or data.source.root) at the folder that holds it."
                 )
             self._download()
         actual = md5sum(path)
@@ -108,11 +108,12 @@ class MedMNISTSource:
         try:  # the ordinary medmnist download (md5-checked by it)
             cls(split="train", root=str(self.path.parent), download=True, size=self.size)
         except Exception as exc:  # noqa: BLE001 - any network/IO failure gets the same advice
+            first = next((ln.strip() for ln in str(exc).splitlines() if ln.strip()), type(exc).__name__)
             raise DataNotFoundError(
-                f"{self.filename} is not in {self.path.parent} and medmnist could not download it "
-                f"({type(exc).__name__}: {exc}). Download {url} by hand and put it at {self.path}, "
-                "or point data.root / FEDMED_DATA_DIR at the folder that holds it."
-            ) from exc
+                f"{self.filename} is not in {self.path.parent} and medmnist's download failed ({first}). "
+                f"Download {url} (md5 {self.expected_md5}) and put it at {self.path}, "
+                "or point FEDMED_DATA_DIR (or data.source.root) at the folder that holds it."
+            ) from None
         if not self.path.exists():
             raise DataNotFoundError(f"medmnist's download did not produce {self.path}")
 
