@@ -92,3 +92,20 @@ def test_checkpoint_artifact_reloads(tmp_path, isolated):
     path = client.download_artifacts(res["run_id"], "checkpoint/model.pt", str(tmp_path))
     ckpt = torch.load(path, weights_only=False)
     assert ckpt["class_names"] == ["normal", "pneumonia"] and "features.block1.conv.weight" in ckpt["state_dict"]
+
+
+def test_tampered_manifest_fails_cleanly_and_marks_the_run(tmp_path, isolated, capsys):
+    import json
+
+    assert main(["fit", *isolated, "experiment=smoke", "logger.log_model=false"]) == 0
+    manifest = next((tmp_path / "data_manifests").rglob("hospital_b.json"))
+    raw = json.loads(manifest.read_text())
+    raw["training"][0]["image"] = "train/123456"
+    manifest.write_text(json.dumps(raw))
+    capsys.readouterr()
+    assert main(["fit", *isolated, "experiment=smoke", "logger.log_model=false"]) == 1
+    err = capsys.readouterr().err
+    assert "hospital_b" in err and "train/123456" in err and "Traceback" not in err
+    _, _, runs = runs_of(tmp_path)
+    parents = sorted((r for r in runs if "mlflow.parentRunId" not in r.data.tags), key=lambda r: r.info.start_time)
+    assert [r.info.status for r in parents] == ["FINISHED", "FAILED"]  # the earlier run is untouched

@@ -152,16 +152,17 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         text = summary_table(
             f"fedmed fit: {mode}, {cfg.data.name}, {cfg.model.name}, selected {chosen}, {seconds:.0f}s",
             rows,
-            f"{comm}\nMLflow run {run_id} in {cfg.logger.tracking_uri}",
+            f"{comm}\nMLflow run {run_id}; browse it with: mlflow ui --backend-store-uri {cfg.logger.tracking_uri}",
         )
         tracker.log_text(run_id, text, "summary.txt")
         for c in clients:
             c.finalize("FINISHED")
         tracker.end_run(run_id, "FINISHED")
-    except BaseException:
+    except BaseException as exc:  # the runs keep what was logged so far, marked as not finished
+        status = "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED"
         for c in clients:
-            c.finalize("FAILED")
-        tracker.end_run(run_id, "FAILED")
+            c.finalize(status)
+        tracker.end_run(run_id, status)
         raise
     return {
         "mode": mode,
