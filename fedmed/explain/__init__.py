@@ -1,0 +1,18 @@
+"""Explanations: CAMs and attributions, faithfulness numbers, heatmap figures."""
+
+from fedmed.explain.faithfulness import (
+    area_fraction,
+    class_mean_maps,
+    deletion_insertion,
+    map_correlation,
+    randomized_copy,
+    rank_correlation,
+    relevance_mass,
+)
+from fedmed.explain.figures import heatmap_grid
+from fedmed.explain.methods import ATTRIBUTION_METHODS, CAM_METHODS, METHODS, explain
+
+__all__ = [
+    "ATTRIBUTION_METHODS", "CAM_METHODS", "METHODS", "area_fraction", "class_mean_maps", "deletion_insertion",
+    "explain", "heatmap_grid", "map_correlation", "randomized_copy", "rank_correlation", "relevance_mass",
+]
