@@ -10,6 +10,7 @@ from fedmed.errors import FedmedError
 
 VERBS = {
     "fit": "train a federation (default), one site alone (site=<name>), or centrally (mode=centralized)",
+    "explain": "heatmaps and faithfulness numbers for a trained model (checkpoint=runs:/<run_id> or a path)",
 }
 
 USAGE = """usage: fedmed <verb> [--help] [--cfg] [key=value | group=option ...]
@@ -25,6 +26,24 @@ and their options; `fedmed <verb> --cfg` prints the composed config.
 """
 
 
+EXAMPLES = {
+    "fit": [
+        "  fedmed fit                                  # 3-site Dirichlet(0.5) FedAvg on PneumoniaMNIST",
+        "  fedmed fit site=hospital_a                  # that site alone (local baseline)",
+        "  fedmed fit mode=centralized                 # pooled training data (centralized baseline)",
+        "  fedmed fit model=densenet federation.rounds=5 partition.alpha=0.1",
+        "  fedmed fit experiment=smoke                 # 2 sites, 1 round, a few batches",
+    ],
+    "explain": [
+        "  fedmed explain checkpoint=runs:/<run_id>    # Grad-CAM on 32 test images, per-class views, faithfulness",
+        "  fedmed explain checkpoint=runs:/<run_id> method=all n=64",
+        "  fedmed explain checkpoint=path/to/model.pt split=val method=integratedgradients target=true",
+        "methods: gradcam gradcam++ hirescam xgradcam layercam eigencam scorecam saliency inputxgradient",
+        "         integratedgradients gradientshap",
+    ],
+}
+
+
 def _verbs_text() -> str:
     return "\n".join(f"  {v:<8} {d}" for v, d in VERBS.items())
 
@@ -36,15 +55,8 @@ def _verb_help(verb: str) -> str:
              f"config groups (in {config_dir()}):"]
     for group, options in groups(verb).items():
         lines.append(f"  {group:<12} {' | '.join(options)}")
+    lines += ["", "examples:", *EXAMPLES[verb], ""]
     lines += [
-        "",
-        "examples:",
-        "  fedmed fit                                  # 3-site Dirichlet(0.5) FedAvg on PneumoniaMNIST",
-        "  fedmed fit site=hospital_a                  # that site alone (local baseline)",
-        "  fedmed fit mode=centralized                 # pooled training data (centralized baseline)",
-        "  fedmed fit model=densenet federation.rounds=5 partition.alpha=0.1",
-        "  fedmed fit experiment=smoke                 # 2 sites, 1 round, a few batches",
-        "",
         "options:",
         "  --cfg      print the composed config and exit",
         "  --help     this help",

@@ -31,13 +31,11 @@ def _register_resolvers() -> None:
 
 
 def groups(verb: str = "fit") -> dict[str, list[str]]:
-    """Config groups and their options, e.g. ``{"data": ["breastmnist", "pneumoniamnist"], ...}``."""
+    """The config groups ``configs/<verb>.yaml`` uses, and their options, e.g. ``{"data": ["breastmnist", ...]}``."""
     root = config_dir()
-    return {
-        d.name: sorted(p.stem for p in d.glob("*.yaml"))
-        for d in sorted(root.iterdir())
-        if d.is_dir() and any(d.glob("*.yaml"))
-    }
+    defaults = OmegaConf.load(root / f"{verb}.yaml").get("defaults", [])
+    used = [next(iter(d)) for d in defaults if isinstance(d, dict) or OmegaConf.is_dict(d)]
+    return {g: sorted(p.stem for p in (root / g).glob("*.yaml")) for g in used if (root / g).is_dir()}
 
 
 def _all_keys(cfg: DictConfig, prefix: str = "") -> list[str]:

@@ -111,3 +111,21 @@ def test_heatmap_grid_figure(trained):
     probs = trained(x).softmax(-1).max(-1)
     fig = heatmap_grid(x, maps, y, probs.indices, probs.values.detach(), ["left", "right"], "t")
     assert len([a for a in fig.axes if a.images]) == 18  # image, heatmap, overlay per sample
+
+
+def test_cams_are_not_blank_for_either_class_on_real_data(pneumonia):
+    """Regression: CAMs on the raw conv output were all-zero for every 'pneumonia' prediction."""
+    L.seed_everything(0, verbose=False)
+    x = torch.from_numpy(pneumonia.images("train")[:1500]).float().div(255).unsqueeze(1)
+    y = torch.from_numpy(pneumonia.labels("train")[:1500])
+    module = Classifier(create_model("cnn", in_channels=1, num_classes=2), 2)
+    L.Trainer(max_epochs=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+              enable_model_summary=False, accelerator="cpu").fit(module, make_loader(ArrayDataset(x, y), 64, True))
+    net = module.net.eval()
+    xt = torch.from_numpy(pneumonia.images("test")[:96]).float().div(255).unsqueeze(1)
+    pred = net(xt).argmax(-1)
+    assert 0 < int(pred.sum()) < len(pred), "need predictions of both classes"
+    for method in ("gradcam", "gradcam++", "hirescam", "xgradcam", "layercam"):
+        peak = explain(net, xt, method).flatten(1).amax(1)
+        for c in (0, 1):
+            assert float((peak[pred == c] > 0).float().mean()) > 0.9, (method, c)

@@ -25,8 +25,9 @@ class CompactCNN(nn.Module):
         dropout: dropout before the last layer.
     """
 
-    #: layer(s) whose activations the Grad-CAM family should use
-    target_layers = ("features.block3.conv",)
+    #: layer(s) whose activations the Grad-CAM family uses: the last block's rectified maps
+    #: (non-negative, as CAMs assume; the raw conv output gives all-zero maps for some classes)
+    target_layers = ("features.block3.act",)
 
     def __init__(
         self,
@@ -47,7 +48,7 @@ class CompactCNN(nn.Module):
             block = nn.Sequential()
             block.add_module("conv", conv(c_in, c_out, kernel_size=3, padding=1, bias=False))
             block.add_module("norm", norm(c_out))
-            block.add_module("act", nn.ReLU(inplace=True))
+            block.add_module("act", nn.ReLU())  # not in-place: CAM hooks read this output
             block.add_module("pool", pool(2))
             blocks.append((f"block{i}", block))
             c_in = c_out

@@ -26,7 +26,8 @@ class SmallInputDenseNet(DenseNet):
         dropout: dropout inside dense layers.
     """
 
-    target_layers = ("features.norm5",)
+    #: the final rectified feature maps (MONAI's class_layers.relu), as CAMs assume
+    target_layers = ("class_layers.relu",)
 
     def __init__(
         self,
@@ -48,6 +49,7 @@ class SmallInputDenseNet(DenseNet):
             block_config=tuple(block_config),
             dropout_prob=dropout,
         )
+        self.class_layers.relu = nn.ReLU()  # not in-place: CAM hooks read this output
         if small_input:
             conv = Conv[Conv.CONV, spatial_dims]
             self.features.conv0 = conv(in_channels, init_features, kernel_size=3, stride=1, padding=1, bias=False)

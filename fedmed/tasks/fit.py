@@ -142,7 +142,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         title = f"{cfg.data.name} test, {mode} {cfg.model.name} ({chosen})"
         tracker.log_figure(run_id, confusion_figure(confmat, source.class_names, title), "confusion_matrix_test.png")
         tracker.log_state_dict(run_id, {"state_dict": weights, "config": OmegaConf.to_container(cfg, resolve=True),
-                                        "class_names": source.class_names}, "checkpoint/model.pt")
+                                        "class_names": source.class_names, "run_id": run_id}, "checkpoint/model.pt")
         if cfg.logger.log_model:
             tracker.log_model(run_id, module.net.cpu().eval(), test.x[:2].numpy(), "model")
 
