@@ -53,6 +53,13 @@ def test_cli_smoke_writes_the_mlflow_run_tree(tmp_path, isolated):
     assert 0.0 <= parent.data.metrics["test_acc"] <= 1.0 and "test_f1_class1" in parent.data.metrics
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"confusion_matrix_test.png", "config.yaml", "summary.txt", "checkpoint", "partition"} <= artifacts
+    # explanations: heatmap images only in each site's own run; the federation run gets numbers only
+    assert "heatmaps" not in artifacts
+    for c in children:
+        assert [a.path for a in client.list_artifacts(c.info.run_id, "heatmaps")] == ["heatmaps/round_001.png"]
+        assert 0.0 <= c.data.metrics["val_xai_deletion_auc"] <= 1.0
+    assert -1.0 <= parent.data.metrics["xai_site_consistency"] <= 1.0
+    assert "val_xai_insertion_auc" in parent.data.metrics
     models = client.search_logged_models(experiment_ids=[exp.experiment_id])
     assert [m.source_run_id for m in models] == [parent.info.run_id]
 

@@ -52,6 +52,8 @@ class EvalResult:
     num_samples: int
     metrics: dict[str, float]
     confmat: torch.Tensor | None = None
+    #: per-class mean heatmap pooled to a coarse grid (numbers only, no image), when explained
+    xai_summary: torch.Tensor | None = None
 
 
 def clone_state(state: StateDict) -> dict[str, torch.Tensor]:
@@ -123,6 +125,8 @@ class SiteClient:
         site_index: this site's position in the federation (mixes into its seeds).
         tracker: optional :class:`fedmed.tracking.Tracker`; with ``run_id``, the site logs there.
         run_id: this site's own MLflow run.
+        explain: ``{"method": ..., "n": ...}`` for heatmaps during :meth:`evaluate` (``explain=True``).
+        class_names: names of the classes, for figures.
     """
 
     def __init__(
@@ -136,8 +140,13 @@ class SiteClient:
         site_index: int = 0,
         tracker=None,
         run_id: str | None = None,
+        explain: Mapping[str, Any] | None = None,
+        class_names: list[str] | None = None,
     ):
         self.name, self.data, self.batch_size = name, data, batch_size
+        self.explain_cfg = dict(explain or {"method": "gradcam", "n": 16})
+        self.class_names = class_names
+        self._xai_prev: torch.Tensor | None = None
         self.trainer_kwargs = dict(trainer_kwargs or {})
         self.seed, self.site_index = seed, site_index
         self.tracker, self.run_id = tracker, run_id
@@ -168,15 +177,54 @@ class SiteClient:
             self.tracker.log_metrics(self.run_id, metrics, step=round_idx)
         return FitResult(self.name, self.get_weights(), len(self.data.train), metrics)
 
-    def evaluate(self, weights: StateDict, round_idx: int, log_metrics: bool = True) -> EvalResult:
-        """Evaluate ``weights`` on this site's validation data; log to the site's run as ``val_*`` (step = round)."""
+    def evaluate(self, weights: StateDict, round_idx: int, log_metrics: bool = True, explain: bool = False) -> EvalResult:
+        """Evaluate ``weights`` on this site's validation data; log to the site's run as ``val_*`` (step = round).
+
+        With ``explain=True`` the site also draws heatmaps of a fixed sample of its validation
+        images into its own run (``heatmaps/round_NNN.png``) and returns only numbers: deletion /
+        insertion AUC, consistency with its previous explained round, and a coarse per-class
+        mean map for cross-site comparison.
+        """
         self.set_weights(weights)
         loader = make_loader(self.data.val, 256, shuffle=False)
-        metrics, confmat = evaluate(self.module.net.to(self._device()), loader, self.module.num_classes)
+        net = self.module.net.to(self._device())
+        metrics, confmat = evaluate(net, loader, self.module.num_classes)
+        summary = None
+        if explain:
+            xai, summary = self._explain(net, round_idx)
+            metrics.update(xai)
         self.module.net.cpu()
         if log_metrics and self.tracker and self.run_id:
             self.tracker.log_metrics(self.run_id, {f"val_{k}": v for k, v in metrics.items()}, step=round_idx)
-        return EvalResult(self.name, len(self.data.val), metrics, confmat)
+        return EvalResult(self.name, len(self.data.val), metrics, confmat, summary)
+
+    def _explain(self, net, round_idx: int) -> tuple[dict[str, float], torch.Tensor]:
+        import matplotlib.pyplot as plt
+
+        from fedmed.explain import class_mean_maps, deletion_insertion, explain, heatmap_grid, map_correlation
+        from fedmed.explain.sampling import stratified_sample
+
+        method, k = self.explain_cfg["method"], self.module.num_classes
+        idx = stratified_sample(self.data.val.y, int(self.explain_cfg["n"]), self.seed)  # same images every round
+        x, y = self.data.val.x[idx], self.data.val.y[idx]
+        device = next(net.parameters()).device
+        with torch.no_grad():
+            probs = net(x.to(device)).softmax(-1).cpu()
+        conf, pred = probs.max(-1)
+        maps = explain(net, x, method, pred)
+        deletion, insertion = deletion_insertion(net, x, maps, pred, seed=self.seed)
+        xai = {"xai_deletion_auc": float(deletion.mean()), "xai_insertion_auc": float(insertion.mean())}
+        means = class_mean_maps(maps, y, k)
+        if self._xai_prev is not None:
+            xai["xai_round_consistency"] = map_correlation(means, self._xai_prev)
+        self._xai_prev = means
+        if self.tracker and self.run_id:
+            names = self.class_names or [str(c) for c in range(k)]
+            fig = heatmap_grid(x, maps, y, pred, conf, names, f"{self.name}, round {round_idx}: {method} of the global model")
+            self.tracker.log_figure(self.run_id, fig, f"heatmaps/round_{round_idx:03d}.png")
+            plt.close(fig)
+        pool = torch.nn.functional.adaptive_avg_pool2d if means.ndim == 3 else torch.nn.functional.adaptive_avg_pool3d
+        return xai, pool(means, 7)  # (C, 7, 7[, 7]): numbers only
 
     def finalize(self, status: str = "FINISHED") -> None:
         if self.tracker and self.run_id:

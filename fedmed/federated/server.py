@@ -47,6 +47,16 @@ def weighted_metrics(results: Sequence[EvalResult]) -> dict[str, float]:
     return {k: sum(r.metrics[k] * r.num_samples for r in results) / total for k in sorted(keys)}
 
 
+def site_consistency(results: Sequence[EvalResult]) -> float:
+    """Mean pairwise correlation of the sites' coarse per-class mean heatmaps (NaN with < 2 sites)."""
+    from fedmed.explain.faithfulness import map_correlation
+
+    maps = [r.xai_summary for r in results if r.xai_summary is not None]
+    pairs = [map_correlation(a, b) for i, a in enumerate(maps) for b in maps[i + 1 :]]
+    pairs = [p for p in pairs if not math.isnan(p)]
+    return sum(pairs) / len(pairs) if pairs else float("nan")
+
+
 class Orchestrator:
     """Runs rounds of: sample sites -> send global weights -> local training -> aggregate -> evaluate.
 
@@ -62,6 +72,7 @@ class Orchestrator:
         select: ``best_val_loss`` keeps the global model with the lowest sample-weighted site
             validation loss (federated evaluation; the test split is never used), ``last`` the final one.
         tracker, run_id: where the federation's per-round metrics go (MLflow parent run).
+        explain_rounds: rounds at which sites also explain the new global model (numbers come back).
     """
 
     def __init__(
@@ -76,6 +87,7 @@ class Orchestrator:
         select: str = "best_val_loss",
         tracker=None,
         run_id: str | None = None,
+        explain_rounds: set[int] | frozenset[int] = frozenset(),
     ):
         if rounds < 1 or local_epochs < 1:
             raise ValueError(f"rounds and local_epochs must be >= 1, got {rounds}, {local_epochs}")
@@ -89,6 +101,7 @@ class Orchestrator:
         self.rounds, self.local_epochs = rounds, local_epochs
         self.fraction, self.min_sites, self.seed, self.select = fraction, min_sites, seed, select
         self.tracker, self.run_id = tracker, run_id
+        self.explain_rounds = set(explain_rounds)
 
     def sample(self, round_idx: int) -> list:
         k = max(self.min_sites, math.ceil(self.fraction * len(self.sites)))
@@ -110,8 +123,11 @@ class Orchestrator:
             bytes_down = payload * len(chosen)
             bytes_up = sum(state_nbytes(f.weights) for f in fits)
             global_w = self.strategy.aggregate([f.weights for f in fits], [f.num_samples for f in fits])
-            evals = {site.name: site.evaluate(global_w, r) for site in self.sites}
+            explain = r in self.explain_rounds
+            evals = {site.name: site.evaluate(global_w, r, explain=explain) for site in self.sites}
             metrics = {f"val_{k}": v for k, v in weighted_metrics(list(evals.values())).items()}
+            if explain:
+                metrics["xai_site_consistency"] = site_consistency(list(evals.values()))
             n_train = sum(f.num_samples for f in fits)
             metrics["train_loss"] = sum(f.metrics.get("train_loss", 0.0) * f.num_samples for f in fits) / n_train
             metrics.update({"comm_bytes_up": bytes_up, "comm_bytes_down": bytes_down, "sites_trained": len(fits)})
@@ -125,6 +141,10 @@ class Orchestrator:
                 r, self.rounds, metrics["val_loss"], metrics["val_acc"], metrics["val_auroc"],
                 (bytes_up + bytes_down) / 2**20, record.seconds,
             )
+            if explain:
+                log.info("round %d/%d: explained at every site: deletion AUC %.3f, insertion AUC %.3f, "
+                         "cross-site heatmap consistency %.3f", r, self.rounds, metrics["val_xai_deletion_auc"],
+                         metrics["val_xai_insertion_auc"], metrics["xai_site_consistency"])
             if best is None or self.select == "last" or metrics["val_loss"] < best[0]:
                 best = (metrics["val_loss"], r, clone_state(global_w), evals)
         assert best is not None

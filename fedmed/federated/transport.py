@@ -25,5 +25,5 @@ class InProcessSite:
         result.weights = clone_state(result.weights)
         return result
 
-    def evaluate(self, weights: Mapping[str, torch.Tensor], round_idx: int) -> EvalResult:
-        return self.client.evaluate(clone_state(weights), round_idx)
+    def evaluate(self, weights: Mapping[str, torch.Tensor], round_idx: int, explain: bool = False) -> EvalResult:
+        return self.client.evaluate(clone_state(weights), round_idx, explain=explain)

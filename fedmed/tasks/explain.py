@@ -101,7 +101,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             if cfg.per_class:
                 _per_class(cfg, net, ds, pred_all, conf_all, names, method, tracker, run_id, out)
             results[method] = row
-            tracker.log_metrics(run_id, {f"{method}/{k}": v for k, v in row.items()}, step=0)
+            key = method.replace("+", "p")  # MLflow metric names take no '+': gradcam++ -> gradcampp
+            tracker.log_metrics(run_id, {f"{key}/{k}": v for k, v in row.items()}, step=0)
             log.info("%s: %s", method, ", ".join(f"{k}={v:.3f}" for k, v in row.items()))
         tracker.log_dict(run_id, results, "faithfulness.json")
         _print_table(cfg, results, out, run_id)

@@ -57,10 +57,17 @@ def _site_data(cfg: DictConfig, manifest, site_cfg: DictConfig) -> SiteData:
     return SiteData.from_manifest(manifest, instantiate(cfg.data.source, root=site_cfg.data_root))
 
 
-def _site_client(cfg: DictConfig, name: str, index: int, data: SiteData, tracker, run_id: str) -> SiteClient:
+def _site_client(cfg: DictConfig, name: str, index: int, data: SiteData, tracker, run_id: str,
+                 class_names: list[str] | None = None) -> SiteClient:
     trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
     return SiteClient(name, data, lambda: build_module(cfg), cfg.data.batch_size, trainer_kwargs, cfg.seed, index,
-                      tracker, run_id)
+                      tracker, run_id, explain={"method": cfg.explain.method, "n": cfg.explain.n},
+                      class_names=class_names)
+
+
+def explain_rounds(rounds: int, every: int) -> set[int]:
+    """Rounds whose global model the sites explain: every ``every``-th and the last (none if ``every`` is 0)."""
+    return {r for r in range(1, rounds + 1) if r % every == 0} | {rounds} if every > 0 else set()
 
 
 def _federate(cfg: DictConfig, clients: list[SiteClient], initial, tracker, run_id: str):
@@ -69,6 +76,7 @@ def _federate(cfg: DictConfig, clients: list[SiteClient], initial, tracker, run_
     orchestrator = Orchestrator(
         [InProcessSite(c) for c in clients], build_strategy(cfg), fed.rounds, fed.local_epochs,
         fed.fraction, fed.min_sites, cfg.seed, fed.select, tracker, run_id,
+        explain_rounds(fed.rounds, cfg.explain.every_n_rounds),
     )
     result = orchestrator.run(initial)
     rows = [("global model", s, "val", e) for s, e in result.site_eval.items()]
@@ -116,7 +124,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         if mode == "federated":
             for k, s in enumerate(sites):
                 child = tracker.start_run(s, {"site": s, "dataset": cfg.data.name, "role": "site"}, parent_id=run_id)
-                clients.append(_site_client(cfg, s, k, _site_data(cfg, manifests[s], site_cfgs[s]), tracker, child))
+                clients.append(_site_client(cfg, s, k, _site_data(cfg, manifests[s], site_cfgs[s]), tracker, child,
+                                            source.class_names))
                 tracker.log_params(child, {**clients[-1].initialize(), "manifest": site_cfgs[s].manifest})
             weights, chosen, site_rows, comm = _federate(cfg, clients, initial, tracker, run_id)
         else:
