@@ -67,19 +67,30 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=128, help="test images for the faithfulness numbers")
     ap.add_argument("--methods", nargs="+", default=list(METHODS))
+    ap.add_argument("--only", choices=["speed", "faithfulness"], help="run one part")
     args = ap.parse_args()
     setup_logging()
     torch.manual_seed(0)
     print(f"torch threads: {torch.get_num_threads()}\n")
 
+    if args.only != "faithfulness":
+        speed_table(args.methods)
+    if args.only != "speed":
+        faithfulness_tables(args)
+
+
+def speed_table(methods) -> None:
     print("## Heatmaps per second (CPU, batch 64, 256 images, untrained weights: speed does not depend on them)\n")
     print("| method | CNN 28 px | DenseNet 64 px |")
     print("|---|---|---|")
     cnn = create_model("cnn", in_channels=1, num_classes=2).eval()
     dense = create_model("densenet", in_channels=1, num_classes=2, image_size=64).eval()
     x28, x64 = torch.rand(256, 1, 28, 28), torch.rand(128, 1, 64, 64)
-    for m in args.methods:
+    for m in methods:
         print(f"| {m} | {speed(m, cnn, x28):.0f} | {speed(m, dense, x64, reps=1):.0f} |", flush=True)
+
+
+def faithfulness_tables(args) -> None:
 
     src = MedMNISTSource("pneumoniamnist", str(Path(os.environ.get("FEDMED_DATA_DIR", "data")) / "medmnist"))
     tr, te = split_dataset(src, "train"), split_dataset(src, "test")
