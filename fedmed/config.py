@@ -73,6 +73,10 @@ def compose(verb: str, overrides: list[str] | tuple[str, ...] = ()) -> DictConfi
         OmegaConf.resolve(cfg)
     except OmegaConfBaseException as exc:
         raise FedmedError(f"config value does not resolve: {exc}") from None
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        raise FedmedError(f"`fedmed {verb}` needs a value for {', '.join(missing)}, e.g. `fedmed {verb} {missing[0]}=...` "
+                          f"(`fedmed {verb} --help` shows examples)")
     return cfg
 
 

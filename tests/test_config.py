@@ -85,3 +85,16 @@ def test_cli_errors_are_one_line_not_tracebacks(capsys):
 
 def test_config_dir_is_the_repo_configs():
     assert (config_dir() / "fit.yaml").exists()
+
+
+def test_missing_mandatory_value_is_named(isolated, capsys):
+    with pytest.raises(FedmedError, match="checkpoint"):
+        compose("explain", isolated)
+    assert main(["explain", *isolated]) == 1
+    err = capsys.readouterr().err
+    assert "checkpoint=" in err and "Traceback" not in err
+
+
+def test_explain_configs_compose(isolated):
+    cfg = compose("explain", [*isolated, "checkpoint=x.pt", "data=breastmnist"])
+    assert cfg.method == "gradcam" and cfg.data.name == "breastmnist"
