@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import json
 import tempfile
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -73,8 +74,6 @@ class Tracker:
             self.client.log_batch(run_id, params=items[i : i + 100])
 
     def log_metrics(self, run_id: str, metrics: Mapping[str, float], step: int) -> None:
-        import time
-
         ts = int(time.time() * 1000)
         items = [Metric(k, float(v), ts, step) for k, v in metrics.items()]
         for i in range(0, len(items), 1000):

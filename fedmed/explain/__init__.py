@@ -10,9 +10,9 @@ from fedmed.explain.faithfulness import (
     relevance_mass,
 )
 from fedmed.explain.figures import heatmap_grid
-from fedmed.explain.methods import ATTRIBUTION_METHODS, CAM_METHODS, METHODS, explain
+from fedmed.explain.methods import ATTRIBUTION_METHODS, CAM_METHODS, METHODS, explain, predict
 
 __all__ = [
     "ATTRIBUTION_METHODS", "CAM_METHODS", "METHODS", "area_fraction", "class_mean_maps", "deletion_insertion",
-    "explain", "heatmap_grid", "map_correlation", "randomized_copy", "rank_correlation", "relevance_mass",
+    "explain", "heatmap_grid", "predict", "map_correlation", "randomized_copy", "rank_correlation", "relevance_mass",
 ]

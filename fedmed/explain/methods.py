@@ -36,6 +36,15 @@ def target_layers(net: nn.Module) -> list[nn.Module]:
     return [net.get_submodule(p) for p in paths]
 
 
+@torch.no_grad()
+def predict(net: nn.Module, x: torch.Tensor, batch_size: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
+    """(predicted class, its probability) per image, on the CPU; ``net`` is run on its own device."""
+    device = next(net.parameters()).device
+    probs = torch.cat([net(x[i : i + batch_size].to(device)).softmax(-1).cpu() for i in range(0, len(x), batch_size)])
+    conf, pred = probs.max(-1)
+    return pred, conf
+
+
 def _normalise(maps: torch.Tensor) -> torch.Tensor:
     """Clamp to >= 0 and scale each map to max 1 (an all-zero map stays zero)."""
     maps = maps.clamp(min=0)

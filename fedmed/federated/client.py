@@ -201,16 +201,13 @@ class SiteClient:
     def _explain(self, net, round_idx: int) -> tuple[dict[str, float], torch.Tensor]:
         import matplotlib.pyplot as plt
 
-        from fedmed.explain import class_mean_maps, deletion_insertion, explain, heatmap_grid, map_correlation
+        from fedmed.explain import class_mean_maps, deletion_insertion, explain, heatmap_grid, map_correlation, predict
         from fedmed.explain.sampling import stratified_sample
 
         method, k = self.explain_cfg["method"], self.module.num_classes
         idx = stratified_sample(self.data.val.y, int(self.explain_cfg["n"]), self.seed)  # same images every round
         x, y = self.data.val.x[idx], self.data.val.y[idx]
-        device = next(net.parameters()).device
-        with torch.no_grad():
-            probs = net(x.to(device)).softmax(-1).cpu()
-        conf, pred = probs.max(-1)
+        pred, conf = predict(net, x)
         maps = explain(net, x, method, pred)
         deletion, insertion = deletion_insertion(net, x, maps, pred, seed=self.seed)
         xai = {"xai_deletion_auc": float(deletion.mean()), "xai_insertion_auc": float(insertion.mean())}

@@ -15,7 +15,9 @@ from rich.table import Table
 
 from fedmed.data.datamodule import split_dataset
 from fedmed.errors import FedmedError
-from fedmed.explain import METHODS, deletion_insertion, explain, heatmap_grid, randomized_copy, rank_correlation
+from fedmed.explain import (
+    METHODS, deletion_insertion, explain, heatmap_grid, predict, randomized_copy, rank_correlation,
+)
 from fedmed.explain.sampling import stratified_sample
 from fedmed.tracking import Tracker
 
@@ -40,14 +42,6 @@ def load_checkpoint(ref: str, tracker: Tracker, download_dir: Path) -> dict[str,
     if not isinstance(ckpt, dict) or not {"state_dict", "config"} <= set(ckpt):
         raise FedmedError(f"checkpoint {path} is not a fedmed checkpoint (needs 'state_dict' and 'config')")
     return ckpt
-
-
-@torch.no_grad()
-def predict(net: torch.nn.Module, x: torch.Tensor, batch_size: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
-    """(predicted class, its probability) for every image."""
-    probs = torch.cat([net(x[i : i + batch_size]).softmax(-1) for i in range(0, len(x), batch_size)])
-    conf, pred = probs.max(-1)
-    return pred, conf
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
@@ -82,6 +76,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     tracker.log_params(run_id, OmegaConf.to_container(cfg, resolve=True))
     results: dict[str, dict[str, float]] = {}
+    randomized = randomized_copy(net, cfg.seed) if cfg.faithfulness else None
     try:
         idx = stratified_sample(ds.y, cfg.n, cfg.seed)
         x, y = ds.x[idx], ds.y[idx]
@@ -95,7 +90,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                   heatmap_grid(x, maps, y, pred_all[idx], conf_all[idx], names, title))
             if cfg.faithfulness:
                 d, i = deletion_insertion(net, x, maps, targets, seed=cfg.seed)
-                rho = rank_correlation(maps, explain(randomized_copy(net, cfg.seed), x, method, targets))
+                rho = rank_correlation(maps, explain(randomized, x, method, targets))
                 row.update(deletion_auc=float(d.mean()), insertion_auc=float(i.mean()),
                            sanity_rank_corr=float(rho.mean()))
             if cfg.per_class:
