@@ -6,7 +6,7 @@ model-selection rule (best validation loss, never the test split) and the same t
 Usage:
     FEDMED_DATA_DIR=../shared/data python benchmarks/fit_baselines.py [--seeds 42 43 44] [override ...]
 
-Prints a markdown table (mean +- std over seeds) and writes bench_out/fit_baselines.json.
+Prints a markdown table (mean +- std over seeds) and writes bench_out/fit_baselines_<data>.json.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from fedmed.tasks import fit
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seeds", type=int, nargs="+", default=[42, 43, 44])
+    ap.add_argument("--no-local", action="store_true", help="skip the site-alone baselines")
     ap.add_argument("overrides", nargs="*", help="Hydra overrides applied to every run, e.g. data=breastmnist")
     args = ap.parse_args()
     setup_logging()
@@ -33,7 +34,7 @@ def main() -> None:
     for seed in args.seeds:
         cfg = compose("fit", [*base, f"seed={seed}"])
         runs = [("federated (FedAvg)", []), ("centralized", ["mode=centralized"])]
-        runs += [(f"local: {s}", [f"site={s}"]) for s in cfg.federation.sites]
+        runs += [] if args.no_local else [(f"local: {s}", [f"site={s}"]) for s in cfg.federation.sites]
         for label, extra in runs:
             t0 = time.perf_counter()
             res = fit.run(compose("fit", [*base, f"seed={seed}", *extra]))
@@ -51,7 +52,7 @@ def main() -> None:
               f"{ms([r['f1'] for r in rs])} | {statistics.mean(r['seconds'] for r in rs):.0f} |")
     out = Path("bench_out")
     out.mkdir(exist_ok=True)
-    (out / "fit_baselines.json").write_text(json.dumps(rows, indent=1))
+    (out / f"fit_baselines_{cfg.data.name}.json").write_text(json.dumps(rows, indent=1))
 
 
 if __name__ == "__main__":

@@ -12,7 +12,9 @@ from fedmed.errors import FedmedError
 VERBS = {
     "fit": "train a federation (default), one site alone (site=<name>), or centrally (mode=centralized)",
     "explain": "heatmaps and faithfulness numbers for a trained model (checkpoint=runs:/<run_id> or a path)",
+    "data check": "decode every sample of a dataset and check the site manifests; lists every problem",
 }
+SUBCOMMANDS = {"data": ["check"]}
 
 USAGE = """usage: fedmed <verb> [--help] [--cfg] [key=value | group=option ...]
 
@@ -42,11 +44,21 @@ EXAMPLES = {
         "methods: gradcam gradcam++ hirescam xgradcam layercam eigencam scorecam saliency inputxgradient",
         "         integratedgradients gradientshap",
     ],
+    "data check": [
+        "  fedmed data check data=brain_mri           # every image decodes, has the right shape and label",
+        "  fedmed data check data=ham10000 splits=[test]",
+        "  fedmed data check data=pneumoniamnist partition.alpha=0.1   # also that partition's site manifests",
+    ],
 }
 
 
 def _verbs_text() -> str:
-    return "\n".join(f"  {v:<8} {d}" for v, d in VERBS.items())
+    return "\n".join(f"  {v:<11} {d}" for v, d in VERBS.items())
+
+
+def config_name(verb: str) -> str:
+    """The primary config of a verb: ``fit`` -> fit.yaml, ``data check`` -> data_check.yaml."""
+    return verb.replace(" ", "_")
 
 
 def _verb_help(verb: str) -> str:
@@ -54,7 +66,7 @@ def _verb_help(verb: str) -> str:
 
     lines = [f"usage: fedmed {verb} [key=value | group=option ...]", "", f"{VERBS[verb]}", "",
              f"config groups (in {config_dir()}):"]
-    for group, options in groups(verb).items():
+    for group, options in groups(config_name(verb)).items():
         lines.append(f"  {group:<12} {' | '.join(options)}")
     lines += ["", "examples:", *EXAMPLES[verb], ""]
     lines += [
@@ -84,6 +96,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fedmed {__version__}")
         return 0
     verb, rest = argv[0], argv[1:]
+    if verb in SUBCOMMANDS:
+        if not rest or rest[0] not in SUBCOMMANDS[verb]:
+            print(f"fedmed {verb}: expected one of {SUBCOMMANDS[verb]}, e.g. `fedmed {verb} "
+                  f"{SUBCOMMANDS[verb][0]} --help`", file=sys.stderr)
+            return 2
+        verb, rest = f"{verb} {rest[0]}", rest[1:]
     if verb not in VERBS:
         print(f"fedmed: unknown verb {verb!r}; verbs: {', '.join(VERBS)}. See `fedmed --help`.", file=sys.stderr)
         return 2
@@ -100,14 +118,14 @@ def main(argv: list[str] | None = None) -> int:
         bad = [a for a in overrides if a.startswith("-") or "=" not in a]
         if bad:
             raise FedmedError(f"expected key=value overrides, got {bad}. See `fedmed {verb} --help`.")
-        cfg = compose(verb, overrides)
+        cfg = compose(config_name(verb), overrides)
         if show_cfg:
             print(OmegaConf.to_yaml(cfg))
             return 0
         setup_logging()
         from fedmed.tasks import TASKS
 
-        TASKS[verb](cfg)
+        TASKS[config_name(verb)](cfg)
         return 0
     except FedmedError as exc:
         print(f"fedmed {verb}: error: {exc}", file=sys.stderr)

@@ -28,6 +28,34 @@ def _register_resolvers() -> None:
         OmegaConf.register_new_resolver("fedmed_root", lambda: os.environ.get("FEDMED_ROOT", str(config_dir().parent)))
     if not OmegaConf.has_resolver("len"):
         OmegaConf.register_new_resolver("len", lambda x: len(x))
+    if not OmegaConf.has_resolver("or"):  # first value that is set, e.g. a dataset's own site list
+        OmegaConf.register_new_resolver("or", _first_set)
+    if not OmegaConf.has_resolver("class_folders"):  # number of class folders of an image-folder dataset
+        OmegaConf.register_new_resolver("class_folders", _class_folders)
+    if not OmegaConf.has_resolver("medmnist"):
+        OmegaConf.register_new_resolver("medmnist", _medmnist_info)
+
+
+def _class_folders(root: str, folder: str) -> int:
+    path = Path(root).expanduser() / folder
+    if not path.is_dir():
+        raise FedmedError(f"data.source.root: {path} is not a folder (expected <root>/<split>/<class>/images)")
+    return sum(1 for p in path.iterdir() if p.is_dir())
+
+
+def _first_set(*values):
+    value = next((v for v in values if v is not None), None)
+    return OmegaConf.create(value) if isinstance(value, (list, dict)) else value
+
+
+def _medmnist_info(name: str, key: str):
+    """``${medmnist:<flag>,classes|channels}`` from medmnist's INFO (e.g. for data=medmnist data.name=bloodmnist)."""
+    import medmnist
+
+    if name not in medmnist.INFO:
+        raise FedmedError(f"data.name={name!r} is not a MedMNIST dataset; known: {', '.join(sorted(medmnist.INFO))}")
+    info = medmnist.INFO[name]
+    return {"classes": len(info["label"]), "channels": info["n_channels"]}[key]
 
 
 def groups(verb: str = "fit") -> dict[str, list[str]]:
@@ -75,8 +103,8 @@ def compose(verb: str, overrides: list[str] | tuple[str, ...] = ()) -> DictConfi
         raise FedmedError(f"config value does not resolve: {exc}") from None
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
-        raise FedmedError(f"`fedmed {verb}` needs a value for {', '.join(missing)}, e.g. `fedmed {verb} {missing[0]}=...` "
-                          f"(`fedmed {verb} --help` shows examples)")
+        raise FedmedError(f"`fedmed {_cmd(verb)}` needs a value for {', '.join(missing)}, e.g. `fedmed {_cmd(verb)} {missing[0]}=...` "
+                          f"(`fedmed {_cmd(verb)} --help` shows examples)")
     return cfg
 
 
@@ -90,7 +118,7 @@ def _explain_override_error(exc: Exception, verb: str, overrides) -> str:
                 known = _all_keys(base)
                 close = difflib.get_close_matches(key, known, n=3, cutoff=0.6)
                 hint = f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
-                return f"unknown config key '{key}' in override '{ov}'.{hint} (`fedmed {verb} --cfg` shows every key.)"
+                return f"unknown config key '{key}' in override '{ov}'.{hint} (`fedmed {_cmd(verb)} --cfg` shows every key.)"
     found = re.search(r"Could not (?:find|load) '([^']+)/([^'/]+)'", msg)
     if found:
         group, option = found.groups()
@@ -121,3 +149,8 @@ def site_config(cfg: DictConfig, name: str, verb: str = "fit") -> DictConfig:
     merged = OmegaConf.merge(OmegaConf.to_container(cfg, resolve=True), {"site": node})
     OmegaConf.resolve(merged)
     return merged.site
+
+
+def _cmd(verb: str) -> str:
+    """How the user types a verb: data_check -> data check."""
+    return verb.replace("_", " ")

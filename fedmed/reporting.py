@@ -10,6 +10,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
@@ -61,3 +62,19 @@ def summary_table(title: str, rows: Sequence[dict], footer: str | None = None, c
     if footer:
         plain.print(footer)
     return plain.export_text()
+
+
+def partition_figure(counts: np.ndarray, class_names: Sequence[str], sites: Sequence[str], title: str):
+    """Stacked bar chart of per-site training class counts."""
+    fig, ax = plt.subplots(figsize=(1.2 + 1.1 * len(sites), 3.6), dpi=110)
+    bottom = np.zeros(len(sites))
+    for j, name in enumerate(class_names):
+        ax.bar(list(sites), counts[:, j], bottom=bottom, label=name)
+        bottom += counts[:, j]
+    ax.set_ylabel("training images")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    ax.tick_params(axis="x", labelrotation=20, labelsize=8)
+    fig.tight_layout()
+    plt.close(fig)
+    return fig

@@ -88,6 +88,10 @@ class Tracker:
     def log_dict(self, run_id: str, data: Mapping[str, Any], artifact_file: str) -> None:
         self.client.log_dict(run_id, dict(data), artifact_file)
 
+    def log_table(self, run_id: str, columns: Mapping[str, list], artifact_file: str) -> None:
+        """A table (column -> values) that the MLflow UI shows in its artifact view and evaluation tab."""
+        self.client.log_table(run_id, data=dict(columns), artifact_file=artifact_file)
+
     def log_state_dict(self, run_id: str, state: Mapping[str, Any], artifact_file: str) -> None:
         import torch
 

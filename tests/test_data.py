@@ -6,7 +6,7 @@ import shutil
 import numpy as np
 import pytest
 
-from fedmed.data import MedMNISTSource, SiteData, read_manifest, write_manifest
+from fedmed.data import MedMNISTSource, Pipeline, Preprocessing, read_manifest, write_manifest
 from fedmed.data.sites import build_manifests, ensure_manifests
 from fedmed.errors import DataNotFoundError, FedmedError, ManifestError
 
@@ -24,7 +24,7 @@ def test_site_trains_only_on_its_manifest(pneumonia, tmp_path):
     manifests = [read_manifest(p) for p in paths]
     ids = [set(e["image"] for e in m.training) for m in manifests]
     assert not (ids[0] & ids[1]) and sum(map(len, ids)) == 4708
-    data = SiteData.from_manifest(manifests[0], pneumonia)
+    data = Pipeline(pneumonia, Preprocessing()).site(manifests[0])
     assert data.train.ids == [e["image"] for e in manifests[0].training]
     i = int(data.train.ids[0].split("/")[1])
     np.testing.assert_allclose(data.train.x[0, 0].numpy(), pneumonia.images("train")[i] / 255.0, rtol=1e-6)
@@ -55,20 +55,20 @@ def one_manifest(pneumonia, tmp_path):
 def test_manifest_naming_missing_sample(pneumonia, one_manifest):
     one_manifest.training.append({"image": "train/99999", "label": 0})
     with pytest.raises(ManifestError, match="train/99999"):
-        SiteData.from_manifest(one_manifest, pneumonia)
+        Pipeline(pneumonia, Preprocessing()).site(one_manifest)
 
 
 def test_manifest_with_wrong_label(pneumonia, one_manifest):
     item = one_manifest.training[3]
     item["label"] = 1 - item["label"]
     with pytest.raises(ManifestError, match=item["image"]):
-        SiteData.from_manifest(one_manifest, pneumonia)
+        Pipeline(pneumonia, Preprocessing()).site(one_manifest)
 
 
 def test_manifest_putting_test_data_in_training(pneumonia, one_manifest):
     one_manifest.training.append({"image": "test/0", "label": int(pneumonia.labels("test")[0])})
     with pytest.raises(ManifestError, match="test sample"):
-        SiteData.from_manifest(one_manifest, pneumonia)
+        Pipeline(pneumonia, Preprocessing()).site(one_manifest)
 
 
 def test_manifest_out_of_range_label_and_bad_json(one_manifest, tmp_path):
@@ -101,14 +101,14 @@ def test_missing_file_says_where_to_put_it(tmp_path):
 def test_unknown_dataset_and_size():
     with pytest.raises(FedmedError, match="pneumonia_mnist"):
         MedMNISTSource("pneumonia_mnist", "/tmp")
-    with pytest.raises(FedmedError, match="data.size=32"):
+    with pytest.raises(FedmedError, match="data.source.size=32"):
         MedMNISTSource("pneumoniamnist", "/tmp", size=32)
 
 
 def test_manifest_for_other_file_is_refused(pneumonia, one_manifest, tmp_path):
     one_manifest.source["md5"] = "0" * 32
     with pytest.raises(ManifestError, match="different data"):
-        SiteData.from_manifest(one_manifest, pneumonia)
+        Pipeline(pneumonia, Preprocessing()).site(one_manifest)
     shutil.rmtree(tmp_path, ignore_errors=True)
 
 

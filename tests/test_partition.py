@@ -3,7 +3,8 @@
 import numpy as np
 import pytest
 
-from fedmed.data.partition import label_skew, partition_labels
+from fedmed.data.partition import label_skew, partition_by_group, partition_labels
+from fedmed.data.splits import group_stratified_split
 from fedmed.errors import FedmedError
 
 
@@ -51,4 +52,36 @@ def test_impossible_minimum_is_a_clear_error():
     with pytest.raises(FedmedError, match="alpha"):
         partition_labels(toy_labels(), 3, "dirichlet", 0.0, seed=0)
     with pytest.raises(FedmedError, match="partition.method"):
-        partition_labels(toy_labels(), 3, "quantity", 0.5, seed=0)
+        partition_labels(toy_labels(), 3, "natural", 0.5, seed=0)
+
+
+def test_quantity_skew_varies_sizes_not_label_mix():
+    labels = toy_labels(3000)["train"]
+    parts = partition_labels({"train": labels}, 4, "quantity", 0.5, seed=3)["train"]
+    sizes = np.array([len(p) for p in parts])
+    assert sizes.sum() == len(labels) and sizes.max() > 2 * sizes.min()
+    assert label_skew(labels, parts, int(labels.max()) + 1) < 0.05  # every site keeps the pooled mix
+    dirichlet = partition_labels({"train": labels}, 4, "dirichlet", 0.5, seed=3)["train"]
+    assert label_skew(labels, dirichlet, int(labels.max()) + 1) > 0.2
+
+
+def test_natural_partition_by_group_values():
+    groups = np.array(["x", "y", "x", "z", "y", "x"])
+    parts = partition_by_group({"train": groups}, [["x"], ["y", "z"]])["train"]
+    assert parts[0].tolist() == [0, 2, 5] and parts[1].tolist() == [1, 3, 4]
+    with pytest.raises(FedmedError, match="two sites"):
+        partition_by_group({"train": groups}, [["x"], ["x", "y"]])
+
+
+def test_group_split_keeps_groups_whole_and_classes_in_every_split():
+    rng = np.random.default_rng(0)
+    groups = rng.integers(0, 400, 1500)
+    labels = groups % 3  # a group's images share a label, as lesions do
+    split = group_stratified_split(labels, groups, {"val": 0.15, "test": 0.15}, seed=0)
+    for g in np.unique(groups):
+        assert len(set(split[groups == g])) == 1
+    for s, lo, hi in (("val", 0.11, 0.19), ("test", 0.11, 0.19), ("train", 0.62, 0.78)):
+        share = (split == s).mean()
+        assert lo < share < hi, (s, share)
+        assert set(labels[split == s]) == {0, 1, 2}
+    assert (group_stratified_split(labels, groups, {"val": 0.15, "test": 0.15}, seed=0) == split).all()

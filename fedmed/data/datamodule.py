@@ -1,16 +1,30 @@
-"""In-memory datasets for one site, built only from what the site's manifest names."""
+"""Datasets for one site (or the pool, or a test split), built only from what a manifest names.
+
+One data path for every source: the source turns sample rows into MONAI data dicts, the
+deterministic preprocessing (:func:`~fedmed.data.transforms.deterministic_transforms`) runs once
+per sample through MONAI's ``CacheDataset`` (threaded) or ``PersistentDataset`` (on disk, reused
+across runs), and the results are stacked into tensors. Training sets then apply the random
+augmentation per sample and epoch; validation and test sets are plain tensors.
+"""
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
 from fedmed.data.manifest import Manifest
-from fedmed.data.medmnist_source import MedMNISTSource, md5sum
-from fedmed.errors import ManifestError
+from fedmed.data.medmnist_source import md5sum
+from fedmed.data.transforms import Preprocessing, augmentation_transforms, deterministic_transforms
+from fedmed.errors import FedmedError, ManifestError
+
+log = logging.getLogger("fedmed")
+CACHES = ("memory", "disk")
 
 
 def to_tensor(images: np.ndarray) -> torch.Tensor:
@@ -36,10 +50,180 @@ class ArrayDataset(Dataset):
         return self.x[i], self.y[i]
 
 
+class AugmentedDataset(ArrayDataset):
+    """Cached tensors plus MONAI random augmentation applied per sample on every access.
+
+    :meth:`reseed` makes the augmentation a function of a seed (the site client reseeds each
+    round), so runs with the same seed see the same augmented images.
+    """
+
+    def __init__(self, base: ArrayDataset, augment):
+        super().__init__(base.x, base.y, base.ids)
+        self.augment = augment
+
+    def reseed(self, seed: int) -> None:
+        self.augment.set_random_state(seed=int(seed) % (2**32))
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        from monai.data.meta_obj import get_track_meta, set_track_meta
+
+        before = get_track_meta()
+        set_track_meta(False)  # plain tensors: MONAI's metadata tracking triples the cost here
+        try:
+            return self.augment({"image": self.x[i]})["image"], self.y[i]
+        finally:
+            set_track_meta(before)
+
+
 def make_loader(ds: Dataset, batch_size: int, shuffle: bool, seed: int = 0) -> DataLoader:
-    """A DataLoader whose shuffling order depends only on ``seed``."""
+    """A DataLoader whose order (and augmentation, if any) depends only on ``seed``."""
     gen = torch.Generator().manual_seed(seed) if shuffle else None
+    if hasattr(ds, "reseed"):
+        ds.reseed(seed)
     return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, generator=gen, num_workers=0)
+
+
+@dataclass
+class Pipeline:
+    """A source plus its preprocessing: makes the datasets a site, the pool, or a test split needs.
+
+    Args:
+        source: a MedMNIST, image-folder or table source.
+        pre: the dataset's preprocessing config.
+        spatial_dims: of the model input (2, or 3 for volumes).
+        cache: ``memory`` (MONAI CacheDataset, recomputed each run) or ``disk`` (MONAI
+            PersistentDataset under ``cache_dir``, reused by later runs).
+        cache_dir: folder of the disk cache.
+        workers: threads (memory) or processes (disk) that compute the cache.
+    """
+
+    source: Any
+    pre: Preprocessing
+    spatial_dims: int = 2
+    cache: str = "memory"
+    cache_dir: str | None = None
+    workers: int = 2
+
+    def __post_init__(self):
+        if self.cache not in CACHES:
+            raise FedmedError(f"data.cache={self.cache!r} is not one of {CACHES}")
+        kinds = getattr(self.source, "file_kinds", set())
+        if "volume" in kinds and self.spatial_dims == 2 and self.pre.slice_axis is None:
+            raise FedmedError(f"{self.source.name} holds 3D volumes but the model is 2D: set "
+                              "data.transforms.slice_axis (e.g. 2 for axial) or data.spatial_dims=3")
+
+    @classmethod
+    def from_config(cls, data_cfg, source=None) -> Pipeline:
+        """Build from a ``data`` config node (``source`` overrides ``data.source``, e.g. a site's copy)."""
+        from hydra.utils import instantiate
+
+        return cls(source if source is not None else instantiate(data_cfg.source),
+                   Preprocessing.from_config(data_cfg.get("transforms")), int(data_cfg.get("spatial_dims", 2)),
+                   str(data_cfg.get("cache", "memory")), data_cfg.get("cache_dir"), int(data_cfg.get("cache_workers", 2)))
+
+    # -- datasets -------------------------------------------------------------------------
+    def dataset(self, split: str, rows=None, train: bool = False) -> ArrayDataset:
+        """Rows of one split, preprocessed (and, for ``train``, with augmentation if configured)."""
+        base = self._materialize(self.source.items(split, rows))
+        augment = augmentation_transforms(self.pre.augment, self.spatial_dims) if train else None
+        return AugmentedDataset(base, augment) if augment is not None else base
+
+    def site(self, manifest: Manifest) -> SiteData:
+        """The train/val data of a site, checked against the source (see :meth:`check_manifest`)."""
+        rows = self.check_manifest(manifest)
+        return SiteData(self.dataset("train", rows["training"], train=True), self.dataset("val", rows["validation"]))
+
+    def pooled(self) -> SiteData:
+        """The whole train and val splits (centralized baseline)."""
+        return SiteData(self.dataset("train", train=True), self.dataset("val"))
+
+    def check_manifest(self, manifest: Manifest) -> dict[str, np.ndarray]:
+        """Rows of the manifest's samples; raises if it does not fit the site's data.
+
+        Raises:
+            ManifestError: the manifest is for another dataset or another copy of the data (md5),
+                names a sample the site lacks, states a different label, or uses a test sample.
+        """
+        src = self.source
+        src.ensure_available()
+        if manifest.dataset != src.name:
+            raise ManifestError(f"manifest of site {manifest.site} is for {manifest.dataset!r}, data is {src.name!r}")
+        want, have = manifest.source.get("md5"), src.identity["md5"]
+        if want and want != have and not (hasattr(src, "path") and want == md5sum(src.path)):
+            raise ManifestError(f"manifest of site {manifest.site} was written for data with md5 {want}, but "
+                                f"{src.identity['file']} has md5 {have}: the site holds different data")
+        out = {}
+        for section, split in (("training", "train"), ("validation", "val")):
+            rows = []
+            for item in manifest.section(section):
+                where = src.locate(item["image"])
+                if where is None:
+                    raise ManifestError(f"manifest of site {manifest.site} names {item['image']!r}, "
+                                        f"which {src.identity['file']} does not have")
+                if where[0] == "test":
+                    raise ManifestError(f"manifest of site {manifest.site} puts test sample {item['image']} in {section}")
+                if where[0] != split:
+                    raise ManifestError(f"manifest of site {manifest.site} puts {where[0]} sample {item['image']} "
+                                        f"in {section}")
+                actual = int(src.labels(split)[where[1]])
+                if actual != item["label"]:
+                    raise ManifestError(f"manifest of site {manifest.site}: {item['image']} has label "
+                                        f"{item['label']}, {src.identity['file']} says {actual}")
+                rows.append(where[1])
+            out[section] = np.asarray(rows, dtype=np.int64)
+        return out
+
+    # -- caching --------------------------------------------------------------------------
+    def _materialize(self, items: list[dict]) -> ArrayDataset:
+        from monai.transforms import Compose
+
+        steps = [t for t in (self.source.loader(),) if t is not None]
+        transform = Compose([*steps, *deterministic_transforms(self.pre, self.spatial_dims).transforms])
+        try:
+            images = self._run_cache(items, transform)
+        except Exception as exc:  # surface the file-naming error, not MONAI's wrapper around it
+            raise _root_fedmed_error(exc) or exc from None
+        shapes = {tuple(x.shape) for x in images}
+        if len(shapes) > 1:
+            raise FedmedError(f"{self.source.name}: images have different shapes after preprocessing "
+                              f"({sorted(shapes)[:4]}...); set data.transforms.size to resize them")
+        x = torch.stack(images) if images else torch.empty(0)
+        y = torch.tensor([it["label"] for it in items], dtype=torch.int64)
+        return ArrayDataset(x, y, [it["id"] for it in items])
+
+    def _run_cache(self, items: list[dict], transform) -> list[torch.Tensor]:
+        from monai.data import CacheDataset, PersistentDataset
+        from monai.data.utils import pickle_hashing
+
+        import sys
+
+        progress = len(items) >= 1000 and self.source.loader() is not None and sys.stderr.isatty()
+        if self.cache == "memory" or self.source.loader() is None:  # arrays in memory: nothing to save
+            ds = CacheDataset(items, transform, cache_rate=1.0, num_workers=self.workers, progress=progress,
+                              copy_cache=False)
+            return [ds[i]["image"] for i in range(len(ds))]
+        cache_dir = Path(self.cache_dir or ".cache") / self.source.name
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        ds = PersistentDataset(items, transform, cache_dir=cache_dir, hash_transform=pickle_hashing)
+        loader = DataLoader(ds, batch_size=None, num_workers=self.workers, collate_fn=lambda d: d)
+        return [d["image"] for d in _progress(loader, len(items), progress, f"caching {self.source.name}")]
+
+
+def _progress(it, total: int, show: bool, desc: str):
+    if not show:
+        return it
+    from tqdm import tqdm
+
+    return tqdm(it, total=total, desc=desc, leave=False)
+
+
+def _root_fedmed_error(exc: BaseException) -> FedmedError | None:
+    seen = exc
+    while seen is not None:
+        if isinstance(seen, FedmedError):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
 
 
 @dataclass
@@ -48,68 +232,3 @@ class SiteData:
 
     train: ArrayDataset
     val: ArrayDataset
-
-    @classmethod
-    def from_manifest(cls, manifest: Manifest, source: MedMNISTSource) -> SiteData:
-        """Load exactly the samples the manifest names, checking they exist with the stated labels.
-
-        Raises:
-            ManifestError: the manifest was made from another file (md5), names a sample the
-                local file lacks, or states a label that differs from the file's.
-        """
-        path = source.ensure_file()
-        if manifest.dataset != source.name:
-            raise ManifestError(f"manifest of site {manifest.site} is for {manifest.dataset!r}, data is {source.name!r}")
-        want = manifest.source.get("md5")
-        if want and want != source.expected_md5 and want != md5sum(path):
-            raise ManifestError(
-                f"manifest of site {manifest.site} was written for a file with md5 {want}, "
-                f"but {path} has md5 {md5sum(path)}: the site holds different data"
-            )
-        return cls(
-            train=_select(manifest, "training", source),
-            val=_select(manifest, "validation", source),
-        )
-
-    @classmethod
-    def pooled(cls, source: MedMNISTSource) -> SiteData:
-        """The whole official train and val splits (centralized baseline)."""
-        return cls(train=split_dataset(source, "train"), val=split_dataset(source, "val"))
-
-
-def split_dataset(source: MedMNISTSource, split: str) -> ArrayDataset:
-    """One whole official split as a dataset."""
-    labels = source.labels(split)
-    return ArrayDataset(
-        to_tensor(source.images(split)),
-        torch.from_numpy(labels),
-        [source.sample_id(split, i) for i in range(len(labels))],
-    )
-
-
-def _select(manifest: Manifest, section: str, source: MedMNISTSource) -> ArrayDataset:
-    items = manifest.section(section)
-    rows: list[int] = []
-    for item in items:
-        split, _, index = str(item["image"]).partition("/")
-        n = len(source.labels(split)) if split in ("train", "val", "test") else 0
-        if not index.isdigit() or int(index) >= n:
-            raise ManifestError(
-                f"manifest of site {manifest.site} names {item['image']!r}, which {source.path.name} does not have"
-            )
-        if split == "test":
-            raise ManifestError(f"manifest of site {manifest.site} puts test sample {item['image']} in {section}")
-        rows.append(int(index))
-        actual = int(source.labels(split)[int(index)])
-        if actual != item["label"]:
-            raise ManifestError(
-                f"manifest of site {manifest.site}: {item['image']} has label {item['label']}, "
-                f"{source.path.name} says {actual}"
-            )
-    split = "train" if section == "training" else "val"
-    idx = np.asarray(rows, dtype=np.int64)
-    return ArrayDataset(
-        to_tensor(source.images(split)[idx]),
-        torch.from_numpy(source.labels(split)[idx]),
-        [str(item["image"]) for item in items],
-    )

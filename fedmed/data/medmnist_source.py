@@ -51,8 +51,9 @@ class MedMNISTSource:
             known = ", ".join(sorted(medmnist.INFO))
             raise FedmedError(f"data.name={self.name!r} is not a MedMNIST dataset; known: {known}")
         self.info = medmnist.INFO[self.name]
-        if self.size != 28 and self.size not in (64, 128, 224):
-            raise FedmedError(f"data.size={self.size} is not offered by MedMNIST (28, 64, 128, 224)")
+        sizes = [28] + [int(k[4:]) for k in self.info if k.startswith("MD5_")]
+        if self.size not in sizes:
+            raise FedmedError(f"data.source.size={self.size} is not offered for {self.name} (sizes: {sizes})")
 
     # -- identity -------------------------------------------------------------------------
     @property
@@ -79,6 +80,14 @@ class MedMNISTSource:
     @property
     def task(self) -> str:
         return self.info["task"]
+
+    @property
+    def spatial_dims(self) -> int:
+        return 3 if self.name.endswith("3d") else 2
+
+    @property
+    def identity(self) -> dict[str, str]:
+        return {"file": self.filename, "md5": self.expected_md5}
 
     # -- loading --------------------------------------------------------------------------
     def ensure_file(self) -> Path:
@@ -146,6 +155,37 @@ class MedMNISTSource:
     def sample_id(self, split: str, index: int) -> str:
         """Stable id of one sample: ``<split>/<index in the official split>``."""
         return f"{split}/{index}"
+
+    def ids(self, split: str) -> list[str]:
+        return [self.sample_id(split, i) for i in range(len(self.labels(split)))]
+
+    def locate(self, sample_id: str) -> tuple[str, int] | None:
+        """(split, row) of a sample id, or None if the file lacks it."""
+        split, _, index = str(sample_id).partition("/")
+        if split not in SPLITS or not index.isdigit() or int(index) >= len(self.labels(split)):
+            return None
+        return split, int(index)
+
+    def column(self, split: str, name: str) -> np.ndarray:
+        raise FedmedError(f"{self.name} (MedMNIST) has no metadata column {name!r}; use partition=iid or dirichlet")
+
+    def items(self, split: str, rows=None) -> list[dict]:
+        """MONAI data dicts ``{"image": channel-first float32 array (0..255), "label", "id"}``."""
+        rows = np.arange(len(self.labels(split))) if rows is None else np.asarray(rows, dtype=np.int64)
+        images = self.images(split)[rows]
+        if images.ndim == 4 and self.spatial_dims == 2:  # (N,H,W,C) -> (N,C,H,W)
+            images = images.transpose(0, 3, 1, 2)
+        else:  # (N,H,W) / (N,D,H,W): add the channel axis
+            images = images[:, None]
+        labels = self.labels(split)[rows]
+        return [{"image": images[k].astype(np.float32), "label": int(labels[k]), "id": self.sample_id(split, int(r))}
+                for k, r in enumerate(rows)]
+
+    def loader(self):
+        """Items already hold arrays: nothing to read."""
+        return None
+
+    ensure_available = ensure_file
 
     @staticmethod
     def _check_split(split: str) -> None:

@@ -1,4 +1,5 @@
-"""Partition a labelled split into sites: IID or Dirichlet label skew. Pure functions of (labels, seed).
+"""Partition a labelled split into sites: IID, Dirichlet label skew, quantity skew, or natural (by a
+metadata column such as the acquisition source). Pure functions of (labels, seed).
 
 The same per-site class proportions are applied to the train and the validation split, so a
 site's validation data looks like its training data.
@@ -12,7 +13,8 @@ import numpy as np
 
 from fedmed.errors import FedmedError
 
-METHODS = ("iid", "dirichlet")
+METHODS = ("iid", "dirichlet", "quantity", "natural")
+LABEL_METHODS = ("iid", "dirichlet", "quantity")
 
 
 def dirichlet_proportions(num_classes: int, num_sites: int, alpha: float, rng: np.random.Generator) -> np.ndarray:
@@ -58,7 +60,8 @@ def partition_labels(
     Args:
         labels: ``{split: (N,) labels}``, e.g. ``{"train": ..., "val": ...}``.
         num_sites: number of sites K (>= 1).
-        method: ``iid`` (stratified equal shares) or ``dirichlet`` (label skew, Dirichlet(alpha)).
+        method: ``iid`` (stratified equal shares), ``dirichlet`` (label skew: each class shared by
+            Dirichlet(alpha) proportions) or ``quantity`` (site sizes ~ Dirichlet(alpha), labels IID).
         alpha: Dirichlet concentration; smaller is more skewed.
         seed: the partition is a deterministic function of (labels, method, alpha, seed).
         min_samples: every site must get at least this many samples of the first split;
@@ -70,14 +73,16 @@ def partition_labels(
     """
     if num_sites < 1:
         raise FedmedError(f"need at least one site, got {num_sites}")
-    if method not in METHODS:
-        raise FedmedError(f"partition.method={method!r} is not one of {METHODS}")
+    if method not in LABEL_METHODS:
+        raise FedmedError(f"partition.method={method!r} is not one of {LABEL_METHODS}")
     splits = list(labels)
     num_classes = int(max(int(np.max(v)) for v in labels.values() if len(v)) + 1)
     rng = np.random.default_rng(seed)
     for _ in range(max_tries):
         if method == "iid":
             props = np.full((num_classes, num_sites), 1.0 / num_sites)
+        elif method == "quantity":  # site sizes ~ Dirichlet(alpha), every site with the pooled label mix
+            props = np.tile(dirichlet_proportions(1, num_sites, alpha, rng), (num_classes, 1))
         else:
             props = dirichlet_proportions(num_classes, num_sites, alpha, rng)
         out = {s: split_by_proportions(np.asarray(labels[s]), props, rng) for s in splits}
@@ -107,3 +112,20 @@ def skew_from_counts(counts: np.ndarray) -> float:
     site_dist = counts / np.maximum(counts.sum(1, keepdims=True), 1)
     pooled = counts.sum(0) / counts.sum()
     return float(0.5 * np.abs(site_dist - pooled).sum(1).mean())
+
+
+def partition_by_group(groups: Mapping[str, np.ndarray], site_groups: Sequence[Sequence[str]]) -> dict[str, list[np.ndarray]]:
+    """Natural partition: site k holds every sample whose group (e.g. acquisition source) is in ``site_groups[k]``.
+
+    Args:
+        groups: ``{split: (N,) group value of each sample}``.
+        site_groups: for each site, the group values it holds (disjoint across sites).
+
+    Returns:
+        ``{split: [indices of site 0, ..., indices of site K-1]}``; samples of unlisted groups are left out.
+    """
+    flat = [g for gs in site_groups for g in gs]
+    if len(flat) != len(set(flat)):
+        raise FedmedError(f"partition.groups gives a group to two sites: {list(site_groups)}")
+    return {split: [np.flatnonzero(np.isin(np.asarray(v).astype(str), list(gs))) for gs in site_groups]
+            for split, v in groups.items()}

@@ -3,67 +3,84 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 from pathlib import Path
 
 import numpy as np
 
 from fedmed.data.manifest import Manifest, read_manifest, write_manifest
-from fedmed.data.medmnist_source import MedMNISTSource
-from fedmed.data.partition import partition_labels, skew_from_counts
-from fedmed.errors import ManifestError
+from fedmed.data.partition import partition_by_group, partition_labels, skew_from_counts
+from fedmed.errors import FedmedError, ManifestError
 
 log = logging.getLogger("fedmed")
 
 
-def build_manifests(
-    source: MedMNISTSource,
-    sites: Sequence[str],
-    method: str,
-    alpha: float | None,
-    seed: int,
-    min_samples: int = 10,
-) -> list[Manifest]:
-    """Partition the official train and val splits of ``source`` among ``sites``."""
-    labels = {"train": source.labels("train"), "val": source.labels("val")}
-    parts = partition_labels(labels, len(sites), method, alpha or 0.0, seed, min_samples)
-    spec = {"method": method, "alpha": alpha, "seed": seed, "min_samples": min_samples, "sites": list(sites)}
-    out = []
-    for k, site in enumerate(sites):
-        sections = {
-            section: [{"image": source.sample_id(split, int(i)), "label": int(labels[split][i])} for i in parts[split][k]]
-            for section, split in (("training", "train"), ("validation", "val"))
-        }
-        out.append(
-            Manifest(
-                dataset=source.name,
-                site=site,
-                source={"file": source.filename, "md5": source.expected_md5},
-                partition=spec,
-                num_classes=source.num_classes,
-                class_names=source.class_names,
-                **sections,
-            )
-        )
+def partition_spec(sites: Sequence[str], method: str, alpha: float | None, seed: int, min_samples: int = 10,
+                   column: str | None = None, groups: Mapping[str, Sequence[str]] | None = None) -> dict[str, Any]:
+    """The partition settings recorded in every manifest (and compared on reuse)."""
+    spec: dict[str, Any] = {"method": method, "alpha": alpha, "seed": seed, "min_samples": min_samples,
+                            "sites": list(sites)}
+    if method == "natural":
+        spec.update(column=column, groups={k: list(v) for k, v in groups.items()} if groups else None)
+    return spec
+
+
+def natural_groups(source, sites: Sequence[str], column: str, groups: Mapping | None) -> list[list[str]]:
+    """The column values each site holds: ``groups[site]``, or (without ``groups``) the value named like the site."""
+    if not column:
+        raise FedmedError("partition.method=natural needs partition.column (a metadata column, e.g. source)")
+    values = sorted(set(source.column("train", column)))
+    if groups:
+        missing = [s for s in sites if s not in groups]
+        if missing:
+            raise FedmedError(f"partition.groups has no entry for sites {missing}; values of {column!r}: {values}")
+        out = [[str(v) for v in ([groups[s]] if isinstance(groups[s], str) else groups[s])] for s in sites]
+    else:
+        out = [[s] for s in sites]
+    unknown = [v for vs in out for v in vs if v not in values]
+    if unknown:
+        raise FedmedError(f"natural partition by {column!r}: {unknown} are not values of the column; it has "
+                          f"{values}. Set federation.sites to those values or map sites to them with partition.groups")
     return out
 
 
-def ensure_manifests(
-    source: MedMNISTSource,
-    sites: Sequence[str],
-    paths: Sequence[str | Path],
-    method: str,
-    alpha: float | None,
-    seed: int,
-    min_samples: int = 10,
-) -> list[Path]:
+def build_manifests(source, sites: Sequence[str], method: str, alpha: float | None, seed: int,
+                    min_samples: int = 10, column: str | None = None,
+                    groups: Mapping[str, Sequence[str]] | None = None) -> list[Manifest]:
+    """Partition the train and val splits of ``source`` among ``sites`` (the test split is never partitioned)."""
+    labels = {"train": source.labels("train"), "val": source.labels("val")}
+    if method == "natural":
+        parts = partition_by_group({s: source.column(s, column) for s in labels},
+                                   natural_groups(source, sites, column, groups))
+        empty = [site for site, p in zip(sites, parts["train"]) if len(p) < max(min_samples, 1)]
+        if empty:
+            raise FedmedError(f"natural partition: sites {empty} get fewer than {min_samples} training samples")
+    else:
+        parts = partition_labels(labels, len(sites), method, alpha or 0.0, seed, min_samples)
+    spec = partition_spec(sites, method, alpha, seed, min_samples, column, groups)
+    ids = {split: source.ids(split) for split in labels}
+    out = []
+    for k, site in enumerate(sites):
+        sections = {
+            section: [{"image": ids[split][int(i)], "label": int(labels[split][i])} for i in parts[split][k]]
+            for section, split in (("training", "train"), ("validation", "val"))
+        }
+        out.append(Manifest(dataset=source.name, site=site, source=dict(source.identity), partition=spec,
+                            num_classes=source.num_classes, class_names=list(source.class_names), **sections))
+    return out
+
+
+def ensure_manifests(source, sites: Sequence[str], paths: Sequence[str | Path], method: str, alpha: float | None,
+                     seed: int, min_samples: int = 10, column: str | None = None,
+                     groups: Mapping[str, Sequence[str]] | None = None) -> list[Path]:
     """Write the sites' manifests unless they exist; existing ones must match the requested partition.
 
     An existing manifest is never overwritten: if it was made with other settings, the error
     names the file and the difference.
     """
     paths = [Path(p) for p in paths]
-    spec = {"method": method, "alpha": alpha, "seed": seed, "min_samples": min_samples, "sites": list(sites)}
+    spec = partition_spec(sites, method, alpha, seed, min_samples, column, groups)
     if all(p.exists() for p in paths):
         for p in paths:
             m = read_manifest(p)
@@ -71,7 +88,7 @@ def ensure_manifests(
                 raise ManifestError(f"{p} was written for partition {m.partition}, this run asks for {spec}; "
                                     "move it away or change the partition settings")
         return paths
-    manifests = build_manifests(source, sites, method, alpha, seed, min_samples)
+    manifests = build_manifests(source, sites, method, alpha, seed, min_samples, column, groups)
     for m, p in zip(manifests, paths):
         if not p.exists():
             write_manifest(m, p)

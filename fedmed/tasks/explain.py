@@ -13,7 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 from rich.table import Table
 
-from fedmed.data.datamodule import split_dataset
+from fedmed.data.datamodule import Pipeline
 from fedmed.errors import FedmedError
 from fedmed.explain import (
     METHODS, deletion_insertion, explain, heatmap_grid, predict, randomized_copy, rank_correlation,
@@ -60,8 +60,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     net = instantiate(trained.model.net, _convert_="all")
     net.load_state_dict(ckpt["state_dict"])
     net.eval()
-    source = instantiate(cfg.data.source)
-    ds = split_dataset(source, cfg.split)
+    source = instantiate(cfg.data.source)  # this machine's copy, preprocessed as the model was trained
+    ds = Pipeline.from_config(trained.data, source).dataset(cfg.split)
     names = list(ckpt.get("class_names") or source.class_names)
     pred_all, conf_all = predict(net, ds.x)
 

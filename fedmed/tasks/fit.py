@@ -14,14 +14,14 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from fedmed.config import site_config
-from fedmed.data.datamodule import SiteData, make_loader, split_dataset
+from fedmed.data.datamodule import Pipeline, SiteData, make_loader
 from fedmed.data.manifest import read_manifest
 from fedmed.data.sites import describe_partition, ensure_manifests, site_class_counts
 from fedmed.errors import FedmedError
 from fedmed.federated import FedAvg, InProcessSite, Orchestrator, SiteClient
 from fedmed.models.classifier import Classifier
 from fedmed.models.metrics import evaluate
-from fedmed.reporting import confusion_figure, fmt_bytes, summary_table
+from fedmed.reporting import confusion_figure, fmt_bytes, partition_figure, summary_table
 from fedmed.tracking import Tracker
 
 log = logging.getLogger("fedmed")
@@ -54,7 +54,15 @@ def resolve_mode(cfg: DictConfig) -> str:
 
 def _site_data(cfg: DictConfig, manifest, site_cfg: DictConfig) -> SiteData:
     """A site's data: its manifest, read against the site's own copy of the source."""
-    return SiteData.from_manifest(manifest, instantiate(cfg.data.source, root=site_cfg.data_root))
+    return Pipeline.from_config(cfg.data, instantiate(cfg.data.source, root=site_cfg.data_root)).site(manifest)
+
+
+def write_partition(cfg: DictConfig, source) -> None:
+    """Write the federation's site manifests unless they exist (they are never overwritten)."""
+    p = cfg.partition
+    ensure_manifests(source, list(cfg.federation.sites), [site_config(cfg, s).manifest for s in cfg.federation.sites],
+                     p.method, p.alpha, cfg.seed, p.min_samples, p.get("column"),
+                     OmegaConf.to_container(p.groups) if p.get("groups") else None)
 
 
 def _site_client(cfg: DictConfig, name: str, index: int, data: SiteData, tracker, run_id: str,
@@ -89,15 +97,14 @@ def _federate(cfg: DictConfig, clients: list[SiteClient], initial, tracker, run_
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Run ``fedmed fit``; returns the test metrics, per-site metrics and the MLflow run id."""
     mode = resolve_mode(cfg)
-    source = instantiate(cfg.data.source)
-    source.ensure_file()
+    pipeline = Pipeline.from_config(cfg.data)
+    source = pipeline.source
+    source.ensure_available()
     sites = [cfg.site.name] if mode == "local" else list(cfg.federation.sites)
     site_cfgs = {s: site_config(cfg, s) for s in sites}
     manifests = {}
     if mode != "centralized":
-        p = cfg.partition
-        ensure_manifests(source, list(cfg.federation.sites), [site_config(cfg, s).manifest for s in cfg.federation.sites],
-                         p.method, p.alpha, cfg.seed, p.min_samples)
+        write_partition(cfg, source)
         manifests = {s: read_manifest(site_cfgs[s].manifest) for s in sites}
         log.info(describe_partition(list(manifests.values())))
     epochs = cfg.federation.rounds * cfg.federation.local_epochs
@@ -116,6 +123,11 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         counts = site_class_counts(list(manifests.values()))
         tracker.log_dict(run_id, {s: row.tolist() for s, row in zip(manifests, counts)}, "partition/class_counts.json")
         tracker.log_text(run_id, describe_partition(list(manifests.values())), "partition/summary.txt")
+        tracker.log_table(run_id, {"site": list(manifests), **{c: counts[:, j].tolist() for j, c in
+                                                               enumerate(source.class_names)}},
+                          "partition/class_counts_table.json")
+        tracker.log_figure(run_id, partition_figure(counts, source.class_names, list(manifests),
+                                                    f"{cfg.data.name}: {cfg.partition.dirname}"), "partition/class_counts.png")
     clients: list[SiteClient] = []
     try:
         L.seed_everything(cfg.seed, verbose=False)
@@ -132,7 +144,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             if mode == "local":
                 who, data = sites[0], _site_data(cfg, manifests[sites[0]], site_cfgs[sites[0]])
             else:
-                who, data = "pooled", SiteData.pooled(source)
+                who, data = "pooled", pipeline.pooled()
             client = _site_client(cfg, who, 0, data, tracker, run_id)
             weights, best_epoch = client.train_alone(epochs, "last" if cfg.federation.select == "last" else "best_val_loss")
             chosen = f"epoch {best_epoch}/{epochs}"
@@ -144,7 +156,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         # -- final evaluation on the official test split ---------------------------------
         module = build_module(cfg)
         module.net.load_state_dict(weights)
-        test = split_dataset(source, "test")
+        test = pipeline.dataset("test")
         test_metrics, confmat = evaluate(module.net, make_loader(test, 256, False), cfg.data.num_classes)
         tracker.log_metrics(run_id, {f"test_{k}": v for k, v in test_metrics.items()}, step=cfg.federation.rounds)
         tracker.log_metrics(run_id, {"fit_seconds": seconds}, step=0)
@@ -157,7 +169,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
         rows = [{"who": f"{label} @ {site}", "split": split, "n": e.num_samples, **e.metrics}
                 for label, site, split, e in site_rows]
-        rows.append({"who": f"{mode} model", "split": "test (official)", "n": int(confmat.sum()), **test_metrics})
+        rows.append({"who": f"{mode} model", "split": "test", "n": int(confmat.sum()), **test_metrics})
         text = summary_table(
             f"fedmed fit: {mode}, {cfg.data.name}, {cfg.model.name}, selected {chosen}, {seconds:.0f}s",
             rows,

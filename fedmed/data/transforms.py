@@ -1,0 +1,223 @@
+"""Preprocessing as MONAI dictionary transforms, configured per dataset (``data.transforms``).
+
+Two chains act on ``{"image": ..., "label": ...}`` items:
+
+- :func:`deterministic_transforms`: load (done by the source), channel conversion, optional NIfTI
+  orientation / 2D slice, resize, intensity scaling, denoising, contrast enhancement, z-score.
+  Computed once per sample and cached (see :mod:`fedmed.data.datamodule`).
+- :func:`augmentation_transforms`: random flips, rotation, zoom, brightness/contrast jitter and
+  coarse dropout ("cutout"), applied to training samples only, on the cached tensors.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+import torch
+from monai.transforms import (
+    AdjustContrastd,
+    Compose,
+    EnsureTyped,
+    GaussianSmoothd,
+    HistogramNormalized,
+    MapTransform,
+    MedianSmoothd,
+    NormalizeIntensityd,
+    Orientationd,
+    RandAdjustContrastd,
+    RandAffined,
+    RandCoarseDropoutd,
+    RandFlipd,
+    RandScaleIntensityd,
+    Resized,
+    ScaleIntensityd,
+    ScaleIntensityRanged,
+    ScaleIntensityRangePercentilesd,
+)
+
+from fedmed.errors import FedmedError
+
+INTENSITY = ("uint8", "minmax", "percentile", "none")
+DENOISE = (None, "gaussian", "median")
+CONTRAST = (None, "histeq", "gamma")
+
+
+@dataclass
+class Augmentation:
+    """Random training-time augmentation; every probability 0 (the default) switches that step off."""
+
+    flip_prob: float = 0.0          # horizontal (last axis) flip
+    rotate_degrees: float = 0.0     # rotation uniform in +-degrees (in-plane; about every axis in 3D) ...
+    zoom: float = 0.0               # ... and zoom uniform in [1 - zoom, 1 + zoom], size kept,
+    affine_prob: float = 0.0        # applied together (one resampling) with this probability
+    brightness: float = 0.0         # intensity scaled by a factor uniform in [1 - b, 1 + b]
+    brightness_prob: float = 0.0
+    contrast_gamma: float = 0.0     # gamma uniform in [1 - g, 1 + g]
+    contrast_prob: float = 0.0
+    cutout_holes: int = 0           # coarse dropout: holes of cutout_size**dims pixels set to 0
+    cutout_size: int = 8
+    cutout_prob: float = 0.0
+
+    @property
+    def enabled(self) -> bool:
+        return any(p > 0 for p in (self.flip_prob, self.affine_prob, self.brightness_prob,
+                                   self.contrast_prob, self.cutout_prob))
+
+
+@dataclass
+class Preprocessing:
+    """The ``data.transforms`` config of a dataset. Unknown keys are an error that names them."""
+
+    channels: int = 1                   # 1 (greyscale: RGB is converted by luminance) or 3 (grey is repeated)
+    size: int | None = None             # resize every spatial axis to this; null keeps the source size
+    orientation: str | None = None      # e.g. RAS: reorient NIfTI volumes (uses their affine)
+    slice_axis: int | None = None       # take one 2D slice of a 3D volume along this spatial axis (2 = axial in RAS)
+    slice_index: Any = "center"         # "center", an index, or a fraction in (0, 1) of the axis length
+    intensity: str = "uint8"            # uint8 (x / 255) | minmax (per image to [0, 1]) | percentile (0.5-99.5 %) | none
+    zscore: bool = False                # then subtract the image mean and divide by its std, per channel
+    denoise: str | None = None          # null | gaussian | median
+    denoise_sigma: float = 0.5          # gaussian sigma in pixels
+    denoise_radius: int = 1             # median filter radius in pixels
+    contrast: str | None = None         # null | histeq (histogram equalisation) | gamma
+    gamma: float = 1.0                  # for contrast=gamma; < 1 brightens dark tissue
+    augment: Augmentation = field(default_factory=Augmentation)
+
+    @classmethod
+    def from_config(cls, cfg: Any, where: str = "data.transforms") -> Preprocessing:
+        raw = dict(cfg or {})
+        aug = dict(raw.pop("augment", None) or {})
+        _check_keys(raw, cls, where)
+        _check_keys(aug, Augmentation, f"{where}.augment")
+        pre = cls(**raw, augment=Augmentation(**aug))
+        for key, value, allowed in (("intensity", pre.intensity, INTENSITY), ("denoise", pre.denoise, DENOISE),
+                                    ("contrast", pre.contrast, CONTRAST)):
+            if value not in allowed:
+                raise FedmedError(f"{where}.{key}={value!r} is not one of {allowed}")
+        if pre.channels not in (1, 3):
+            raise FedmedError(f"{where}.channels={pre.channels} must be 1 or 3")
+        return pre
+
+
+def _check_keys(raw: dict, cls: type, where: str) -> None:
+    import difflib
+
+    known = [f.name for f in fields(cls) if f.name != "augment"] + (["augment"] if cls is Preprocessing else [])
+    for key in raw:
+        if key not in known:
+            close = difflib.get_close_matches(key, known, n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            raise FedmedError(f"unknown key {where}.{key}.{hint} Known: {', '.join(known)}")
+
+
+class ToChannelsd(MapTransform):
+    """Make a channel-first image have 1 or 3 channels: RGB(A) -> luminance, grey -> repeated."""
+
+    def __init__(self, keys, channels: int):
+        super().__init__(keys)
+        self.channels = channels
+
+    def __call__(self, data):
+        d = dict(data)
+        for key in self.key_iterator(d):
+            x = d[key] if isinstance(d[key], torch.Tensor) else torch.as_tensor(d[key])
+            c = x.shape[0]
+            if c == 4:  # RGBA: drop alpha
+                x, c = x[:3], 3
+            if c == self.channels:
+                pass
+            elif c == 3 and self.channels == 1:
+                w = torch.tensor([0.299, 0.587, 0.114], dtype=x.dtype).view(3, *([1] * (x.ndim - 1)))
+                x = (x * w).sum(0, keepdim=True)
+            elif c == 1 and self.channels == 3:
+                x = x.repeat(3, *([1] * (x.ndim - 1)))
+            else:
+                raise FedmedError(f"{_name(d)} has {c} channels; fedmed converts 1, 3 or 4 channels to {self.channels}")
+            d[key] = x
+        return d
+
+
+class Sliced(MapTransform):
+    """Take one 2D slice of a channel-first 3D volume: ``(C, X, Y, Z)`` -> ``(C, ., .)``."""
+
+    def __init__(self, keys, axis: int, index: Any = "center"):
+        super().__init__(keys)
+        self.axis, self.index = int(axis), index
+
+    def __call__(self, data):
+        d = dict(data)
+        for key in self.key_iterator(d):
+            x = d[key]
+            if x.ndim != 4:
+                raise FedmedError(f"{_name(d)} has shape {tuple(x.shape[1:])}; slicing needs a 3D volume")
+            n = x.shape[1 + self.axis]
+            i = self.index
+            if i == "center":
+                i = n // 2
+            elif isinstance(i, float) and 0 < i < 1:
+                i = int(i * n)
+            if not isinstance(i, int) or not 0 <= i < n:
+                raise FedmedError(f"slice_index={self.index!r} is outside axis {self.axis} of length {n} ({_name(d)})")
+            d[key] = x.select(1 + self.axis, i)
+        return d
+
+
+def _name(d: dict) -> str:
+    return str(d.get("path") or d.get("id") or "an image")
+
+
+def deterministic_transforms(pre: Preprocessing, spatial_dims: int) -> Compose:
+    """The cached part of preprocessing for ``spatial_dims``-D model inputs."""
+    k = ["image"]
+    steps: list = [ToChannelsd(k, pre.channels)]
+    if pre.orientation:
+        steps.append(Orientationd(k, axcodes=pre.orientation, labels=(("L", "R"), ("P", "A"), ("I", "S"))))
+    if pre.slice_axis is not None:
+        steps.append(Sliced(k, pre.slice_axis, pre.slice_index))
+    if pre.size:
+        steps.append(Resized(k, spatial_size=(int(pre.size),) * spatial_dims, mode="area"))
+    if pre.intensity == "uint8":
+        steps.append(ScaleIntensityRanged(k, a_min=0.0, a_max=255.0, b_min=0.0, b_max=1.0, clip=True))
+    elif pre.intensity == "minmax":
+        steps.append(ScaleIntensityd(k, minv=0.0, maxv=1.0))
+    elif pre.intensity == "percentile":
+        steps.append(ScaleIntensityRangePercentilesd(k, lower=0.5, upper=99.5, b_min=0.0, b_max=1.0, clip=True))
+    if pre.denoise == "gaussian":
+        steps.append(GaussianSmoothd(k, sigma=pre.denoise_sigma))
+    elif pre.denoise == "median":
+        steps.append(MedianSmoothd(k, radius=pre.denoise_radius))
+    if pre.contrast == "histeq":
+        steps.append(HistogramNormalized(k, num_bins=256, min=0, max=1))
+    elif pre.contrast == "gamma":
+        steps.append(AdjustContrastd(k, gamma=pre.gamma))
+    if pre.zscore:
+        steps.append(NormalizeIntensityd(k, channel_wise=True))
+    steps.append(EnsureTyped(k, data_type="tensor", dtype=torch.float32, track_meta=False))
+    return Compose(steps)
+
+
+def augmentation_transforms(aug: Augmentation, spatial_dims: int) -> Compose | None:
+    """Random training-time augmentation on cached tensors, or None when every step is off."""
+    if not aug.enabled:
+        return None
+    k = ["image"]
+    steps = []
+    if aug.flip_prob > 0:
+        steps.append(RandFlipd(k, prob=aug.flip_prob, spatial_axis=spatial_dims - 1))
+    if aug.affine_prob > 0 and (aug.rotate_degrees > 0 or aug.zoom > 0):
+        r = math.radians(aug.rotate_degrees)
+        # RandAffine's scale_range s scales by 1 + U(-s, s); MONAI's affine maps output to input
+        # coordinates, so 1 + s zooms out: the sign does not matter for a symmetric range.
+        steps.append(RandAffined(k, prob=aug.affine_prob, rotate_range=(r,) if spatial_dims == 2 else (r, r, r),
+                                 scale_range=(aug.zoom,) * spatial_dims, padding_mode="zeros", mode="bilinear"))
+    if aug.brightness_prob > 0:
+        steps.append(RandScaleIntensityd(k, factors=aug.brightness, prob=aug.brightness_prob))
+    if aug.contrast_prob > 0:
+        g = aug.contrast_gamma
+        steps.append(RandAdjustContrastd(k, prob=aug.contrast_prob, gamma=(max(1 - g, 0.05), 1 + g)))
+    if aug.cutout_prob > 0 and aug.cutout_holes > 0:
+        steps.append(RandCoarseDropoutd(k, holes=aug.cutout_holes, spatial_size=aug.cutout_size, fill_value=0.0,
+                                        prob=aug.cutout_prob))
+    steps.append(EnsureTyped(k, data_type="tensor", dtype=torch.float32, track_meta=False))
+    return Compose(steps)
