@@ -61,6 +61,10 @@ class Tracker:
         run = self.client.create_run(self.experiment_id, run_name=name, tags=tags)
         return run.info.run_id
 
+    def reopen(self, run_id: str) -> None:
+        """Mark a FAILED/KILLED run as running again (a resumed federation continues in it)."""
+        self.client.update_run(run_id, status="RUNNING")
+
     def end_run(self, run_id: str, status: str = "FINISHED") -> None:
         self.client.set_terminated(run_id, status=status)
 

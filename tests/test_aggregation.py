@@ -4,7 +4,9 @@ import pytest
 import torch
 from torch import nn
 
-from fedmed.federated.aggregation import FedAvg, fedavg, state_nbytes
+from fedmed.federated.aggregation import fedavg, state_nbytes
+from fedmed.federated.client import FitResult
+from fedmed.federated.strategies import Strategy
 
 
 def test_weighted_average_equals_pooled_gradient_step_on_linear_model():
@@ -71,7 +73,8 @@ def test_one_site_is_identity_and_equal_weights_is_mean():
     b = {"w": torch.tensor([3.0, 4.0])}
     torch.testing.assert_close(fedavg([a], [17])["w"], a["w"])
     torch.testing.assert_close(fedavg([a, b], [5, 5])["w"], torch.tensor([2.0, 1.0]))
-    assert FedAvg().aggregate([a, b], [1, 3])["w"].tolist() == [2.5, 2.5]
+    fits = [FitResult("a", a, 1), FitResult("b", b, 3)]
+    assert Strategy().aggregate(a, fits)["w"].tolist() == [2.5, 2.5]
 
 
 @pytest.mark.parametrize(

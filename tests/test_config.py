@@ -9,6 +9,7 @@ from omegaconf import DictConfig
 from fedmed.cli import main
 from fedmed.config import compose, config_dir, groups, site_config
 from fedmed.errors import FedmedError
+from fedmed.federated.client import FitResult
 from fedmed.tasks.fit import build_module, build_strategy
 
 
@@ -36,7 +37,8 @@ def test_every_config_composes_and_instantiates(group, option, isolated, tmp_pat
     module = build_module(cfg)
     x = torch.zeros(2, cfg.data.in_channels, *(cfg.data.image_size,) * cfg.data.spatial_dims)
     assert module(x).shape == (2, cfg.data.num_classes)
-    assert build_strategy(cfg).aggregate([module.net.state_dict()], [3]).keys() == module.net.state_dict().keys()
+    state = module.net.state_dict()
+    assert build_strategy(cfg).aggregate(state, [FitResult("s", state, 3)]).keys() == state.keys()
     L.Trainer(max_epochs=1, logger=False, enable_progress_bar=False, **cfg.trainer)
     for s in cfg.federation.sites:
         site = site_config(cfg, s)

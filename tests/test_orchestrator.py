@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from fedmed.data.datamodule import ArrayDataset, SiteData
-from fedmed.federated import FedAvg, InProcessSite, Orchestrator, SiteClient, fedavg
+from fedmed.federated import InProcessSite, Orchestrator, SiteClient, Strategy, fedavg
 from fedmed.models import create_model
 from fedmed.models.classifier import Classifier
 
@@ -29,7 +29,7 @@ def clients(sizes=(40, 90)):
 def test_global_model_is_fedavg_of_site_updates():
     torch.manual_seed(0)
     initial = factory().net.state_dict()
-    orch = Orchestrator([InProcessSite(c) for c in clients()], FedAvg(), rounds=2, local_epochs=1, select="last")
+    orch = Orchestrator([InProcessSite(c) for c in clients()], Strategy(), rounds=2, local_epochs=1, select="last")
     result = orch.run(initial)
     # replay by hand with fresh clients: round 1, aggregate, round 2, aggregate
     fresh = clients()
@@ -46,10 +46,10 @@ def test_global_model_is_fedavg_of_site_updates():
 
 def test_site_sampling_respects_fraction_and_minimum():
     sites = [InProcessSite(c) for c in clients((20, 20))]
-    orch = Orchestrator(sites, FedAvg(), rounds=1, fraction=0.5, min_sites=1, seed=3)
+    orch = Orchestrator(sites, Strategy(), rounds=1, fraction=0.5, min_sites=1, seed=3)
     picks = {tuple(s.name for s in orch.sample(r)) for r in range(1, 20)}
     assert all(len(p) == 1 for p in picks) and len(picks) == 2  # one site per round, both get picked
     with pytest.raises(ValueError, match="min_sites"):
-        Orchestrator(sites, FedAvg(), rounds=1, min_sites=3)
+        Orchestrator(sites, Strategy(), rounds=1, min_sites=3)
     with pytest.raises(ValueError, match="select"):
-        Orchestrator(sites, FedAvg(), rounds=1, select="best_test")
+        Orchestrator(sites, Strategy(), rounds=1, select="best_test")

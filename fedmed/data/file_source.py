@@ -83,10 +83,7 @@ def load_file(path: str, loaders: dict) -> Any:
     try:
         x = loaders[kind](path)
     except Exception as exc:  # noqa: BLE001 - any reader failure means the file is unusable
-        cause = exc
-        while cause.__cause__ is not None:
-            cause = cause.__cause__
-        raise DataError(f"{path}: cannot be decoded ({type(cause).__name__}: {str(cause).strip()[:200]})") from None
+        raise DataError(f"{path}: cannot be decoded ({_reason(path, kind, exc)})") from None
     want = 3 if kind == "image" else 4  # channel + spatial axes
     if x.ndim != want:
         raise DataError(f"{path}: decoded to shape {tuple(x.shape)}, expected a {want - 1}D "
@@ -96,6 +93,24 @@ def load_file(path: str, loaders: dict) -> Any:
     if kind == "image" and x.shape[0] not in (1, 3, 4):
         raise DataError(f"{path}: has {x.shape[0]} channels, expected 1 (grey), 3 (RGB) or 4 (RGBA)")
     return x
+
+
+def _reason(path: str, kind: str, exc: Exception) -> str:
+    """The decoder's own complaint (MONAI reports any reader failure as 'no suitable reader')."""
+    try:
+        if kind == "image":
+            from PIL import Image
+
+            with Image.open(path) as im:
+                im.load()
+        else:
+            import nibabel
+
+            nibabel.load(path).get_fdata()
+    except Exception as direct:  # noqa: BLE001
+        exc = direct
+    first = next((ln.strip() for ln in str(exc).splitlines() if ln.strip()), "")
+    return f"{type(exc).__name__}: {first[:160]}"
 
 
 class FileSource:

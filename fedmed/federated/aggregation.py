@@ -6,7 +6,6 @@ No Lightning, no I/O: these are tested numerically on their own.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 
 import torch
 
@@ -95,16 +94,107 @@ def fedavg(states: Sequence[StateDict], num_samples: Sequence[float], bn_stats: 
     return out
 
 
-@dataclass
-class FedAvg:
-    """FedAvg strategy: ``aggregate(states, num_samples)`` with the options of :func:`fedavg`.
+# -- robust aggregation (the weights of sites are ignored: a bad site must not buy influence) ------
+def _stack(states: Sequence[StateDict], key: str) -> torch.Tensor:
+    return torch.stack([s[key].detach().to("cpu", torch.float64) for s in states])
 
-    Args:
-        bn_stats: how BatchNorm running statistics are combined (``pooled`` or ``mean``).
+
+def _cast(value: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return (value if like.is_floating_point() else value.round()).to(like.dtype)
+
+
+def coordinate_median(states: Sequence[StateDict]) -> dict[str, torch.Tensor]:
+    """Coordinate-wise median (Yin et al. 2018); with an even count, the mean of the two middle values."""
+    check_compatible(states)
+    return {k: _cast(_stack(states, k).quantile(0.5, dim=0) if len(states) > 1 else _stack(states, k)[0], ref)
+            for k, ref in states[0].items()}
+
+
+def trimmed_mean(states: Sequence[StateDict], beta: float) -> dict[str, torch.Tensor]:
+    """Coordinate-wise beta-trimmed mean: drop the floor(beta*K) largest and smallest values, average the rest."""
+    check_compatible(states)
+    k = len(states)
+    cut = int(beta * k)
+    if not 0 <= beta < 0.5 or k - 2 * cut < 1:
+        raise ValueError(f"trim beta={beta} must be in [0, 0.5) and leave a value of {k} sites")
+    return {key: _cast(_stack(states, key).sort(dim=0).values[cut:k - cut].mean(0), ref) for key, ref in states[0].items()}
+
+
+def flatten(state: StateDict) -> torch.Tensor:
+    """All floating-point entries of a state as one float64 vector (for distances)."""
+    return torch.cat([t.detach().to("cpu", torch.float64).flatten() for t in state.values() if t.is_floating_point()])
+
+
+def krum_scores(states: Sequence[StateDict], f: int) -> torch.Tensor:
+    """Krum score of each state: the summed squared distance to its K - f - 2 nearest other states."""
+    k = len(states)
+    if k < 2 * f + 3:
+        raise ValueError(f"Krum with f={f} Byzantine sites needs at least {2 * f + 3} sites, got {k}")
+    x = torch.stack([flatten(s) for s in states])
+    d = torch.cdist(x, x) ** 2
+    d.fill_diagonal_(float("inf"))
+    return d.sort(dim=1).values[:, : k - f - 2].sum(1)
+
+
+def krum(states: Sequence[StateDict], num_samples: Sequence[float], f: int, m: int = 1) -> tuple[dict[str, torch.Tensor], list[int]]:
+    """(Multi-)Krum (Blanchard et al. 2017): keep the ``m`` states with the lowest Krum scores, FedAvg them.
+
+    Returns:
+        (aggregate, indices of the kept states)
     """
+    check_compatible(states)
+    if not 1 <= m <= len(states):
+        raise ValueError(f"Multi-Krum m={m} must be in 1..{len(states)}")
+    keep = krum_scores(states, f).argsort()[:m].tolist()
+    return fedavg([states[i] for i in keep], [num_samples[i] for i in keep], bn_stats="mean"), sorted(keep)
 
-    bn_stats: str = "pooled"
-    name: str = "fedavg"
 
-    def aggregate(self, states: Sequence[StateDict], num_samples: Sequence[float]) -> dict[str, torch.Tensor]:
-        return fedavg(states, num_samples, bn_stats=self.bn_stats)
+# -- helpers for strategies that treat some keys specially ---------------------------------------
+def norm_prefixes(state: StateDict) -> set[str]:
+    """Module prefixes of normalisation layers with running statistics (``features.block1.norm.``)."""
+    return {k[: -len(BN_MEAN)] for k in state if k.endswith(BN_MEAN)}
+
+
+def norm_keys(state: StateDict) -> set[str]:
+    """Every key of a BatchNorm layer: weight, bias, running stats and the batch counter (FedBN keeps these local)."""
+    prefixes = norm_prefixes(state)
+    return {k for k in state if any(k.startswith(p) for p in prefixes)}
+
+
+def buffer_keys(state: StateDict) -> set[str]:
+    """Keys that are statistics, not trained parameters (running mean/var, counters)."""
+    return {k for k in state if k.endswith((BN_MEAN, BN_VAR, "num_batches_tracked"))}
+
+
+def server_opt_step(global_w: StateDict, target: StateDict, moments: dict[str, dict[str, torch.Tensor]] | None,
+                    optimizer: str, lr: float, beta1: float = 0.9, beta2: float = 0.99, tau: float = 1e-3,
+                    ) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, torch.Tensor]]]:
+    """One FedOpt server step (Reddi et al. 2021): the pseudo-gradient is ``target - global``.
+
+    m = b1 m + (1 - b1) d;  Adam: v = b2 v + (1 - b2) d^2;  Yogi: v = v - (1 - b2) d^2 sign(v - d^2);
+    x = x + lr m / (sqrt(v) + tau). Statistics buffers (BatchNorm running stats) are not
+    optimised: they take the target's value.
+
+    Returns:
+        (new global state, new moments ``{"m": ..., "v": ...}``)
+    """
+    if optimizer not in ("adam", "yogi"):
+        raise ValueError(f"server optimizer must be adam or yogi, got {optimizer!r}")
+    stats = buffer_keys(global_w)
+    m = dict(moments["m"]) if moments else {}
+    v = dict(moments["v"]) if moments else {}
+    out: dict[str, torch.Tensor] = {}
+    for k, x in global_w.items():
+        if k in stats or not x.is_floating_point():
+            out[k] = target[k].clone()
+            continue
+        x64 = x.to(torch.float64)
+        d = target[k].to(torch.float64) - x64
+        m[k] = beta1 * m.get(k, torch.zeros_like(d)) + (1 - beta1) * d
+        v_prev = v.get(k, torch.full_like(d, tau**2))
+        if optimizer == "adam":
+            v[k] = beta2 * v_prev + (1 - beta2) * d**2
+        else:
+            v[k] = v_prev - (1 - beta2) * d**2 * torch.sign(v_prev - d**2)
+        out[k] = (x64 + lr * m[k] / (v[k].sqrt() + tau)).to(x.dtype)
+    return out, {"m": m, "v": v}

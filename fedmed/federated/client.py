@@ -42,6 +42,7 @@ class FitResult:
     weights: dict[str, torch.Tensor]
     num_samples: int
     metrics: dict[str, float] = field(default_factory=dict)
+    extras: dict[str, Any] = field(default_factory=dict)  # strategy-specific (SCAFFOLD's delta c)
 
 
 @dataclass
@@ -112,6 +113,39 @@ class BestOnValidation(L.Callback):
             self.best_state = clone_state(pl_module.net.state_dict())
 
 
+class ScaffoldCorrection(L.Callback):
+    """Adds SCAFFOLD's correction (c - c_i) to every gradient before the optimizer step."""
+
+    def __init__(self, correction: dict[str, torch.Tensor]):
+        self.correction = correction
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        for name, p in pl_module.net.named_parameters():
+            if p.grad is not None and name in self.correction:
+                p.grad.add_(self.correction[name].to(p.grad.dtype))
+
+
+class LabelFlipped(torch.utils.data.Dataset):
+    """A poisoned view of a dataset: label y becomes C - 1 - y (a test attacker)."""
+
+    def __init__(self, base, num_classes: int):
+        self.base, self.num_classes = base, num_classes
+
+    def __len__(self):
+        return len(self.base)
+
+    def __getitem__(self, i):
+        x, y = self.base[i]
+        return x, self.num_classes - 1 - y
+
+    def reseed(self, seed: int) -> None:
+        if hasattr(self.base, "reseed"):
+            self.base.reseed(seed)
+
+
+ATTACKS = (None, "scale", "signflip", "labelflip")
+
+
 class SiteClient:
     """One site of a federation.
 
@@ -142,7 +176,15 @@ class SiteClient:
         run_id: str | None = None,
         explain: Mapping[str, Any] | None = None,
         class_names: list[str] | None = None,
+        attack: str | None = None,
+        attack_scale: float = 10.0,
     ):
+        if attack not in ATTACKS:
+            raise ValueError(f"site attack must be one of {ATTACKS}, got {attack!r}")
+        self.attack, self.attack_scale = attack, attack_scale
+        self._local: dict[str, torch.Tensor] | None = None  # FedBN: this site's own BatchNorm layers
+        self._local_keys: list[str] = []
+        self._c_i: dict[str, torch.Tensor] | None = None  # SCAFFOLD: this site's control variate
         self.name, self.data, self.batch_size = name, data, batch_size
         self.explain_cfg = dict(explain or {"method": "gradcam", "n": 16})
         self.class_names = class_names
@@ -162,20 +204,71 @@ class SiteClient:
     def set_weights(self, weights: StateDict) -> None:
         self.module.net.load_state_dict(weights, strict=True)
 
-    def train(self, weights: StateDict, round_idx: int, epochs: int) -> FitResult:
-        """Start from ``weights``, train ``epochs`` local epochs, return the new weights and n_k."""
-        self.set_weights(weights)
+    def _with_local(self, weights: StateDict) -> StateDict:
+        """The global weights with this site's own layers (FedBN) in place of the global ones."""
+        if not self._local_keys or self._local is None:
+            return weights
+        return {**weights, **{k: self._local[k] for k in self._local_keys}}
+
+    def train(self, weights: StateDict, round_idx: int, epochs: int, config: Mapping[str, Any] | None = None
+              ) -> FitResult:
+        """Start from ``weights``, train ``epochs`` local epochs, return the new weights and n_k.
+
+        ``config`` carries what the strategy asks of sites: ``prox_mu`` (FedProx), ``local_keys``
+        (FedBN: layers this site keeps), ``scaffold_c`` and ``sgd_lr`` (SCAFFOLD).
+        """
+        config = dict(config or {})
+        self._local_keys = list(config.get("local_keys", []))
+        self.set_weights(self._with_local(weights))
         seed = site_seed(self.seed, round_idx, self.site_index)
         L.seed_everything(seed, verbose=False)
-        loader = make_loader(self.data.train, self.batch_size, shuffle=True, seed=seed)
-        trainer = self._trainer(epochs, [EpochProgress(self.name, f"round {round_idx}")], validate=False)
+        train = LabelFlipped(self.data.train, self.module.num_classes) if self.attack == "labelflip" else self.data.train
+        loader = make_loader(train, self.batch_size, shuffle=True, seed=seed)
+        callbacks: list = [EpochProgress(self.name, f"round {round_idx}")]
+        m = self.module
+        m.prox_mu = float(config.get("prox_mu", 0.0))
+        m.prox_ref = [p.detach().clone() for p in m.net.parameters()] if m.prox_mu > 0 else None
+        m.sgd_lr = config.get("sgd_lr") if "scaffold_c" in config else None
+        start = self.get_weights()
+        if "scaffold_c" in config:
+            c = config["scaffold_c"]
+            if self._c_i is None:
+                self._c_i = {k: torch.zeros_like(v) for k, v in c.items()}
+            callbacks.append(ScaffoldCorrection({k: c[k] - self._c_i[k] for k in c}))
+        trainer = self._trainer(epochs, callbacks, validate=False)
         t0 = time.perf_counter()
-        trainer.fit(self.module, train_dataloaders=loader)
+        try:
+            trainer.fit(m, train_dataloaders=loader)
+        finally:
+            m.prox_mu, m.prox_ref, m.sgd_lr = 0.0, None, None
         metrics = {"train_loss": float(trainer.callback_metrics.get("train_loss", float("nan"))),
                    "train_seconds": time.perf_counter() - t0}
+        new = self.get_weights()
+        extras: dict[str, Any] = {}
+        if "scaffold_c" in config:
+            steps = max(int(trainer.global_step), 1)
+            c = config["scaffold_c"]
+            c_new = {k: self._c_i[k] - c[k] + (start[k].double() - new[k].double()) / (steps * config["sgd_lr"])
+                     for k in c}
+            extras["scaffold_delta_c"] = {k: c_new[k] - self._c_i[k] for k in c}
+            self._c_i = c_new
+        if self._local_keys:
+            self._local = {k: new[k].clone() for k in self._local_keys}
+        if self.attack in ("scale", "signflip"):  # a test attacker: a boosted or reversed update
+            factor = self.attack_scale if self.attack == "scale" else -self.attack_scale
+            new = {k: (start[k] + factor * (v - start[k])).to(v.dtype) if v.is_floating_point() else v
+                   for k, v in new.items()}
         if self.tracker and self.run_id:
             self.tracker.log_metrics(self.run_id, metrics, step=round_idx)
-        return FitResult(self.name, self.get_weights(), len(self.data.train), metrics)
+        return FitResult(self.name, new, len(self.data.train), metrics, extras)
+
+    def state_dict(self) -> dict[str, Any]:
+        """What this site must keep to resume a federation: its own layers and control variate."""
+        return {"local": self._local, "local_keys": self._local_keys, "c_i": self._c_i, "xai_prev": self._xai_prev}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self._local, self._local_keys = state.get("local"), list(state.get("local_keys") or [])
+        self._c_i, self._xai_prev = state.get("c_i"), state.get("xai_prev")
 
     def evaluate(self, weights: StateDict, round_idx: int, log_metrics: bool = True, explain: bool = False) -> EvalResult:
         """Evaluate ``weights`` on this site's validation data; log to the site's run as ``val_*`` (step = round).
@@ -185,7 +278,7 @@ class SiteClient:
         insertion AUC, consistency with its previous explained round, and a coarse per-class
         mean map for cross-site comparison.
         """
-        self.set_weights(weights)
+        self.set_weights(self._with_local(weights))  # FedBN: a site is evaluated with its own BN
         loader = make_loader(self.data.val, 256, shuffle=False)
         net = self.module.net.to(self._device())
         metrics, confmat = evaluate(net, loader, self.module.num_classes)

@@ -4,19 +4,99 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+import random
+import threading
 import time
+from pathlib import Path
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
+from fedmed.errors import FedmedError
 from fedmed.federated.aggregation import state_nbytes
-from fedmed.federated.client import EvalResult, clone_state
+from fedmed.federated.client import EvalResult, FitResult, clone_state
 
 log = logging.getLogger("fedmed")
 
 SELECTIONS = ("best_val_loss", "last")
+CHECKPOINT = "server.pt"
+
+
+class FederationError(FedmedError):
+    """A round could not complete (too few sites succeeded); the last round's checkpoint is intact."""
+
+
+def check_update(global_w: Mapping[str, torch.Tensor], result) -> str | None:
+    """Why a site's returned update is unusable (None if it is fine): type, keys, shapes, dtypes, NaN/Inf, n_k."""
+    if not isinstance(result, FitResult):
+        return f"returned {type(result).__name__}, not a FitResult"
+    w = result.weights
+    if not isinstance(w, Mapping):
+        return f"weights are a {type(w).__name__}, not a state dict"
+    missing, extra = sorted(set(global_w) - set(w)), sorted(set(w) - set(global_w))
+    if missing or extra:
+        return f"wrong keys (missing {missing[:3]}, unexpected {extra[:3]})"
+    for k, ref in global_w.items():
+        t = w[k]
+        if not isinstance(t, torch.Tensor):
+            return f"{k} is a {type(t).__name__}, not a tensor"
+        if t.shape != ref.shape:
+            return f"{k} has shape {tuple(t.shape)}, expected {tuple(ref.shape)}"
+        if t.dtype != ref.dtype:
+            return f"{k} has dtype {t.dtype}, expected {ref.dtype}"
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            return f"{k} contains NaN or Inf"
+    n = result.num_samples
+    if not isinstance(n, int) or n <= 0:
+        return f"num_samples={n!r} is not a positive integer"
+    return None
+
+
+def _call_with_timeout(fn, timeout: float | None):
+    """Run ``fn()``; with a timeout, in a daemon thread (a hung site cannot block the federation).
+
+    Returns (value, None), or raises; on timeout the still-running thread is in the exception's
+    ``thread`` attribute (an in-process site cannot be killed, only ignored until it returns).
+    """
+    if not timeout:
+        return fn(), None
+    box: dict = {}
+
+    def target():
+        try:
+            box["value"] = fn()
+        except BaseException as exc:  # noqa: BLE001 - reported to the caller
+            box["error"] = exc
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    if thread.is_alive():
+        err = TimeoutError(f"no answer within federation.site_timeout={timeout:g}s")
+        err.thread = thread
+        raise err
+    if "error" in box:
+        raise box["error"]
+    return box["value"], None
+
+
+def save_checkpoint(path: Path, state: dict) -> None:
+    """Write atomically: a kill during the write leaves the previous checkpoint intact."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    tmp.replace(path)
+
+
+def load_checkpoint(path: Path) -> dict:
+    if not path.exists():
+        raise FedmedError(f"no federation checkpoint at {path}")
+    return torch.load(path, map_location="cpu", weights_only=False)
 
 
 @dataclass
@@ -60,19 +140,31 @@ def site_consistency(results: Sequence[EvalResult]) -> float:
 class Orchestrator:
     """Runs rounds of: sample sites -> send global weights -> local training -> aggregate -> evaluate.
 
+    A site that raises, exceeds ``site_timeout`` or returns a malformed update (wrong keys,
+    shapes or dtypes, NaN/Inf, no samples) is left out of that round with a log line and an
+    MLflow tag naming it and the reason; the round goes on if at least ``min_sites`` succeeded,
+    else :class:`FederationError`. After every round the server state (global weights, best
+    model so far, strategy state, sites' own state, RNG state, history) is checkpointed to
+    ``checkpoint_dir/server.pt``; ``run(..., resume=state)`` continues after its last round and
+    ends with the same weights as an uninterrupted run.
+
     Args:
-        sites: objects with ``name``, ``fit(weights, round, epochs)`` and ``evaluate(weights, round)``
+        sites: objects with ``name``, ``fit(weights, round, epochs, config)``,
+            ``evaluate(weights, round, explain)``, ``state_dict()``, ``load_state_dict()``
             (e.g. :class:`fedmed.federated.InProcessSite`).
-        strategy: object with ``name`` and ``aggregate(states, num_samples)``.
+        strategy: a :class:`fedmed.federated.strategies.Strategy`.
         rounds: number of rounds.
         local_epochs: local epochs per round.
         fraction: share of sites sampled per round.
-        min_sites: sample at least this many sites.
+        min_sites: sample at least this many sites, and need this many successful updates.
         seed: seeds site sampling.
         select: ``best_val_loss`` keeps the global model with the lowest sample-weighted site
             validation loss (federated evaluation; the test split is never used), ``last`` the final one.
         tracker, run_id: where the federation's per-round metrics go (MLflow parent run).
         explain_rounds: rounds at which sites also explain the new global model (numbers come back).
+        site_timeout: seconds a site may take to train (None: no limit).
+        checkpoint_dir: where the server checkpoints after every round (None: nowhere).
+        extra_state: saved with every checkpoint (e.g. the MLflow run ids and the config).
     """
 
     def __init__(
@@ -88,6 +180,9 @@ class Orchestrator:
         tracker=None,
         run_id: str | None = None,
         explain_rounds: set[int] | frozenset[int] = frozenset(),
+        site_timeout: float | None = None,
+        checkpoint_dir: str | Path | None = None,
+        extra_state: Mapping | None = None,
     ):
         if rounds < 1 or local_epochs < 1:
             raise ValueError(f"rounds and local_epochs must be >= 1, got {rounds}, {local_epochs}")
@@ -102,6 +197,10 @@ class Orchestrator:
         self.fraction, self.min_sites, self.seed, self.select = fraction, min_sites, seed, select
         self.tracker, self.run_id = tracker, run_id
         self.explain_rounds = set(explain_rounds)
+        self.site_timeout = site_timeout
+        self.checkpoint = Path(checkpoint_dir) / CHECKPOINT if checkpoint_dir else None
+        self.extra_state = dict(extra_state or {})
+        self._stray: dict[str, threading.Thread] = {}  # sites still running a timed-out round
 
     def sample(self, round_idx: int) -> list:
         k = max(self.min_sites, math.ceil(self.fraction * len(self.sites)))
@@ -110,27 +209,96 @@ class Orchestrator:
         rng = np.random.default_rng([self.seed, round_idx])
         return [self.sites[i] for i in sorted(rng.choice(len(self.sites), size=k, replace=False))]
 
-    def run(self, initial: Mapping[str, torch.Tensor]) -> FederationResult:
+    def _exclude(self, r: int, site: str, reason: str) -> None:
+        log.warning("round %d/%d: site %s excluded: %s", r, self.rounds, site, reason)
+        if self.tracker and self.run_id:
+            self.tracker.set_tags(self.run_id, {f"excluded.round_{r:03d}.{site}": reason[:250]})
+
+    def _train_round(self, r: int, chosen: list, global_w) -> list[FitResult]:
+        config = self.strategy.site_config(global_w)
+        fits = []
+        for site in chosen:
+            stray = self._stray.get(site.name)
+            if stray is not None and stray.is_alive():
+                self._exclude(r, site.name, "still busy with the round it timed out in")
+                continue
+            try:
+                result, _ = _call_with_timeout(lambda s=site: s.fit(global_w, r, self.local_epochs, config),
+                                               self.site_timeout)
+            except Exception as exc:  # noqa: BLE001 - a failing site must not end the federation
+                if getattr(exc, "thread", None) is not None:
+                    self._stray[site.name] = exc.thread
+                self._exclude(r, site.name, f"{type(exc).__name__}: {exc}")
+                continue
+            problem = check_update(global_w, result)
+            if problem:
+                self._exclude(r, site.name, f"malformed update: {problem}")
+                continue
+            fits.append(result)
+        if len(fits) < self.min_sites:
+            raise FederationError(
+                f"round {r}: only {len(fits)} of {len(chosen)} sites returned a usable update "
+                f"(federation.min_sites={self.min_sites}); the federation stops"
+                + (f", its state after round {r - 1} is in {self.checkpoint}" if self.checkpoint and r > 1 else ""))
+        return fits
+
+    def _evaluate_round(self, r: int, global_w, explain: bool) -> dict[str, EvalResult]:
+        evals = {}
+        for site in self.sites:
+            stray = self._stray.get(site.name)
+            if stray is not None and stray.is_alive():
+                continue  # its model is being trained by a timed-out round
+            try:
+                evals[site.name] = site.evaluate(global_w, r, explain=explain)
+            except Exception as exc:  # noqa: BLE001
+                self._exclude(r, site.name, f"evaluation failed: {type(exc).__name__}: {exc}")
+        if not evals:
+            raise FederationError(f"round {r}: no site could evaluate the global model")
+        return evals
+
+    def state(self, r: int, global_w, best, history) -> dict:
+        return {
+            "round": r, "global": global_w, "best": best, "history": history,
+            "strategy": self.strategy.state_dict(),
+            "sites": {s.name: s.state_dict() for s in self.sites if hasattr(s, "state_dict")},
+            "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
+            **self.extra_state,
+        }
+
+    def run(self, initial: Mapping[str, torch.Tensor], resume: Mapping | None = None) -> FederationResult:
         global_w = clone_state(initial)
         best: tuple[float, int, dict, dict] | None = None
         history: list[RoundRecord] = []
-        for r in range(1, self.rounds + 1):
+        first = 1
+        if resume is not None:
+            first = int(resume["round"]) + 1
+            global_w, best, history = clone_state(resume["global"]), resume["best"], list(resume["history"])
+            self.strategy.load_state_dict(resume["strategy"])
+            for s in self.sites:
+                if s.name in resume.get("sites", {}) and hasattr(s, "load_state_dict"):
+                    s.load_state_dict(resume["sites"][s.name])
+            torch.set_rng_state(resume["rng"]["torch"])
+            np.random.set_state(resume["rng"]["numpy"])
+            random.setstate(resume["rng"]["python"])
+            log.info("resuming after round %d/%d", first - 1, self.rounds)
+        for r in range(first, self.rounds + 1):
             t0 = time.perf_counter()
             chosen = self.sample(r)
             log.info("round %d/%d: training at %s", r, self.rounds, ", ".join(s.name for s in chosen))
             payload = state_nbytes(global_w)
-            fits = [site.fit(global_w, r, self.local_epochs) for site in chosen]
+            fits = self._train_round(r, chosen, global_w)
             bytes_down = payload * len(chosen)
             bytes_up = sum(state_nbytes(f.weights) for f in fits)
-            global_w = self.strategy.aggregate([f.weights for f in fits], [f.num_samples for f in fits])
+            global_w = self.strategy.aggregate(global_w, fits)
             explain = r in self.explain_rounds
-            evals = {site.name: site.evaluate(global_w, r, explain=explain) for site in self.sites}
+            evals = self._evaluate_round(r, global_w, explain)
             metrics = {f"val_{k}": v for k, v in weighted_metrics(list(evals.values())).items()}
             if explain:
                 metrics["xai_site_consistency"] = site_consistency(list(evals.values()))
             n_train = sum(f.num_samples for f in fits)
             metrics["train_loss"] = sum(f.metrics.get("train_loss", 0.0) * f.num_samples for f in fits) / n_train
-            metrics.update({"comm_bytes_up": bytes_up, "comm_bytes_down": bytes_down, "sites_trained": len(fits)})
+            metrics.update({"comm_bytes_up": bytes_up, "comm_bytes_down": bytes_down, "sites_trained": len(fits),
+                            "sites_failed": len(chosen) - len(fits)})
             record = RoundRecord(r, [f.site for f in fits], metrics, bytes_up, bytes_down, time.perf_counter() - t0)
             metrics["round_seconds"] = record.seconds
             history.append(record)
@@ -147,6 +315,8 @@ class Orchestrator:
                          metrics["val_xai_insertion_auc"], metrics["xai_site_consistency"])
             if best is None or self.select == "last" or metrics["val_loss"] < best[0]:
                 best = (metrics["val_loss"], r, clone_state(global_w), evals)
+            if self.checkpoint:
+                save_checkpoint(self.checkpoint, self.state(r, global_w, best, history))
         assert best is not None
         _, best_round, best_w, best_evals = best
         if self.tracker and self.run_id:

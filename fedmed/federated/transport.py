@@ -20,10 +20,16 @@ class InProcessSite:
         self.client = client
         self.name = client.name
 
-    def fit(self, weights: Mapping[str, torch.Tensor], round_idx: int, epochs: int) -> FitResult:
-        result = self.client.train(clone_state(weights), round_idx, epochs)
+    def fit(self, weights: Mapping[str, torch.Tensor], round_idx: int, epochs: int, config=None) -> FitResult:
+        result = self.client.train(clone_state(weights), round_idx, epochs, config)
         result.weights = clone_state(result.weights)
         return result
+
+    def state_dict(self):
+        return self.client.state_dict()
+
+    def load_state_dict(self, state) -> None:
+        self.client.load_state_dict(state)
 
     def evaluate(self, weights: Mapping[str, torch.Tensor], round_idx: int, explain: bool = False) -> EvalResult:
         return self.client.evaluate(clone_state(weights), round_idx, explain=explain)

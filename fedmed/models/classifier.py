@@ -36,6 +36,10 @@ class Classifier(L.LightningModule):
         self.loss_fn = nn.CrossEntropyLoss(weight=weight)
         self.val_metrics = make_metrics(num_classes)
         self.last_val: dict[str, float] = {}
+        # set by the site client for one round of federated training:
+        self.prox_mu: float = 0.0  # FedProx: loss + mu/2 ||w - prox_ref||^2
+        self.prox_ref: list[torch.Tensor] | None = None
+        self.sgd_lr: float | None = None  # plain SGD at this rate instead of Adam (SCAFFOLD)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
@@ -49,6 +53,9 @@ class Classifier(L.LightningModule):
         x, y = batch
         loss = self.loss_fn(self.net(x), y)
         self.log("train_loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(y))
+        if self.prox_mu > 0 and self.prox_ref is not None:
+            prox = sum(((p - r) ** 2).sum() for p, r in zip(self.net.parameters(), self.prox_ref))
+            loss = loss + 0.5 * self.prox_mu * prox
         return loss
 
     def validation_step(self, batch, batch_idx):
@@ -64,4 +71,6 @@ class Classifier(L.LightningModule):
         self.log_dict({f"val_{k}": v for k, v in scalars.items() if "_class" not in k})
 
     def configure_optimizers(self):
+        if self.sgd_lr is not None:
+            return torch.optim.SGD(self.parameters(), lr=self.sgd_lr, weight_decay=self.weight_decay)
         return torch.optim.Adam(self.parameters(), lr=self.lr, weight_decay=self.weight_decay)

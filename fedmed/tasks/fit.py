@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import time
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -18,7 +19,8 @@ from fedmed.data.datamodule import Pipeline, SiteData, make_loader
 from fedmed.data.manifest import read_manifest
 from fedmed.data.sites import describe_partition, ensure_manifests, site_class_counts
 from fedmed.errors import FedmedError
-from fedmed.federated import FedAvg, InProcessSite, Orchestrator, SiteClient
+from fedmed.federated import InProcessSite, Orchestrator, SiteClient, make_strategy
+from fedmed.federated.server import CHECKPOINT, load_checkpoint
 from fedmed.models.classifier import Classifier
 from fedmed.models.metrics import evaluate
 from fedmed.reporting import confusion_figure, fmt_bytes, partition_figure, summary_table
@@ -27,20 +29,23 @@ from fedmed.tracking import Tracker
 log = logging.getLogger("fedmed")
 
 MODES = ("federated", "centralized", "local")
-STRATEGIES = {"fedavg": FedAvg}
-
-
 def build_module(cfg: DictConfig) -> Classifier:
     """The Lightning classifier for ``cfg.model`` on ``cfg.data``."""
     net = instantiate(cfg.model.net, _convert_="all")
     return Classifier(net, cfg.data.num_classes, lr=cfg.model.optimizer.lr, weight_decay=cfg.model.optimizer.weight_decay)
 
 
-def build_strategy(cfg: DictConfig):
-    name = cfg.federation.strategy
-    if name not in STRATEGIES:
-        raise FedmedError(f"federation.strategy={name!r} is not one of {sorted(STRATEGIES)}")
-    return STRATEGIES[name](bn_stats=cfg.federation.bn_stats)
+def build_strategy(cfg: DictConfig, num_sites: int | None = None):
+    """The ``federation.strategy`` with its parameters from ``federation``."""
+    f = cfg.federation
+    name = f.strategy
+    params = {"bn_stats": f.bn_stats, "mu": f.mu, "trim_beta": f.trim_beta, "krum_f": f.krum_f, "krum_m": f.krum_m}
+    if name in ("fedadam", "fedyogi"):
+        params.update(server_lr=f.server_lr, beta1=f.beta1, beta2=f.beta2, tau=f.tau)
+    if name == "scaffold":
+        params.update(server_lr=f.scaffold_server_lr, local_lr=f.scaffold_local_lr,
+                      num_sites=num_sites or len(f.sites))
+    return make_strategy(name, **params)
 
 
 def resolve_mode(cfg: DictConfig) -> str:
@@ -66,11 +71,15 @@ def write_partition(cfg: DictConfig, source) -> None:
 
 
 def _site_client(cfg: DictConfig, name: str, index: int, data: SiteData, tracker, run_id: str,
-                 class_names: list[str] | None = None) -> SiteClient:
+                 class_names: list[str] | None = None, site_cfg: DictConfig | None = None) -> SiteClient:
     trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
+    attack = site_cfg.get("attack") if site_cfg is not None else None
+    if attack:
+        log.warning("site %s is a test attacker: %s (scale %s)", name, attack, site_cfg.get("attack_scale", 10.0))
     return SiteClient(name, data, lambda: build_module(cfg), cfg.data.batch_size, trainer_kwargs, cfg.seed, index,
                       tracker, run_id, explain={"method": cfg.explain.method, "n": cfg.explain.n},
-                      class_names=class_names)
+                      class_names=class_names, attack=attack,
+                      attack_scale=float(site_cfg.get("attack_scale", 10.0)) if site_cfg is not None else 10.0)
 
 
 def explain_rounds(rounds: int, every: int) -> set[int]:
@@ -78,20 +87,49 @@ def explain_rounds(rounds: int, every: int) -> set[int]:
     return {r for r in range(1, rounds + 1) if r % every == 0} | {rounds} if every > 0 else set()
 
 
-def _federate(cfg: DictConfig, clients: list[SiteClient], initial, tracker, run_id: str):
-    """Run the orchestrator; return (weights, selection text, per-site rows, communication text)."""
+def _federate(cfg: DictConfig, clients: list[SiteClient], initial, tracker, run_id: str, checkpoint_dir,
+              resume: dict | None, extra_state: dict):
+    """Run the orchestrator; return (result, selection text, per-site rows, communication text)."""
     fed = cfg.federation
     orchestrator = Orchestrator(
-        [InProcessSite(c) for c in clients], build_strategy(cfg), fed.rounds, fed.local_epochs,
+        [InProcessSite(c) for c in clients], build_strategy(cfg, len(clients)), fed.rounds, fed.local_epochs,
         fed.fraction, fed.min_sites, cfg.seed, fed.select, tracker, run_id,
-        explain_rounds(fed.rounds, cfg.explain.every_n_rounds),
+        explain_rounds(fed.rounds, cfg.explain.every_n_rounds), fed.site_timeout, checkpoint_dir, extra_state,
     )
-    result = orchestrator.run(initial)
+    result = orchestrator.run(initial, resume)
     rows = [("global model", s, "val", e) for s, e in result.site_eval.items()]
+    if fed.finetune_epochs > 0:  # personalisation: each site fine-tunes the selected model on its own data
+        config = orchestrator.strategy.site_config(result.weights)
+        for c in clients:
+            tuned = c.train(result.weights, fed.rounds + 1, fed.finetune_epochs, config).weights
+            ev = c.evaluate(tuned, fed.rounds + 1, log_metrics=False)
+            tracker.log_metrics(c.run_id, {f"personalized_val_{k}": v for k, v in ev.metrics.items()}, step=fed.rounds)
+            rows.append((f"fine-tuned {fed.finetune_epochs} ep", c.name, "val", ev))
     last = result.history[-1]
     comm = (f"bytes sent per round: {fmt_bytes(last.bytes_down)} down + {fmt_bytes(last.bytes_up)} up "
-            f"({len(last.sites)} sites; model {fmt_bytes(last.bytes_up / len(last.sites))}); raw images sent: 0")
-    return result.weights, f"round {result.round}/{fed.rounds}", rows, comm
+            f"({len(last.sites)} sites; model {fmt_bytes(last.bytes_up / max(len(last.sites), 1))}); raw images sent: 0")
+    return result, f"round {result.round}/{fed.rounds}", rows, comm
+
+
+def find_checkpoint(cfg: DictConfig) -> Path:
+    """``resume=<dir or run id>`` -> the server checkpoint file."""
+    given = Path(str(cfg.resume)).expanduser()
+    for path in (given / CHECKPOINT, given, Path(cfg.federation.checkpoint_dir) / str(cfg.resume) / CHECKPOINT):
+        if path.is_file():
+            return path
+    raise FedmedError(f"resume={cfg.resume}: no {CHECKPOINT} there or in {cfg.federation.checkpoint_dir}/{cfg.resume}/")
+
+
+def _config_diff(a: dict, b: dict, prefix: str = "") -> list[str]:
+    keys = sorted(set(a) | set(b))
+    out = []
+    for k in keys:
+        va, vb = a.get(k), b.get(k)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            out += _config_diff(va, vb, f"{prefix}{k}.")
+        elif va != vb:
+            out.append(f"{prefix}{k}: {va!r} -> {vb!r}")
+    return out
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
@@ -110,16 +148,35 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     epochs = cfg.federation.rounds * cfg.federation.local_epochs
 
     tracker = Tracker(cfg.logger.tracking_uri, cfg.logger.experiment, cfg.logger.artifact_location)
+    resume, config = None, OmegaConf.to_container(cfg, resolve=True)
+    if cfg.get("resume"):
+        if mode != "federated":
+            raise FedmedError("resume= continues a federation; local and centralized runs start over")
+        path = find_checkpoint(cfg)
+        resume = load_checkpoint(path)
+        diff = _config_diff({k: v for k, v in resume["config"].items() if k != "resume"},
+                            {k: v for k, v in config.items() if k != "resume"})
+        if diff:
+            raise FedmedError(f"resume={cfg.resume}: this run's config differs from the one in {path}: "
+                              + "; ".join(diff[:5]))
+        log.info("resuming MLflow run %s from %s (round %d done)", resume["run_id"], path, resume["round"])
     name = cfg.run_name or f"{mode}-{cfg.data.name}-{cfg.model.name}" + (f"-{sites[0]}" if mode == "local" else "")
     tags = {"dataset": cfg.data.name, "model": cfg.model.name, "mode": mode,
             "strategy": cfg.federation.strategy if mode == "federated" else "none",
             "partition": cfg.partition.dirname if mode != "centralized" else "pooled"}
     if mode == "local":
         tags["site"] = sites[0]
-    run_id = tracker.start_run(name, tags)
-    tracker.log_params(run_id, OmegaConf.to_container(cfg, resolve=True))
-    tracker.log_text(run_id, OmegaConf.to_yaml(cfg), "config.yaml")
-    if manifests:
+    if resume:
+        run_id = resume["run_id"]
+        tracker.reopen(run_id)
+    else:
+        run_id = tracker.start_run(name, tags)
+        tracker.log_params(run_id, config)
+        tracker.log_text(run_id, OmegaConf.to_yaml(cfg), "config.yaml")
+    checkpoint_dir = Path(cfg.federation.checkpoint_dir) / run_id
+    if mode == "federated":
+        tracker.set_tags(run_id, {"checkpoint_dir": str(checkpoint_dir)})
+    if manifests and not resume:
         counts = site_class_counts(list(manifests.values()))
         tracker.log_dict(run_id, {s: row.tolist() for s, row in zip(manifests, counts)}, "partition/class_counts.json")
         tracker.log_text(run_id, describe_partition(list(manifests.values())), "partition/summary.txt")
@@ -134,12 +191,21 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         initial = build_module(cfg).net.state_dict()
         t0 = time.perf_counter()
         if mode == "federated":
+            site_runs = dict(resume["site_runs"]) if resume else {}
             for k, s in enumerate(sites):
-                child = tracker.start_run(s, {"site": s, "dataset": cfg.data.name, "role": "site"}, parent_id=run_id)
-                clients.append(_site_client(cfg, s, k, _site_data(cfg, manifests[s], site_cfgs[s]), tracker, child,
-                                            source.class_names))
-                tracker.log_params(child, {**clients[-1].initialize(), "manifest": site_cfgs[s].manifest})
-            weights, chosen, site_rows, comm = _federate(cfg, clients, initial, tracker, run_id)
+                if s in site_runs:
+                    tracker.reopen(site_runs[s])
+                else:
+                    site_runs[s] = tracker.start_run(s, {"site": s, "dataset": cfg.data.name, "role": "site"},
+                                                     parent_id=run_id)
+                clients.append(_site_client(cfg, s, k, _site_data(cfg, manifests[s], site_cfgs[s]), tracker,
+                                            site_runs[s], source.class_names, site_cfgs[s]))
+                if not resume:
+                    tracker.log_params(site_runs[s], {**clients[-1].initialize(), "manifest": site_cfgs[s].manifest})
+            extra = {"run_id": run_id, "site_runs": site_runs, "config": config}
+            result, chosen, site_rows, comm = _federate(cfg, clients, initial, tracker, run_id, checkpoint_dir,
+                                                        resume, extra)
+            weights = result.weights
         else:
             if mode == "local":
                 who, data = sites[0], _site_data(cfg, manifests[sites[0]], site_cfgs[sites[0]])

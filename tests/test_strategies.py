@@ -1,0 +1,129 @@
+"""Every aggregation strategy against hand-computed results, including the degenerate cases."""
+
+import math
+
+import pytest
+import torch
+
+from fedmed.federated.aggregation import (
+    coordinate_median,
+    krum,
+    krum_scores,
+    norm_keys,
+    server_opt_step,
+    trimmed_mean,
+)
+from fedmed.federated.client import FitResult
+from fedmed.federated.strategies import STRATEGIES, make_strategy
+from fedmed.errors import FedmedError
+
+
+def st(*vals, n=None):
+    return {"w": torch.tensor(vals, dtype=torch.float32), "n": torch.tensor(n if n is not None else 0)}
+
+
+def fits(states, counts=None):
+    counts = counts or [1] * len(states)
+    return [FitResult(f"s{i}", s, c) for i, (s, c) in enumerate(zip(states, counts))]
+
+
+def test_median_odd_even_and_one_site():
+    a, b, c = st(1.0, 10.0, n=1), st(2.0, -5.0, n=3), st(100.0, 0.0, n=8)
+    assert coordinate_median([a, b, c])["w"].tolist() == [2.0, 0.0]
+    assert coordinate_median([a, b])["w"].tolist() == [1.5, 2.5]  # mean of the two middle values
+    assert int(coordinate_median([a, b, c])["n"]) == 3 and coordinate_median([a, b, c])["n"].dtype == torch.int64
+    assert torch.equal(coordinate_median([c])["w"], c["w"])
+
+
+def test_trimmed_mean_drops_extremes_per_coordinate():
+    states = [st(v, -v) for v in (1.0, 2.0, 3.0, 4.0, 1000.0)]
+    out = trimmed_mean(states, 0.2)  # drop one from each end of each coordinate
+    assert out["w"].tolist() == [3.0, -3.0]
+    assert trimmed_mean(states, 0.0)["w"].tolist() == [202.0, -202.0]  # plain mean
+    with pytest.raises(ValueError, match="beta"):
+        trimmed_mean(states[:2], 0.5)
+
+
+def test_krum_scores_and_selection_by_hand():
+    pts = [0.0, 1.0, 2.0, 3.0, 50.0]
+    states = [{"w": torch.tensor([p])} for p in pts]
+    # f=1: each score sums the squared distances to its K - f - 2 = 2 nearest others
+    expected = [1 + 4, 1 + 1, 1 + 1, 1 + 4, 47**2 + 48**2]
+    assert krum_scores(states, 1).tolist() == expected
+    out, kept = krum(states, [1] * 5, f=1, m=1)
+    assert kept == [1] and out["w"].tolist() == [1.0]  # lowest score, first of the tie
+    out, kept = krum(states, [1, 1, 1, 3, 1], f=1, m=3)  # Multi-Krum: FedAvg of the 3 best
+    assert kept == [0, 1, 2] and math.isclose(out["w"].item(), 1.0)
+    with pytest.raises(ValueError, match="at least 5"):
+        krum(states[:4], [1] * 4, f=1)
+
+
+def test_fedadam_and_fedyogi_one_step_by_hand():
+    g = {"w": torch.tensor([1.0]), "bn.running_mean": torch.tensor([0.0])}
+    target = {"w": torch.tensor([3.0]), "bn.running_mean": torch.tensor([7.0])}
+    lr, b1, b2, tau = 0.1, 0.9, 0.99, 1e-3
+    d = 2.0
+    m = (1 - b1) * d
+    v_adam = b2 * tau**2 + (1 - b2) * d**2
+    new, mom = server_opt_step(g, target, None, "adam", lr, b1, b2, tau)
+    assert math.isclose(new["w"].item(), 1.0 + lr * m / (math.sqrt(v_adam) + tau), rel_tol=1e-6)
+    assert new["bn.running_mean"].item() == 7.0  # statistics are taken, not optimised
+    v_yogi = tau**2 - (1 - b2) * d**2 * math.copysign(1, tau**2 - d**2)
+    new, _ = server_opt_step(g, target, None, "yogi", lr, b1, b2, tau)
+    assert math.isclose(new["w"].item(), 1.0 + lr * m / (math.sqrt(v_yogi) + tau), rel_tol=1e-6)
+    # the moments carry over: a second step with no change moves by the remaining momentum
+    new2, _ = server_opt_step(new, new, mom, "adam", lr, b1, b2, tau)
+    assert new2["w"].item() > new["w"].item()
+
+
+def test_fedadam_strategy_keeps_state_for_resume():
+    s = make_strategy("fedadam", server_lr=0.1)
+    g = {"w": torch.tensor([0.0])}
+    out = s.aggregate(g, fits([{"w": torch.tensor([1.0])}, {"w": torch.tensor([3.0])}], [1, 1]))
+    assert out["w"].item() > 0
+    clone = make_strategy("fedadam", server_lr=0.1)
+    clone.load_state_dict(s.state_dict())
+    nxt = fits([{"w": torch.tensor([5.0])}])
+    assert torch.equal(s.aggregate(out, nxt)["w"], clone.aggregate(out, nxt)["w"])
+
+
+def test_scaffold_server_update_by_hand():
+    s = make_strategy("scaffold", server_lr=0.5, local_lr=0.1, num_sites=4)
+    g = {"w": torch.tensor([1.0, 1.0])}
+    cfg = s.site_config(g)
+    assert cfg["sgd_lr"] == 0.1 and torch.equal(cfg["scaffold_c"]["w"], torch.zeros(2, dtype=torch.float64))
+    f = fits([{"w": torch.tensor([3.0, 1.0])}, {"w": torch.tensor([1.0, 5.0])}], [1, 1])
+    f[0].extras["scaffold_delta_c"] = {"w": torch.tensor([2.0, 0.0], dtype=torch.float64)}
+    f[1].extras["scaffold_delta_c"] = {"w": torch.tensor([0.0, 4.0], dtype=torch.float64)}
+    out = s.aggregate(g, f)
+    assert out["w"].tolist() == [1.5, 2.0]  # x + 0.5 * (mean(y) - x) = 1 + 0.5 * ([2, 3] - 1)
+    assert s.c["w"].tolist() == [0.5, 1.0]  # c + |S|/N * mean(delta c) = 2/4 * [1, 2]
+
+
+def test_fedbn_and_fedprox_site_instructions():
+    from fedmed.models import create_model
+
+    state = create_model("cnn", in_channels=1, num_classes=2).state_dict()
+    keys = set(make_strategy("fedbn").site_config(state)["local_keys"])
+    assert keys == norm_keys(state) and "features.block1.norm.weight" in keys and "features.block1.norm.running_var" in keys
+    assert not any(k.startswith("head.") or k.endswith("conv.weight") for k in keys)
+    assert make_strategy("fedprox", mu=0.3).site_config(state) == {"prox_mu": 0.3}
+    with pytest.raises(FedmedError, match="fedavgg"):
+        make_strategy("fedavgg")
+
+
+@pytest.mark.parametrize("name", sorted(STRATEGIES))
+def test_every_strategy_with_one_site_and_with_identical_sites(name):
+    g = {"w": torch.tensor([0.5, -1.0]), "n": torch.tensor(2)}
+    a = {"w": torch.tensor([1.0, 2.0]), "n": torch.tensor(4)}
+    s = make_strategy(name, krum_f=0, server_lr=1.0, local_lr=0.1, num_sites=5)
+    s.site_config(g)
+    f = fits([dict(a) for _ in range(5)], [1, 2, 3, 4, 5])
+    for x in f:
+        x.extras["scaffold_delta_c"] = {"w": torch.zeros(2, dtype=torch.float64)}
+    out = s.aggregate(g, f)
+    if name in ("fedadam", "fedyogi"):  # a server optimizer moves towards the sites, it does not jump there
+        assert ((out["w"] - g["w"]) * (a["w"] - g["w"]) > 0).all()
+    else:
+        torch.testing.assert_close(out["w"], a["w"])
+    assert out["n"].dtype == torch.int64
