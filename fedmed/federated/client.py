@@ -78,13 +78,9 @@ class EpochProgress(L.Callback):
         self._t0 = time.perf_counter()
 
     def on_train_epoch_end(self, trainer, pl_module):
-        if trainer.val_dataloaders is not None and trainer.limit_val_batches:
-            return  # reported after validation instead
+        # Lightning runs the epoch's validation before this hook, and reduces train_loss just
+        # before it: here both are in callback_metrics (in on_validation_epoch_end neither is yet).
         self._report(trainer, pl_module)
-
-    def on_validation_epoch_end(self, trainer, pl_module):
-        if not trainer.sanity_checking:
-            self._report(trainer, pl_module)
 
     def _report(self, trainer, pl_module):
         m = {k: float(v) for k, v in trainer.callback_metrics.items() if v.ndim == 0}
@@ -104,8 +100,8 @@ class BestOnValidation(L.Callback):
     def __init__(self):
         self.best_loss, self.best_epoch, self.best_state = float("inf"), 0, None
 
-    def on_validation_epoch_end(self, trainer, pl_module):
-        if trainer.sanity_checking:
+    def on_train_epoch_end(self, trainer, pl_module):  # after the epoch's validation, with its metrics reduced
+        if "val_loss" not in trainer.callback_metrics:
             return
         loss = float(trainer.callback_metrics["val_loss"])
         if loss < self.best_loss:

@@ -70,16 +70,27 @@ def write_partition(cfg: DictConfig, source) -> None:
                      OmegaConf.to_container(p.groups) if p.get("groups") else None)
 
 
+def attackers(cfg: DictConfig) -> dict[str, str]:
+    """``federation.attackers=[hospital_d:signflip]`` -> {"hospital_d": "signflip"}."""
+    out = {}
+    for item in cfg.federation.get("attackers") or []:
+        site, sep, kind = str(item).partition(":")
+        if not sep or site not in cfg.federation.sites:
+            raise FedmedError(f"federation.attackers entry {item!r} must be <site>:<attack> with a site of "
+                              f"federation.sites {list(cfg.federation.sites)}")
+        out[site] = kind
+    return out
+
+
 def _site_client(cfg: DictConfig, name: str, index: int, data: SiteData, tracker, run_id: str,
-                 class_names: list[str] | None = None, site_cfg: DictConfig | None = None) -> SiteClient:
+                 class_names: list[str] | None = None) -> SiteClient:
     trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
-    attack = site_cfg.get("attack") if site_cfg is not None else None
+    attack = attackers(cfg).get(name)
     if attack:
-        log.warning("site %s is a test attacker: %s (scale %s)", name, attack, site_cfg.get("attack_scale", 10.0))
+        log.warning("site %s is a test attacker: %s (x%s)", name, attack, cfg.federation.attack_scale)
     return SiteClient(name, data, lambda: build_module(cfg), cfg.data.batch_size, trainer_kwargs, cfg.seed, index,
                       tracker, run_id, explain={"method": cfg.explain.method, "n": cfg.explain.n},
-                      class_names=class_names, attack=attack,
-                      attack_scale=float(site_cfg.get("attack_scale", 10.0)) if site_cfg is not None else 10.0)
+                      class_names=class_names, attack=attack, attack_scale=float(cfg.federation.attack_scale))
 
 
 def explain_rounds(rounds: int, every: int) -> set[int]:
@@ -199,7 +210,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                     site_runs[s] = tracker.start_run(s, {"site": s, "dataset": cfg.data.name, "role": "site"},
                                                      parent_id=run_id)
                 clients.append(_site_client(cfg, s, k, _site_data(cfg, manifests[s], site_cfgs[s]), tracker,
-                                            site_runs[s], source.class_names, site_cfgs[s]))
+                                            site_runs[s], source.class_names))
                 if not resume:
                     tracker.log_params(site_runs[s], {**clients[-1].initialize(), "manifest": site_cfgs[s].manifest})
             extra = {"run_id": run_id, "site_runs": site_runs, "config": config}
