@@ -12,14 +12,12 @@ Prints a markdown table (mean +- std over seeds) and writes bench_out/fit_baseli
 from __future__ import annotations
 
 import argparse
-import json
-import statistics
 import time
-from pathlib import Path
 
 from fedmed.cli import setup_logging
 from fedmed.config import compose
 from fedmed.tasks import fit
+from results import save_json, markdown_table
 
 
 def main() -> None:
@@ -40,19 +38,10 @@ def main() -> None:
             res = fit.run(compose("fit", [*base, f"seed={seed}", *extra]))
             rows.setdefault(label, []).append({**res["test"], "seconds": time.perf_counter() - t0, "seed": seed})
 
-    def ms(vals):
-        return f"{statistics.mean(vals):.3f} ± {statistics.stdev(vals):.3f}" if len(vals) > 1 else f"{vals[0]:.3f}"
-
     print(f"\n{cfg.data.name}, {cfg.model.name}, partition {cfg.partition.dirname.replace(f'seed{args.seeds[-1]}', 'seed*')}, "
           f"{cfg.federation.rounds} rounds x {cfg.federation.local_epochs} local epochs; seeds {args.seeds}\n")
-    print("| run | test ACC | test AUROC | test macro-F1 | time (s) |")
-    print("|---|---|---|---|---|")
-    for label, rs in rows.items():
-        print(f"| {label} | {ms([r['acc'] for r in rs])} | {ms([r['auroc'] for r in rs])} | "
-              f"{ms([r['f1'] for r in rs])} | {statistics.mean(r['seconds'] for r in rs):.0f} |")
-    out = Path("bench_out")
-    out.mkdir(exist_ok=True)
-    (out / f"fit_baselines_{cfg.data.name}.json").write_text(json.dumps(rows, indent=1))
+    print(markdown_table(rows))
+    save_json(f"fit_baselines_{cfg.data.name}", rows)
 
 
 if __name__ == "__main__":

@@ -13,13 +13,11 @@ Prints markdown tables (mean +- std over seeds) and writes bench_out/strategies_
 from __future__ import annotations
 
 import argparse
-import json
-import statistics
-from pathlib import Path
 
 from fedmed.cli import setup_logging
 from fedmed.config import compose
 from fedmed.tasks import fit
+from results import save_json, markdown_table
 
 SITES = "federation.sites=[hospital_a,hospital_b,hospital_c,hospital_d]"
 
@@ -29,10 +27,6 @@ def partition_overrides(p: str) -> list[str]:
         return ["partition=iid"]
     method, alpha = p.split("-")
     return [f"partition={method}", f"partition.alpha={alpha}"]
-
-
-def ms(vals: list[float]) -> str:
-    return f"{statistics.mean(vals):.3f} ± {statistics.stdev(vals):.3f}" if len(vals) > 1 else f"{vals[0]:.3f}"
 
 
 def main() -> None:
@@ -76,13 +70,8 @@ def main() -> None:
     print(f"\n{args.data}, {cfg.model.name}, 4 sites, {cfg.federation.rounds} rounds x "
           f"{cfg.federation.local_epochs} local epochs; seeds {args.seeds}; test split\n")
     for part, by in rows.items():
-        print(f"\n**{part}**\n\n| run | test ACC | test macro-F1 | test AUROC | time (s) |\n|---|---|---|---|---|")
-        for label, rs in by.items():
-            print(f"| {label} | {ms([r['acc'] for r in rs])} | {ms([r['f1'] for r in rs])} | "
-                  f"{ms([r['auroc'] for r in rs])} | {statistics.mean(r['seconds'] for r in rs):.0f} |")
-    out = Path("bench_out")
-    out.mkdir(exist_ok=True)
-    (out / f"strategies_{args.data}.json").write_text(json.dumps(rows, indent=1))
+        print(f"\n**{part}**\n\n{markdown_table(by)}")
+    save_json(f"strategies_{args.data}", rows)
 
 
 if __name__ == "__main__":
