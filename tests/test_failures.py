@@ -42,26 +42,27 @@ class Misbehaving(InProcessSite):
         return result
 
 
-@pytest.mark.parametrize("how,reason", [
-    ("raise", "RuntimeError: disk full"), ("nan", "NaN or Inf"), ("inf", "NaN or Inf"),
-    ("shape", "has shape"), ("dtype", "has dtype"), ("keys", "wrong keys"), ("samples", "num_samples"),
-])
-def test_bad_site_is_excluded_and_named(how, reason, tmp_path):
+REASONS = {"raise": "RuntimeError: disk full", "nan": "NaN or Inf", "inf": "NaN or Inf", "shape": "has shape",
+           "dtype": "has dtype", "keys": "wrong keys", "samples": "num_samples"}
+
+
+def test_bad_sites_are_excluded_and_named(tmp_path):
     tracker = Tracker(f"sqlite:///{tmp_path / 'm.db'}", "t", str(tmp_path / "art"))
     run_id = tracker.start_run("fed")
-    good, bad = clients((40, 40))
+    sizes = (40,) * (1 + len(REASONS))
+    good, *bad = clients(sizes)
     torch.manual_seed(0)
     initial = factory().net.state_dict()
-    orch = Orchestrator([InProcessSite(good), Misbehaving(bad, how)], Strategy(), rounds=1, select="last",
-                        tracker=tracker, run_id=run_id)
-    result = orch.run(initial)
+    sites = [InProcessSite(good)] + [Misbehaving(c, how) for c, how in zip(bad, REASONS)]
+    result = Orchestrator(sites, Strategy(), rounds=1, select="last", tracker=tracker, run_id=run_id).run(initial)
     # the round went on with the good site alone: its update is the new global model
-    replay = clients((40, 40))[0].train(initial, 1, 1)
+    replay = clients(sizes)[0].train(initial, 1, 1)
     for k, v in fedavg([replay.weights], [replay.num_samples]).items():
         assert torch.equal(v, result.final_weights[k]), k
-    assert result.history[0].sites == ["s0"] and result.history[0].metrics["sites_failed"] == 1
+    assert result.history[0].sites == ["s0"] and result.history[0].metrics["sites_failed"] == len(REASONS)
     tags = MlflowClient(f"sqlite:///{tmp_path / 'm.db'}").get_run(run_id).data.tags
-    assert reason in tags["excluded.round_001.s1"]
+    for k, reason in enumerate(REASONS.values(), start=1):
+        assert reason in tags[f"excluded.round_001.s{k}"], (k, tags)
 
 
 def test_site_over_the_timeout_is_left_out():
