@@ -24,7 +24,8 @@ import torch
 
 from fedmed.cli import setup_logging
 from fedmed.data import MedMNISTSource
-from fedmed.data.datamodule import ArrayDataset, make_loader, split_dataset
+from fedmed.data import Pipeline, Preprocessing
+from fedmed.data.datamodule import ArrayDataset, make_loader
 from fedmed.explain import (
     METHODS, area_fraction, deletion_insertion, explain, randomized_copy, rank_correlation, relevance_mass,
 )
@@ -93,7 +94,8 @@ def speed_table(methods) -> None:
 def faithfulness_tables(args) -> None:
 
     src = MedMNISTSource("pneumoniamnist", str(Path(os.environ.get("FEDMED_DATA_DIR", "data")) / "medmnist"))
-    tr, te = split_dataset(src, "train"), split_dataset(src, "test")
+    pipe = Pipeline(src, Preprocessing())
+    tr, te = pipe.dataset("train"), pipe.dataset("test")
     net = train(tr.x, tr.y)
     rnd = randomized_copy(net, 0)
     idx = torch.randperm(len(te), generator=torch.Generator().manual_seed(0))[: args.n]
