@@ -36,6 +36,10 @@ EXAMPLES = {
         "  fedmed fit mode=centralized                 # pooled training data (centralized baseline)",
         "  fedmed fit model=densenet federation.rounds=5 partition.alpha=0.1",
         "  fedmed fit experiment=smoke                 # 2 sites, 1 round, a few batches",
+        "  fedmed fit data=brain_mri                   # 4-class brain tumour MRI from an image folder",
+        "  fedmed fit data=ham10000                    # skin lesions; sites = the 4 acquisition sources",
+        "  fedmed fit federation.strategy=fedprox federation.mu=0.01 partition.alpha=0.1",
+        "  fedmed fit resume=<run_id>                  # continue a killed federation from its last round",
     ],
     "explain": [
         "  fedmed explain checkpoint=runs:/<run_id>    # Grad-CAM on 32 test images, per-class views, faithfulness",
