@@ -207,12 +207,15 @@ class FileSource:
         return self._where.get(str(sample_id))
 
     def items(self, split: str, rows: np.ndarray | list[int] | None = None) -> list[dict[str, Any]]:
-        """MONAI data dicts ``{"image": path, "label", "id", "path", "stamp"}`` for ``rows`` of ``split``."""
+        """MONAI data dicts ``{"image": path, "label", "id", "path", "stamp"}`` for ``rows`` of ``split``.
+
+        ``stamp`` (size and modification time) makes a changed file miss the disk cache.
+        """
         t = self._split(split)
         if rows is not None:
             t = t.iloc[np.asarray(rows, dtype=np.int64)]
-        return [{"image": p, "path": p, "label": int(y), "id": i, "stamp": f"{s}"}
-                for p, y, i, s in zip(t.path, t.label, t.id, t["size"])]
+        return [{"image": p, "path": p, "label": int(y), "id": i, "stamp": s}
+                for p, y, i, s in zip(t.path, t.label, t.id, t["stamp"])]
 
     def loader(self) -> MapTransform:
         return LoadFiled(["image"])
@@ -230,14 +233,17 @@ class FileSource:
                 group_column: str | None, fractions: dict[str, float], split_seed: int):
         """Common tail of ``_build``: sizes, missing files, and a split where the source has none."""
         table = pd.DataFrame(rows, columns=sorted({k for r in rows for k in r}) or ["id", "path", "label", "split"])
-        sizes = []
+        sizes, stamps = [], []
         for p in table.path:
             try:
-                sizes.append(Path(p).stat().st_size)
+                st = Path(p).stat()
+                sizes.append(st.st_size)
+                stamps.append(f"{st.st_size}-{st.st_mtime_ns}")  # part of the disk-cache key
             except OSError:
                 problems.append(f"{p}: file does not exist")
                 sizes.append(-1)
-        table["size"] = sizes
+                stamps.append("")
+        table["size"], table["stamp"] = sizes, stamps
         table = table[table["size"] >= 0].reset_index(drop=True)
         todo = table.split.isna() if "split" in table else pd.Series(True, index=table.index)
         if todo.any():
