@@ -42,6 +42,10 @@ def test_trimmed_mean_drops_extremes_per_coordinate():
     assert trimmed_mean(states, 0.0)["w"].tolist() == [202.0, -202.0]  # plain mean
     with pytest.raises(ValueError, match="beta"):
         trimmed_mean(states[:2], 0.5)
+    # 4 sites, beta 0.2: floor(0.8) = 0 would be a plain mean; one value per end is still dropped
+    assert trimmed_mean(states[1:], 0.2)["w"].tolist() == [3.5, -3.5]
+    with pytest.raises(FedmedError, match="at least 5 sites"):
+        make_strategy("krum", krum_f=1, num_sites=4)
 
 
 def test_krum_scores_and_selection_by_hand():

@@ -111,10 +111,16 @@ def coordinate_median(states: Sequence[StateDict]) -> dict[str, torch.Tensor]:
 
 
 def trimmed_mean(states: Sequence[StateDict], beta: float) -> dict[str, torch.Tensor]:
-    """Coordinate-wise beta-trimmed mean: drop the floor(beta*K) largest and smallest values, average the rest."""
+    """Coordinate-wise beta-trimmed mean: drop the floor(beta*K) largest and smallest values, average the rest.
+
+    With ``beta > 0`` and at least 3 sites, at least one value is dropped at each end (floor(0.2 * 4)
+    would be 0: a plain mean, which one attacker controls).
+    """
     check_compatible(states)
     k = len(states)
     cut = int(beta * k)
+    if beta > 0 and k >= 3:
+        cut = max(cut, 1)
     if not 0 <= beta < 0.5 or k - 2 * cut < 1:
         raise ValueError(f"trim beta={beta} must be in [0, 0.5) and leave a value of {k} sites")
     return {key: _cast(_stack(states, key).sort(dim=0).values[cut:k - cut].mean(0), ref) for key, ref in states[0].items()}

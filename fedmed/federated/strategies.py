@@ -171,9 +171,14 @@ class TrimmedMean(Strategy):
 class Krum(Strategy):
     name = "krum"
 
-    def __init__(self, krum_f: int = 1, krum_m: int = 1, **kw: Any):
+    def __init__(self, krum_f: int = 1, krum_m: int = 1, num_sites: int | None = None, **kw: Any):
         super().__init__(**kw)
         self.f, self.m = krum_f, krum_m
+        if num_sites is not None and num_sites < 2 * krum_f + 3:
+            from fedmed.errors import FedmedError
+
+            raise FedmedError(f"krum with federation.krum_f={krum_f} needs at least {2 * krum_f + 3} sites, "
+                              f"the federation has {num_sites}; lower krum_f or use median / trimmed_mean")
 
     def aggregate(self, global_w, fits):
         out, kept = krum([f.weights for f in fits], [f.num_samples for f in fits], self.f, min(self.m, len(fits)))

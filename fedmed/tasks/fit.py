@@ -40,6 +40,8 @@ def build_strategy(cfg: DictConfig, num_sites: int | None = None):
     f = cfg.federation
     name = f.strategy
     params = {"bn_stats": f.bn_stats, "mu": f.mu, "trim_beta": f.trim_beta, "krum_f": f.krum_f, "krum_m": f.krum_m}
+    if name == "krum":
+        params["num_sites"] = num_sites or len(f.sites)
     if name in ("fedadam", "fedyogi"):
         params.update(server_lr=f.server_lr, beta1=f.beta1, beta2=f.beta2, tau=f.tau)
     if name == "scaffold":
