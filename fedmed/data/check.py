@@ -12,7 +12,7 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from fedmed.data.datamodule import Pipeline
+from fedmed.data.datamodule import Pipeline, _root_fedmed_error
 from fedmed.data.manifest import Manifest
 from fedmed.errors import FedmedError, ManifestError
 
@@ -33,15 +33,10 @@ class CheckReport:
 def check_dataset(pipe: Pipeline, splits=("train", "val", "test"), manifests: list[Manifest] = (),
                   workers: int = 2, progress: bool = False) -> CheckReport:
     """Decode and preprocess every sample of ``splits``; check ``manifests`` against the data."""
-    from monai.transforms import Compose
-
-    from fedmed.data.transforms import deterministic_transforms
-
     src = pipe.source
     report = CheckReport(src.name)
     report.problems += list(getattr(src, "problems", []))
-    steps = [t for t in (src.loader(),) if t is not None]
-    transform = Compose([*steps, *deterministic_transforms(pipe.pre, pipe.spatial_dims).transforms])
+    transform = pipe.deterministic()
 
     def one(item):
         if not 0 <= item["label"] < src.num_classes:
@@ -49,8 +44,6 @@ def check_dataset(pipe: Pipeline, splits=("train", "val", "test"), manifests: li
         try:
             x = transform(item)["image"]
         except Exception as exc:  # noqa: BLE001 - every failure is reported, with the file
-            from fedmed.data.datamodule import _root_fedmed_error
-
             err = _root_fedmed_error(exc)
             return item, None, str(err) if err else f"{item.get('path', item['id'])}: {type(exc).__name__}: {exc}"
         return item, tuple(x.shape), None

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from fedmed.data.file_source import LoadFiled
 from fedmed.data.manifest import Manifest
 from fedmed.data.medmnist_source import md5sum
 from fedmed.data.transforms import Preprocessing, augmentation_transforms, deterministic_transforms
@@ -174,13 +175,16 @@ class Pipeline:
         return out
 
     # -- caching --------------------------------------------------------------------------
-    def _materialize(self, items: list[dict]) -> ArrayDataset:
+    def deterministic(self):
+        """The cached part of the chain: the source's loader (files only), then the deterministic transforms."""
         from monai.transforms import Compose
 
         steps = [t for t in (self.source.loader(),) if t is not None]
-        transform = Compose([*steps, *deterministic_transforms(self.pre, self.spatial_dims).transforms])
+        return Compose([*steps, *deterministic_transforms(self.pre, self.spatial_dims).transforms])
+
+    def _materialize(self, items: list[dict]) -> ArrayDataset:
         try:
-            images = self._run_cache(items, transform)
+            images = self._run_cache(items, self.deterministic())
         except Exception as exc:  # surface the file-naming error, not MONAI's wrapper around it
             raise _root_fedmed_error(exc) or exc from None
         shapes = {tuple(x.shape) for x in images}
@@ -197,8 +201,9 @@ class Pipeline:
 
         import sys
 
-        progress = len(items) >= 1000 and self.source.loader() is not None and sys.stderr.isatty()
-        if self.cache == "memory" or self.source.loader() is None:  # arrays in memory: nothing to save
+        from_files = isinstance(transform.transforms[0], LoadFiled)
+        progress = len(items) >= 1000 and from_files and sys.stderr.isatty()
+        if self.cache == "memory" or not from_files:  # arrays in memory: nothing to save on disk
             ds = CacheDataset(items, transform, cache_rate=1.0, num_workers=self.workers, progress=progress,
                               copy_cache=False)
             return [ds[i]["image"] for i in range(len(ds))]
