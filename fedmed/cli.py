@@ -13,8 +13,9 @@ VERBS = {
     "fit": "train a federation (default), one site alone (site=<name>), or centrally (mode=centralized)",
     "explain": "heatmaps and faithfulness numbers for a trained model (checkpoint=runs:/<run_id> or a path)",
     "data check": "decode every sample of a dataset and check the site manifests; lists every problem",
+    "audit privacy": "membership-inference attacks on a trained model's training data (checkpoint=runs:/<run_id>)",
 }
-SUBCOMMANDS = {"data": ["check"]}
+SUBCOMMANDS = {"data": ["check"], "audit": ["privacy"]}
 
 USAGE = """usage: fedmed <verb> [--help] [--cfg] [key=value | group=option ...]
 
@@ -40,6 +41,9 @@ EXAMPLES = {
         "  fedmed fit data=ham10000                    # skin lesions; sites = the 4 acquisition sources",
         "  fedmed fit federation.strategy=fedprox federation.mu=0.01 partition.alpha=0.1",
         "  fedmed fit resume=<run_id>                  # continue a killed federation from its last round",
+        "  fedmed fit privacy.epsilon=8                # DP-SGD at every site, epsilon 8 over the whole run",
+        "  fedmed fit privacy.secure_aggregation=true  # the server sees only the sum of the updates",
+        "  fedmed fit federation.compression=int8      # 4x smaller updates (fp16 | int8 | topk)",
     ],
     "explain": [
         "  fedmed explain checkpoint=runs:/<run_id>    # Grad-CAM on 32 test images, per-class views, faithfulness",
@@ -52,6 +56,10 @@ EXAMPLES = {
         "  fedmed data check data=brain_mri           # every image decodes, has the right shape and label",
         "  fedmed data check data=ham10000 splits=[test]",
         "  fedmed data check data=pneumoniamnist partition.alpha=0.1   # also that partition's site manifests",
+    ],
+    "audit privacy": [
+        "  fedmed audit privacy checkpoint=runs:/<run_id>                 # loss + LiRA (8 shadow models)",
+        "  fedmed audit privacy checkpoint=runs:/<run_id> privacy.audit=loss privacy.audit_n=1000",
     ],
 }
 

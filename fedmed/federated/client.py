@@ -18,6 +18,7 @@ import lightning as L
 import torch
 
 from fedmed.data.datamodule import SiteData, make_loader
+from fedmed.federated.compression import UpdateEncoder
 from fedmed.models.classifier import Classifier
 from fedmed.models.metrics import evaluate
 
@@ -32,6 +33,11 @@ warnings.filterwarnings("ignore", ".*does not have many workers.*")
 warnings.filterwarnings("ignore", ".*number of training batches.*smaller than the logging interval.*")
 warnings.filterwarnings("ignore", ".*defined a `validation_step` but have no `val_dataloader`.*")
 warnings.filterwarnings("ignore", ".*isinstance\\(treespec, LeafSpec\\)` is deprecated.*")
+# Opacus: its per-layer INFO lines (fedmed logs the model changes itself) and two harmless warnings
+logging.getLogger("opacus").setLevel(logging.WARNING)
+warnings.filterwarnings("ignore", ".*Full backward hook is firing.*")
+warnings.filterwarnings("ignore", ".*Secure RNG turned off.*")
+warnings.filterwarnings("ignore", ".*Optimal order is the (largest|smallest) alpha.*")
 
 
 @dataclass
@@ -43,6 +49,12 @@ class FitResult:
     num_samples: int
     metrics: dict[str, float] = field(default_factory=dict)
     extras: dict[str, Any] = field(default_factory=dict)  # strategy-specific (SCAFFOLD's delta c)
+    #: with federation.compression: the encoded update (``weights`` is then empty until the server decodes it)
+    payload: dict | None = None
+    #: with secure aggregation: the masked fixed-point contribution (``weights`` stays empty)
+    masked: Any = None
+    #: bytes this update took on the wire (measured by the server on receipt)
+    wire_bytes: int = 0
 
 
 @dataclass
@@ -157,6 +169,11 @@ class SiteClient:
         run_id: this site's own MLflow run.
         explain: ``{"method": ..., "n": ...}`` for heatmaps during :meth:`evaluate` (``explain=True``).
         class_names: names of the classes, for figures.
+        attack, attack_scale: robustness testing only: this site poisons its updates.
+        privacy: a :class:`fedmed.privacy.dp.DPConfig`: train with DP-SGD (None: off).
+        planned_epochs: local epochs this site trains in the whole run (a DP target epsilon is
+            spread over them).
+        encoder: a :class:`fedmed.federated.compression.UpdateEncoder`: send compressed updates.
     """
 
     def __init__(
@@ -174,6 +191,9 @@ class SiteClient:
         class_names: list[str] | None = None,
         attack: str | None = None,
         attack_scale: float = 10.0,
+        privacy=None,
+        planned_epochs: int = 1,
+        encoder: UpdateEncoder | None = None,
     ):
         if attack not in ATTACKS:
             raise ValueError(f"site attack must be one of {ATTACKS}, got {attack!r}")
@@ -189,6 +209,15 @@ class SiteClient:
         self.seed, self.site_index = seed, site_index
         self.tracker, self.run_id = tracker, run_id
         self.module = module_factory()
+        self.dp = None
+        if privacy is not None:
+            from fedmed.privacy.dp import SitePrivacy
+
+            self.dp = SitePrivacy(privacy, len(data.train), batch_size, planned_epochs)
+            log.info("  [%s] DP-SGD: noise multiplier %.3f, clip %.2f, sample rate %.4f, delta %g",
+                     name, self.dp.noise_multiplier, privacy.max_grad_norm, self.dp.sample_rate, privacy.delta)
+        self.encoder = encoder
+        self._mask_key = None  # secure aggregation key pair, made on first use
 
     # -- ClientAlgo-style verbs ---------------------------------------------------------------
     def initialize(self) -> dict[str, int]:
@@ -206,12 +235,14 @@ class SiteClient:
             return weights
         return {**weights, **{k: self._local[k] for k in self._local_keys}}
 
-    def train(self, weights: StateDict, round_idx: int, epochs: int, config: Mapping[str, Any] | None = None
-              ) -> FitResult:
+    def train(self, weights: StateDict, round_idx: int, epochs: int, config: Mapping[str, Any] | None = None,
+              send: bool = True) -> FitResult:
         """Start from ``weights``, train ``epochs`` local epochs, return the new weights and n_k.
 
         ``config`` carries what the strategy asks of sites: ``prox_mu`` (FedProx), ``local_keys``
-        (FedBN: layers this site keeps), ``scaffold_c`` and ``sgd_lr`` (SCAFFOLD).
+        (FedBN: layers this site keeps), ``scaffold_c`` and ``sgd_lr`` (SCAFFOLD), ``secagg``
+        (peers' public keys: send a masked contribution). With ``send=False`` (personalisation)
+        the weights come back as they are, never compressed or masked.
         """
         config = dict(config or {})
         self._local_keys = list(config.get("local_keys", []))
@@ -233,12 +264,20 @@ class SiteClient:
             callbacks.append(ScaffoldCorrection({k: c[k] - self._c_i[k] for k in c}))
         trainer = self._trainer(epochs, callbacks, validate=False)
         t0 = time.perf_counter()
+        gsm = None
+        if self.dp is not None:
+            self.dp.check_budget(epochs, self.name)  # raises PrivacyBudgetExhausted before any training
+            gsm, loader, m.wrap_optimizer = self.dp.attach(m.net, loader, seed)
         try:
             trainer.fit(m, train_dataloaders=loader)
         finally:
-            m.prox_mu, m.prox_ref, m.sgd_lr = 0.0, None, None
+            m.prox_mu, m.prox_ref, m.sgd_lr, m.wrap_optimizer = 0.0, None, None, None
+            if gsm is not None:
+                self.dp.close(gsm)
         metrics = {"train_loss": float(trainer.callback_metrics.get("train_loss", float("nan"))),
                    "train_seconds": time.perf_counter() - t0}
+        if self.dp is not None:
+            metrics["dp_epsilon"] = self.dp.epsilon
         new = self.get_weights()
         extras: dict[str, Any] = {}
         if "scaffold_c" in config:
@@ -256,15 +295,54 @@ class SiteClient:
                    for k, v in new.items()}
         if self.tracker and self.run_id:
             self.tracker.log_metrics(self.run_id, metrics, step=round_idx)
-        return FitResult(self.name, new, len(self.data.train), metrics, extras)
+        result = FitResult(self.name, new, len(self.data.train), metrics, extras)
+        return self._package(result, start, config) if send else result
+
+    def public_key(self) -> bytes:
+        """This site's public key for secure aggregation (the private half stays here)."""
+        from fedmed.privacy.secagg import MaskingKey
+
+        if self._mask_key is None:
+            self._mask_key = MaskingKey()
+        return self._mask_key.public
+
+    def _package(self, result: FitResult, start: StateDict, config: Mapping[str, Any]) -> FitResult:
+        """What leaves the site: the weights, or a compressed update, or a masked contribution."""
+        secagg = config.get("secagg")
+        if secagg is not None:
+            from fedmed.privacy import secagg as sa
+
+            bad = [k for k, v in result.weights.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+            if bad:  # the server cannot look inside a masked update: the site checks its own
+                raise ValueError(f"site {self.name}: its update has NaN/Inf in {bad[:3]}; not sent")
+            self.public_key()
+            vector = sa.contribution(result.weights, result.num_samples, secagg["pooled_bn"])
+            result.masked = sa.mask(vector, self._mask_key, self.name, secagg["peers"], secagg["round"])
+            result.weights = {}
+        elif self.encoder is not None:
+            result.payload = self.encoder.encode(result.weights, start)
+            result.weights = {}
+        return result
+
+    def dropout_correction(self, dropped: Mapping[str, bytes], round_idx: int, length: int):
+        """Secure aggregation: this site's masks with the sites that dropped out of the round."""
+        from fedmed.privacy.secagg import dropout_correction
+
+        return dropout_correction(self._mask_key, self.name, dropped, round_idx, length)
 
     def state_dict(self) -> dict[str, Any]:
         """What this site must keep to resume a federation: its own layers and control variate."""
-        return {"local": self._local, "local_keys": self._local_keys, "c_i": self._c_i, "xai_prev": self._xai_prev}
+        return {"local": self._local, "local_keys": self._local_keys, "c_i": self._c_i, "xai_prev": self._xai_prev,
+                "dp": self.dp.state_dict() if self.dp else None,
+                "encoder": self.encoder.state_dict() if self.encoder else None}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self._local, self._local_keys = state.get("local"), list(state.get("local_keys") or [])
         self._c_i, self._xai_prev = state.get("c_i"), state.get("xai_prev")
+        if self.dp is not None and state.get("dp"):
+            self.dp.load_state_dict(state["dp"])
+        if self.encoder is not None and state.get("encoder"):
+            self.encoder.load_state_dict(state["encoder"])
 
     def evaluate(self, weights: StateDict, round_idx: int, log_metrics: bool = True, explain: bool = False) -> EvalResult:
         """Evaluate ``weights`` on this site's validation data; log to the site's run as ``val_*`` (step = round).
@@ -332,11 +410,18 @@ class SiteClient:
                 self.tracker.log_metrics(self.run_id, m, step=epoch)
 
         trainer = self._trainer(epochs, [EpochProgress(self.name, "training", log_epoch), best], validate=True)
-        trainer.fit(
-            self.module,
-            train_dataloaders=make_loader(self.data.train, self.batch_size, shuffle=True, seed=self.seed),
-            val_dataloaders=make_loader(self.data.val, 256, shuffle=False),
-        )
+        loader = make_loader(self.data.train, self.batch_size, shuffle=True, seed=self.seed)
+        gsm = None
+        if self.dp is not None:
+            self.dp.check_budget(epochs, self.name)
+            gsm, loader, self.module.wrap_optimizer = self.dp.attach(self.module.net, loader, self.seed)
+        try:
+            trainer.fit(self.module, train_dataloaders=loader,
+                        val_dataloaders=make_loader(self.data.val, 256, shuffle=False))
+        finally:
+            self.module.wrap_optimizer = None
+            if gsm is not None:
+                self.dp.close(gsm)
         if select == "last" or best.best_state is None:
             return self.get_weights(), epochs
         return best.best_state, best.best_epoch

@@ -18,6 +18,7 @@ import torch
 from fedmed.errors import FedmedError
 from fedmed.federated.aggregation import state_nbytes
 from fedmed.federated.client import EvalResult, FitResult, clone_state
+from fedmed.federated.compression import decode_update, payload_nbytes
 
 log = logging.getLogger("fedmed")
 
@@ -25,8 +26,43 @@ SELECTIONS = ("best_val_loss", "last")
 CHECKPOINT = "server.pt"
 
 
+#: strategies that need only the sum of the updates, so they run under secure aggregation
+SUMMABLE = ("fedavg", "fedprox", "fedbn", "fedadam", "fedyogi")
+
+
 class FederationError(FedmedError):
     """A round could not complete (too few sites succeeded); the last round's checkpoint is intact."""
+
+
+class BudgetSpent(FederationError):
+    """Too few sites have privacy budget left for another round: the federation ends after the last one."""
+
+
+def receive(result, global_w: Mapping[str, torch.Tensor]):
+    """What the server does with a site's answer before checking it: measure its bytes, decode a compressed update."""
+    if not isinstance(result, FitResult):
+        return result
+    extras = sum(state_nbytes(v) for v in result.extras.values() if isinstance(v, Mapping))
+    if result.masked is not None:
+        result.wire_bytes = int(result.masked.nbytes) + extras
+    elif result.payload is not None:
+        result.wire_bytes = payload_nbytes(result.payload) + extras
+        result.weights, result.payload = decode_update(result.payload, global_w), None
+    else:
+        result.wire_bytes = state_nbytes(result.weights) + extras if isinstance(result.weights, Mapping) else 0
+    return result
+
+
+def check_masked(length: int, result) -> str | None:
+    """Why a masked update is unusable (the server cannot look inside one: only its form)."""
+    import numpy as np
+
+    if not isinstance(result, FitResult):
+        return f"returned {type(result).__name__}, not a FitResult"
+    m = result.masked
+    if not isinstance(m, np.ndarray) or m.dtype != np.uint64 or m.shape != (length,):
+        return f"masked update is not a uint64 vector of length {length}"
+    return None
 
 
 def check_update(global_w: Mapping[str, torch.Tensor], result) -> str | None:
@@ -107,6 +143,7 @@ class RoundRecord:
     bytes_up: int
     bytes_down: int
     seconds: float
+    site_metrics: dict[str, dict[str, float]] = field(default_factory=dict)  # what each site reported
 
 
 @dataclass
@@ -165,6 +202,8 @@ class Orchestrator:
         site_timeout: seconds a site may take to train (None: no limit).
         checkpoint_dir: where the server checkpoints after every round (None: nowhere).
         extra_state: saved with every checkpoint (e.g. the MLflow run ids and the config).
+        secure_aggregation: sites send masked contributions; the server only learns their sum
+            (:mod:`fedmed.privacy.secagg`). Needs a strategy in :data:`SUMMABLE`.
     """
 
     def __init__(
@@ -183,7 +222,13 @@ class Orchestrator:
         site_timeout: float | None = None,
         checkpoint_dir: str | Path | None = None,
         extra_state: Mapping | None = None,
+        secure_aggregation: bool = False,
     ):
+        if secure_aggregation and strategy.name not in SUMMABLE:
+            raise FedmedError(f"privacy.secure_aggregation works with {', '.join(SUMMABLE)}: they need only the "
+                              f"sum of the updates; federation.strategy={strategy.name} needs each one")
+        if secure_aggregation and len(sites) < 2:
+            raise FedmedError("privacy.secure_aggregation needs at least 2 sites (a sum of one update is the update)")
         if rounds < 1 or local_epochs < 1:
             raise ValueError(f"rounds and local_epochs must be >= 1, got {rounds}, {local_epochs}")
         if not 0 < fraction <= 1:
@@ -201,6 +246,7 @@ class Orchestrator:
         self.checkpoint = Path(checkpoint_dir) / CHECKPOINT if checkpoint_dir else None
         self.extra_state = dict(extra_state or {})
         self._stray: dict[str, threading.Thread] = {}  # sites still running a timed-out round
+        self.secure = secure_aggregation
 
     def sample(self, round_idx: int) -> list:
         k = max(self.min_sites, math.ceil(self.fraction * len(self.sites)))
@@ -214,9 +260,21 @@ class Orchestrator:
         if self.tracker and self.run_id:
             self.tracker.set_tags(self.run_id, {f"excluded.round_{r:03d}.{site}": reason[:250]})
 
-    def _train_round(self, r: int, chosen: list, global_w) -> list[FitResult]:
+    def _train_round(self, r: int, chosen: list, global_w) -> tuple[list[FitResult], dict[str, bytes]]:
         config = self.strategy.site_config(global_w)
-        fits = []
+        peers: dict[str, bytes] = {}
+        if self.secure:
+            from fedmed.privacy.secagg import vector_length
+
+            for site in chosen:
+                try:
+                    peers[site.name] = site.public_key()
+                except Exception as exc:  # noqa: BLE001
+                    self._exclude(r, site.name, f"no public key for secure aggregation: {type(exc).__name__}: {exc}")
+            chosen = [s for s in chosen if s.name in peers]
+            config = {**config, "secagg": {"round": r, "peers": peers, "pooled_bn": self.strategy.bn_stats == "pooled"}}
+            length = vector_length(global_w)
+        fits, out_of_budget = [], []
         for site in chosen:
             stray = self._stray.get(site.name)
             if stray is not None and stray.is_alive():
@@ -225,22 +283,65 @@ class Orchestrator:
             try:
                 result, _ = _call_with_timeout(lambda s=site: s.fit(global_w, r, self.local_epochs, config),
                                                self.site_timeout)
+                result = receive(result, global_w)
             except Exception as exc:  # noqa: BLE001 - a failing site must not end the federation
                 if getattr(exc, "thread", None) is not None:
                     self._stray[site.name] = exc.thread
+                if type(exc).__name__ == "PrivacyBudgetExhausted":
+                    out_of_budget.append(site.name)
                 self._exclude(r, site.name, f"{type(exc).__name__}: {exc}")
                 continue
-            problem = check_update(global_w, result)
+            problem = check_masked(length, result) if self.secure else check_update(global_w, result)
             if problem:
                 self._exclude(r, site.name, f"malformed update: {problem}")
                 continue
             fits.append(result)
+        if len(fits) < self.min_sites and out_of_budget:
+            raise BudgetSpent(f"round {r}: sites {', '.join(out_of_budget)} have spent their privacy budget; "
+                              f"{len(fits)} site(s) could train (federation.min_sites={self.min_sites})")
         if len(fits) < self.min_sites:
             raise FederationError(
                 f"round {r}: only {len(fits)} of {len(chosen)} sites returned a usable update "
                 f"(federation.min_sites={self.min_sites}); the federation stops"
                 + (f", its state after round {r - 1} is in {self.checkpoint}" if self.checkpoint and r > 1 else ""))
-        return fits
+        return fits, peers
+
+    def _unmask(self, r: int, fits: list[FitResult], peers: dict[str, bytes], global_w) -> FitResult:
+        """Secure aggregation: the sum of the survivors' contributions, as one FitResult of their mean.
+
+        Sites told to mask that did not deliver have dropped out: every survivor sends its masks
+        with them, which the server subtracts. A survivor that fails to do so drops out too.
+        """
+        from fedmed.privacy.secagg import mean_state, unmask_sum, vector_length
+
+        by_name = {s.name: s for s in self.sites}
+        survivors = list(fits)
+        length = vector_length(global_w)
+        while True:
+            dropped = {n: pub for n, pub in peers.items() if n not in {f.site for f in survivors}}
+            corrections, failed = [], None
+            for f in survivors if dropped else []:
+                try:
+                    corrections.append(by_name[f.site].dropout_correction(dropped, r, length))
+                except Exception as exc:  # noqa: BLE001
+                    self._exclude(r, f.site, f"no dropout correction for secure aggregation: {exc}")
+                    failed = f
+                    break
+            if failed is None:
+                break
+            survivors.remove(failed)
+        if len(survivors) < max(self.min_sites, 1):
+            raise FederationError(f"round {r}: only {len(survivors)} sites completed secure aggregation "
+                                  f"(federation.min_sites={self.min_sites})")
+        if dropped:
+            log.info("round %d/%d: secure aggregation: removed the masks shared with %s (dropped out)",
+                     r, self.rounds, ", ".join(sorted(dropped)))
+        total = unmask_sum([f.masked for f in survivors], corrections)
+        mean, n = mean_state(total, global_w, self.strategy.bn_stats == "pooled")
+        expected = sum(f.num_samples for f in survivors)
+        if n != expected:
+            raise FederationError(f"round {r}: secure aggregation sum has n={n}, the sites reported {expected}")
+        return FitResult("secure sum of " + "+".join(f.site for f in survivors), mean, n)
 
     def _evaluate_round(self, r: int, global_w, explain: bool) -> dict[str, EvalResult]:
         evals = {}
@@ -286,10 +387,18 @@ class Orchestrator:
             chosen = self.sample(r)
             log.info("round %d/%d: training at %s", r, self.rounds, ", ".join(s.name for s in chosen))
             payload = state_nbytes(global_w)
-            fits = self._train_round(r, chosen, global_w)
+            try:
+                fits, peers = self._train_round(r, chosen, global_w)
+            except BudgetSpent as exc:
+                if best is None:
+                    raise
+                log.warning("%s: the federation ends after round %d", exc, r - 1)
+                if self.tracker and self.run_id:
+                    self.tracker.set_tags(self.run_id, {"stopped_early": f"privacy budget spent before round {r}"})
+                break
             bytes_down = payload * len(chosen)
-            bytes_up = sum(state_nbytes(f.weights) for f in fits)
-            global_w = self.strategy.aggregate(global_w, fits)
+            bytes_up = sum(f.wire_bytes for f in fits)
+            global_w = self.strategy.aggregate(global_w, [self._unmask(r, fits, peers, global_w)] if self.secure else fits)
             explain = r in self.explain_rounds
             evals = self._evaluate_round(r, global_w, explain)
             metrics = {f"val_{k}": v for k, v in weighted_metrics(list(evals.values())).items()}
@@ -299,7 +408,10 @@ class Orchestrator:
             metrics["train_loss"] = sum(f.metrics.get("train_loss", 0.0) * f.num_samples for f in fits) / n_train
             metrics.update({"comm_bytes_up": bytes_up, "comm_bytes_down": bytes_down, "sites_trained": len(fits),
                             "sites_failed": len(chosen) - len(fits)})
-            record = RoundRecord(r, [f.site for f in fits], metrics, bytes_up, bytes_down, time.perf_counter() - t0)
+            if any("dp_epsilon" in f.metrics for f in fits):
+                metrics["dp_epsilon_max"] = max(f.metrics.get("dp_epsilon", 0.0) for f in fits)
+            record = RoundRecord(r, [f.site for f in fits], metrics, bytes_up, bytes_down, time.perf_counter() - t0,
+                                 {f.site: dict(f.metrics) for f in fits})
             metrics["round_seconds"] = record.seconds
             history.append(record)
             if self.tracker and self.run_id:

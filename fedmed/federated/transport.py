@@ -25,6 +25,12 @@ class InProcessSite:
         result.weights = clone_state(result.weights)
         return result
 
+    def public_key(self) -> bytes:
+        return self.client.public_key()
+
+    def dropout_correction(self, dropped, round_idx: int, length: int):
+        return self.client.dropout_correction(dict(dropped), round_idx, length)
+
     def state_dict(self):
         return self.client.state_dict()
 

@@ -40,6 +40,7 @@ class Classifier(L.LightningModule):
         self.prox_mu: float = 0.0  # FedProx: loss + mu/2 ||w - prox_ref||^2
         self.prox_ref: list[torch.Tensor] | None = None
         self.sgd_lr: float | None = None  # plain SGD at this rate instead of Adam (SCAFFOLD)
+        self.wrap_optimizer = None  # DP-SGD: turns the optimizer into Opacus' DPOptimizer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
@@ -72,5 +73,7 @@ class Classifier(L.LightningModule):
 
     def configure_optimizers(self):
         if self.sgd_lr is not None:
-            return torch.optim.SGD(self.parameters(), lr=self.sgd_lr, weight_decay=self.weight_decay)
-        return torch.optim.Adam(self.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+            opt = torch.optim.SGD(self.parameters(), lr=self.sgd_lr, weight_decay=self.weight_decay)
+        else:
+            opt = torch.optim.Adam(self.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+        return self.wrap_optimizer(opt) if self.wrap_optimizer is not None else opt

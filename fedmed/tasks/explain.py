@@ -19,6 +19,7 @@ from fedmed.explain import (
     METHODS, deletion_insertion, explain, heatmap_grid, predict, randomized_copy, rank_correlation,
 )
 from fedmed.explain.sampling import stratified_sample
+from fedmed.tasks.fit import build_net
 from fedmed.tracking import Tracker
 
 log = logging.getLogger("fedmed")
@@ -57,7 +58,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     trained = OmegaConf.create(ckpt["config"])
     if trained.data.name != cfg.data.name:
         raise FedmedError(f"the checkpoint was trained on {trained.data.name!r}, but data={cfg.data.name!r}")
-    net = instantiate(trained.model.net, _convert_="all")
+    net, _ = build_net(trained)  # DP-trained models carry GroupNorm where the config says BatchNorm
     net.load_state_dict(ckpt["state_dict"])
     net.eval()
     source = instantiate(cfg.data.source)  # this machine's copy, preprocessed as the model was trained

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
@@ -20,19 +21,60 @@ from fedmed.data.manifest import read_manifest
 from fedmed.data.sites import describe_partition, ensure_manifests, site_class_counts
 from fedmed.errors import FedmedError
 from fedmed.federated import InProcessSite, Orchestrator, SiteClient, make_strategy
+from fedmed.federated.compression import UpdateEncoder
 from fedmed.federated.server import CHECKPOINT, load_checkpoint
 from fedmed.models.classifier import Classifier
 from fedmed.models.metrics import evaluate
+from fedmed.privacy.dp import DPConfig, describe, dp_compatible
+from fedmed.privacy.record import format_record, privacy_record
+from fedmed.tasks.audit import AUDITS, attack_metrics, attack_rows, audit_model
 from fedmed.reporting import confusion_figure, fmt_bytes, partition_figure, summary_table
 from fedmed.tracking import Tracker
 
 log = logging.getLogger("fedmed")
 
 MODES = ("federated", "centralized", "local")
+def dp_config(cfg: DictConfig) -> DPConfig | None:
+    """The run's DP-SGD settings (``privacy.*``), or None when DP is off."""
+    p = cfg.get("privacy")
+    return DPConfig.from_config(OmegaConf.to_container(p, resolve=True)) if p is not None else None
+
+
+def build_net(cfg: DictConfig) -> tuple[torch.nn.Module, list[str]]:
+    """The network of ``cfg.model``; with DP on, made DP-compatible (BatchNorm -> GroupNorm). Returns (net, changes)."""
+    net = instantiate(cfg.model.net, _convert_="all")
+    if dp_config(cfg) is None:
+        return net, []
+    return dp_compatible(net)
+
+
 def build_module(cfg: DictConfig) -> Classifier:
     """The Lightning classifier for ``cfg.model`` on ``cfg.data``."""
-    net = instantiate(cfg.model.net, _convert_="all")
+    net, _ = build_net(cfg)
     return Classifier(net, cfg.data.num_classes, lr=cfg.model.optimizer.lr, weight_decay=cfg.model.optimizer.weight_decay)
+
+
+#: strategies whose site-side part Opacus' DP-SGD cannot carry
+DP_INCOMPATIBLE = {
+    "fedprox": "its proximal term's gradient is added outside the per-sample gradients DP-SGD clips",
+    "fedbn": "DP replaces BatchNorm with GroupNorm, so there are no BatchNorm layers to keep local",
+    "scaffold": "its gradient correction is added outside the per-sample gradients DP-SGD clips",
+}
+
+
+def check_privacy(cfg: DictConfig, mode: str) -> None:
+    """Refuse combinations that would not do what they say, before anything runs."""
+    strategy = cfg.federation.strategy
+    if dp_config(cfg) is not None and mode == "federated" and strategy in DP_INCOMPATIBLE:
+        raise FedmedError(f"privacy.epsilon/noise_multiplier (DP-SGD) with federation.strategy={strategy}: "
+                          f"{DP_INCOMPATIBLE[strategy]}. Use fedavg, fedadam, fedyogi or a robust aggregator.")
+    if cfg.privacy.secure_aggregation and cfg.federation.compression != "none":
+        raise FedmedError("privacy.secure_aggregation with federation.compression: a masked update is dense "
+                          "64-bit fixed point, so compression would buy nothing; choose one")
+    if cfg.privacy.secure_aggregation and mode != "federated":
+        raise FedmedError("privacy.secure_aggregation applies to federations, not to local or centralized runs")
+    if cfg.privacy.audit not in AUDITS:
+        raise FedmedError(f"privacy.audit={cfg.privacy.audit!r} is not one of {AUDITS}")
 
 
 def build_strategy(cfg: DictConfig, num_sites: int | None = None):
@@ -90,9 +132,14 @@ def _site_client(cfg: DictConfig, name: str, index: int, data: SiteData, tracker
     attack = attackers(cfg).get(name)
     if attack:
         log.warning("site %s is a test attacker: %s (x%s)", name, attack, cfg.federation.attack_scale)
+    fed = cfg.federation
+    planned = fed.rounds * fed.local_epochs + (fed.finetune_epochs if resolve_mode(cfg) == "federated" else 0)
+    encoder = (UpdateEncoder(fed.compression, fed.topk_fraction, fed.error_feedback)
+               if fed.compression != "none" and resolve_mode(cfg) == "federated" else None)
     return SiteClient(name, data, lambda: build_module(cfg), cfg.data.batch_size, trainer_kwargs, cfg.seed, index,
                       tracker, run_id, explain={"method": cfg.explain.method, "n": cfg.explain.n},
-                      class_names=class_names, attack=attack, attack_scale=float(cfg.federation.attack_scale))
+                      class_names=class_names, attack=attack, attack_scale=float(fed.attack_scale),
+                      privacy=dp_config(cfg), planned_epochs=planned, encoder=encoder)
 
 
 def explain_rounds(rounds: int, every: int) -> set[int]:
@@ -108,19 +155,22 @@ def _federate(cfg: DictConfig, clients: list[SiteClient], initial, tracker, run_
         [InProcessSite(c) for c in clients], build_strategy(cfg, len(clients)), fed.rounds, fed.local_epochs,
         fed.fraction, fed.min_sites, cfg.seed, fed.select, tracker, run_id,
         explain_rounds(fed.rounds, cfg.explain.every_n_rounds), fed.site_timeout, checkpoint_dir, extra_state,
+        secure_aggregation=bool(cfg.privacy.secure_aggregation),
     )
     result = orchestrator.run(initial, resume)
     rows = [("global model", s, "val", e) for s, e in result.site_eval.items()]
     if fed.finetune_epochs > 0:  # personalisation: each site fine-tunes the selected model on its own data
         config = orchestrator.strategy.site_config(result.weights)
         for c in clients:
-            tuned = c.train(result.weights, fed.rounds + 1, fed.finetune_epochs, config).weights
+            tuned = c.train(result.weights, fed.rounds + 1, fed.finetune_epochs, config, send=False).weights
             ev = c.evaluate(tuned, fed.rounds + 1, log_metrics=False)
             tracker.log_metrics(c.run_id, {f"personalized_val_{k}": v for k, v in ev.metrics.items()}, step=fed.rounds)
             rows.append((f"fine-tuned {fed.finetune_epochs} ep", c.name, "val", ev))
     last = result.history[-1]
+    codec = "" if fed.compression == "none" else f", {fed.compression} updates"
     comm = (f"bytes sent per round: {fmt_bytes(last.bytes_down)} down + {fmt_bytes(last.bytes_up)} up "
-            f"({len(last.sites)} sites; model {fmt_bytes(last.bytes_up / max(len(last.sites), 1))}); raw images sent: 0")
+            f"({len(last.sites)} sites{codec}; model {fmt_bytes(last.bytes_down / max(len(last.sites), 1))} raw); "
+            "raw images sent: 0")
     return result, f"round {result.round}/{fed.rounds}", rows, comm
 
 
@@ -148,6 +198,12 @@ def _config_diff(a: dict, b: dict, prefix: str = "") -> list[str]:
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Run ``fedmed fit``; returns the test metrics, per-site metrics and the MLflow run id."""
     mode = resolve_mode(cfg)
+    check_privacy(cfg, mode)
+    dp = dp_config(cfg)
+    if dp is not None:
+        _, changes = build_net(cfg)
+        log.warning("DP-SGD on (%s); the model is made DP-compatible: %s", describe(dp),
+                    "; ".join(changes) or "no change needed")
     pipeline = Pipeline.from_config(cfg.data)
     source = pipeline.source
     source.ensure_available()
@@ -179,6 +235,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             "partition": cfg.partition.dirname if mode != "centralized" else "pooled"}
     if mode == "local":
         tags["site"] = sites[0]
+    tags.update({"privacy.dp": describe(dp), "privacy.secure_aggregation": str(bool(cfg.privacy.secure_aggregation)),
+                 "federation.compression": cfg.federation.compression if mode == "federated" else "none"})
     if resume:
         run_id = resume["run_id"]
         tracker.reopen(run_id)
@@ -219,6 +277,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             result, chosen, site_rows, comm = _federate(cfg, clients, initial, tracker, run_id, checkpoint_dir,
                                                         resume, extra)
             weights = result.weights
+            trained_on = [c.data.train for c in clients]
+            dp_records = {c.name: c.dp.record() for c in clients if c.dp is not None}
+            history = result.history
         else:
             if mode == "local":
                 who, data = sites[0], _site_data(cfg, manifests[sites[0]], site_cfgs[sites[0]])
@@ -230,6 +291,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             tracker.set_tags(run_id, {"selected_epoch": best_epoch})
             site_rows = [(f"{mode} model", who, "val", client.evaluate(weights, epochs, log_metrics=False))]
             comm = "bytes sent: 0 (no federation)"
+            trained_on = [data.train]
+            dp_records = {who: client.dp.record()} if client.dp is not None else {}
+            history = []
         seconds = time.perf_counter() - t0
 
         # -- final evaluation on the official test split ---------------------------------
@@ -246,13 +310,26 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         if cfg.logger.log_model:
             tracker.log_model(run_id, module.net.cpu().eval(), test.x[:2].numpy(), "model")
 
+        # -- privacy: membership-inference audit of the final model, and the run's record ----
+        attacks = audit_model(cfg, module.net, trained_on, [pipeline.dataset("val"), test])
+        record = privacy_record(
+            mode=mode, sites=sites, rounds_done=len(history), bytes_up=[h.bytes_up for h in history],
+            bytes_down=[h.bytes_down for h in history], compression=cfg.federation.compression if history else "none",
+            secure_aggregation=bool(cfg.privacy.secure_aggregation), dp=dp_records, dp_setting=describe(dp),
+            audit=attack_rows(attacks), num_train=sum(len(d) for d in trained_on))
+        tracker.log_dict(run_id, record, "privacy/record.json")
+        tracker.log_metrics(run_id, {**attack_metrics(attacks), "privacy_update_bytes_sent": record["update_bytes_sent"],
+                                     **({"dp_epsilon_max": max(d["epsilon"] for d in dp_records.values())}
+                                        if dp_records else {})}, step=cfg.federation.rounds)
+
         rows = [{"who": f"{label} @ {site}", "split": split, "n": e.num_samples, **e.metrics}
                 for label, site, split, e in site_rows]
         rows.append({"who": f"{mode} model", "split": "test", "n": int(confmat.sum()), **test_metrics})
         text = summary_table(
             f"fedmed fit: {mode}, {cfg.data.name}, {cfg.model.name}, selected {chosen}, {seconds:.0f}s",
             rows,
-            f"{comm}\nMLflow run {run_id}; browse it with: mlflow ui --backend-store-uri {cfg.logger.tracking_uri}",
+            f"{comm}\n{format_record(record)}\n"
+            f"MLflow run {run_id}; browse it with: mlflow ui --backend-store-uri {cfg.logger.tracking_uri}",
         )
         tracker.log_text(run_id, text, "summary.txt")
         for c in clients:
@@ -271,4 +348,5 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "sites": {site: e.metrics for _, site, _, e in site_rows},
         "selected": chosen,
         "seconds": seconds,
+        "privacy": record,
     }

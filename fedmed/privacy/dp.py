@@ -1,0 +1,234 @@
+"""Differential privacy at a site: DP-SGD with Opacus, a privacy accountant per site, and a budget.
+
+A site's model is trained with per-sample gradient clipping and Gaussian noise (Opacus
+``GradSampleModule`` + ``DPOptimizer``) on Poisson-sampled batches (``DPDataLoader``). Each site
+keeps its own accountant across rounds, so its (epsilon, delta) is for everything its data went
+into. Before a round the site predicts what the round would spend and refuses it (raising
+:class:`PrivacyBudgetExhausted`) if that would pass its budget: the budget is never exceeded.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from fedmed.errors import FedmedError
+
+log = logging.getLogger("fedmed")
+
+ACCOUNTANTS = ("rdp", "prv", "gdp")
+
+
+class PrivacyBudgetExhausted(FedmedError):
+    """The site's next round would take its (epsilon, delta) past ``privacy.budget``; it does not train."""
+
+
+def dp_compatible(net: nn.Module) -> tuple[nn.Module, list[str]]:
+    """``net`` with every layer Opacus cannot train privately replaced (BatchNorm -> GroupNorm).
+
+    BatchNorm mixes the samples of a batch, so per-sample gradients (and so DP-SGD) are undefined
+    for it. In-place activations are made out-of-place (Opacus' backward hooks forbid modifying
+    their outputs in place; the numbers are the same). Returns the fixed network and one line
+    per change, e.g. ``features.block1.norm: BatchNorm2d -> GroupNorm(32 groups)``.
+    """
+    from opacus.validators import ModuleValidator
+
+    before = {n: type(m).__name__ for n, m in net.named_modules()}
+    fixed = ModuleValidator.fix(net)
+    changes = []
+    for n, m in fixed.named_modules():
+        if getattr(m, "inplace", False) is True:
+            m.inplace = False
+            changes.append(f"{n}: {type(m).__name__}(inplace) -> {type(m).__name__}")
+    for n, m in fixed.named_modules():
+        if n in before and before[n] != type(m).__name__:
+            detail = f"{m.num_groups} groups" if isinstance(m, nn.GroupNorm) else ""
+            changes.append(f"{n}: {before[n]} -> {type(m).__name__}({detail})")
+    errors = ModuleValidator.validate(fixed, strict=False)
+    if errors:
+        raise FedmedError(f"this model cannot be trained with DP-SGD even after fixing: {errors[:3]}")
+    return fixed, changes
+
+
+def make_accountant(kind: str):
+    from opacus.accountants import create_accountant
+
+    if kind not in ACCOUNTANTS:
+        raise FedmedError(f"privacy.accountant={kind!r} is not one of {ACCOUNTANTS}")
+    return create_accountant(mechanism=kind)
+
+
+def epsilon_of(history: list, delta: float, kind: str) -> float:
+    """Epsilon at ``delta`` after the steps in ``history`` ([(noise_multiplier, sample_rate, steps)])."""
+    if not history:
+        return 0.0
+    acc = make_accountant(kind)
+    acc.history = [tuple(h) for h in history]
+    return float(acc.get_epsilon(delta=delta))
+
+
+def calibrate_noise(epsilon: float, delta: float, sample_rate: float, steps: int, kind: str) -> float:
+    """The smallest noise multiplier whose ``steps`` DP-SGD steps at ``sample_rate`` spend at most epsilon."""
+    from opacus.accountants.utils import get_noise_multiplier
+
+    return float(get_noise_multiplier(target_epsilon=epsilon, target_delta=delta, sample_rate=sample_rate,
+                                      steps=steps, accountant=kind, epsilon_tolerance=0.01))
+
+
+@dataclass
+class DPConfig:
+    """``privacy.*`` as a site needs it. DP is on when ``epsilon`` or ``noise_multiplier`` is set.
+
+    Args:
+        epsilon: target epsilon per site for the whole federation (all rounds and fine-tuning);
+            the noise multiplier is calibrated from it.
+        delta: target delta (must be below 1 / n_k at every site).
+        noise_multiplier: fixed noise multiplier instead of a target epsilon.
+        max_grad_norm: per-sample gradient clipping norm C.
+        budget: a site refuses any round that would take its epsilon past this (default: ``epsilon``).
+        accountant: ``rdp`` (Renyi DP), ``prv`` (PRV, tighter) or ``gdp``.
+    """
+
+    epsilon: float | None = None
+    delta: float = 1e-5
+    noise_multiplier: float | None = None
+    max_grad_norm: float = 1.0
+    budget: float | None = None
+    accountant: str = "rdp"
+
+    @classmethod
+    def from_config(cls, privacy: Mapping[str, Any] | None) -> DPConfig | None:
+        """The DP settings of ``privacy`` (a ``privacy`` config node), or None when DP is off."""
+        if not privacy or (privacy.get("epsilon") is None and privacy.get("noise_multiplier") is None):
+            return None
+        out = cls(epsilon=privacy.get("epsilon"), delta=float(privacy.get("delta", 1e-5)),
+                  noise_multiplier=privacy.get("noise_multiplier"),
+                  max_grad_norm=float(privacy.get("max_grad_norm", 1.0)), budget=privacy.get("budget"),
+                  accountant=str(privacy.get("accountant", "rdp")))
+        if out.epsilon is not None and out.noise_multiplier is not None:
+            raise FedmedError("set privacy.epsilon (noise calibrated to it) or privacy.noise_multiplier, not both")
+        if out.epsilon is not None and out.epsilon <= 0:
+            raise FedmedError(f"privacy.epsilon must be > 0, got {out.epsilon}")
+        if out.noise_multiplier is not None and out.noise_multiplier <= 0:
+            raise FedmedError(f"privacy.noise_multiplier must be > 0, got {out.noise_multiplier}")
+        if not 0 < out.delta < 1:
+            raise FedmedError(f"privacy.delta must be in (0, 1), got {out.delta}")
+        if out.max_grad_norm <= 0:
+            raise FedmedError(f"privacy.max_grad_norm must be > 0, got {out.max_grad_norm}")
+        make_accountant(out.accountant)  # validates the name
+        if out.budget is None:
+            out.budget = out.epsilon
+        return out
+
+
+class SitePrivacy:
+    """One site's DP-SGD: its noise multiplier, its accountant, and the budget check.
+
+    Args:
+        cfg: the DP settings.
+        num_samples: the site's training samples n_k.
+        batch_size: expected batch size B (Poisson sampling rate q = B / n_k).
+        planned_epochs: local epochs this site will train in the whole federation; a target
+            epsilon is spread over exactly these.
+    """
+
+    def __init__(self, cfg: DPConfig, num_samples: int, batch_size: int, planned_epochs: int):
+        if cfg.delta >= 1 / num_samples:
+            raise FedmedError(f"privacy.delta={cfg.delta:g} must be below 1/n = {1 / num_samples:.2g} for a site "
+                              f"with {num_samples} training samples")
+        self.cfg = cfg
+        self.num_samples, self.batch_size = num_samples, batch_size
+        # as Opacus' DPDataLoader: ceil(n / B) Poisson batches per epoch, each sample in with q = 1 / that
+        self.steps_per_epoch = math.ceil(num_samples / batch_size)
+        self.sample_rate = 1 / self.steps_per_epoch
+        if cfg.noise_multiplier is not None:
+            self.noise_multiplier = float(cfg.noise_multiplier)
+        else:
+            self.noise_multiplier = calibrate_noise(cfg.epsilon, cfg.delta, self.sample_rate,
+                                                    planned_epochs * self.steps_per_epoch, cfg.accountant)
+        self.history: list[tuple[float, float, int]] = []  # (noise multiplier, sample rate, steps)
+
+    @property
+    def epsilon(self) -> float:
+        """Epsilon spent so far, at ``delta``."""
+        return epsilon_of(self.history, self.cfg.delta, self.cfg.accountant)
+
+    def _after(self, steps: int) -> list:
+        return [*self.history, (self.noise_multiplier, self.sample_rate, steps)]
+
+    def check_budget(self, epochs: int, site: str) -> float:
+        """Epsilon after ``epochs`` more local epochs; raise if that passes the budget."""
+        after = epsilon_of(self._after(epochs * self.steps_per_epoch), self.cfg.delta, self.cfg.accountant)
+        budget = self.cfg.budget
+        if budget is not None and after > budget * (1 + 1e-6):
+            raise PrivacyBudgetExhausted(
+                f"site {site}: {epochs} more epoch(s) would spend epsilon {after:.3f} > privacy.budget={budget:g} "
+                f"(spent so far {self.epsilon:.3f} at delta={self.cfg.delta:g}); it trains no more")
+        return after
+
+    def attach(self, net: nn.Module, loader: torch.utils.data.DataLoader, seed: int):
+        """Private training set-up for one round.
+
+        Returns:
+            (grad_sample_module, dp_loader, wrap): ``wrap(optimizer)`` turns the round's optimizer
+            into a ``DPOptimizer`` whose every step is recorded here. Call ``close(gsm)`` after.
+        """
+        from opacus import GradSampleModule
+        from opacus.data_loader import DPDataLoader
+        from opacus.optimizers import DPOptimizer
+
+        gsm = GradSampleModule(net)  # hooks on net's layers: calling net(x) records per-sample grads
+        dp_loader = DPDataLoader.from_data_loader(loader, generator=torch.Generator().manual_seed(seed))
+        if abs(dp_loader.sample_rate - self.sample_rate) > 1e-12:  # the accountant must use the loader's rate
+            raise FedmedError(f"DP loader samples at q={dp_loader.sample_rate}, the accountant assumed {self.sample_rate}")
+
+        def wrap(optimizer: torch.optim.Optimizer) -> DPOptimizer:
+            dp_opt = DPOptimizer(optimizer, noise_multiplier=self.noise_multiplier,
+                                 max_grad_norm=self.cfg.max_grad_norm, expected_batch_size=self.batch_size)
+            dp_opt.attach_step_hook(self._record_step)
+            return dp_opt
+
+        return gsm, dp_loader, wrap
+
+    def _record_step(self, _optimizer) -> None:
+        if self.history and self.history[-1][:2] == (self.noise_multiplier, self.sample_rate):
+            sigma, q, steps = self.history[-1]
+            self.history[-1] = (sigma, q, steps + 1)
+        else:
+            self.history.append((self.noise_multiplier, self.sample_rate, 1))
+
+    @staticmethod
+    def close(gsm) -> None:
+        """Remove Opacus' hooks and per-sample gradients from the network."""
+        gsm._close()
+
+    def record(self) -> dict[str, float]:
+        """What the privacy record shows for this site."""
+        steps = sum(h[2] for h in self.history)
+        return {"epsilon": self.epsilon, "delta": self.cfg.delta, "noise_multiplier": self.noise_multiplier,
+                "max_grad_norm": self.cfg.max_grad_norm, "sample_rate": self.sample_rate, "dp_steps": steps}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"history": list(self.history), "noise_multiplier": self.noise_multiplier,
+                "sample_rate": self.sample_rate}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.history = [tuple(h) for h in state["history"]]
+        self.noise_multiplier, self.sample_rate = state["noise_multiplier"], state["sample_rate"]
+
+
+def describe(cfg: DPConfig | None) -> str:
+    if cfg is None:
+        return "off"
+    target = f"epsilon={cfg.epsilon:g}" if cfg.epsilon is not None else f"noise_multiplier={cfg.noise_multiplier:g}"
+    return f"DP-SGD {target}, delta={cfg.delta:g}, C={cfg.max_grad_norm:g}, {cfg.accountant} accountant"
+
+
+__all__ = ["DPConfig", "SitePrivacy", "PrivacyBudgetExhausted", "dp_compatible", "calibrate_noise", "epsilon_of",
+           "describe", "copy", "math"]
