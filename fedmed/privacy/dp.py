@@ -64,13 +64,21 @@ def make_accountant(kind: str):
     return create_accountant(mechanism=kind)
 
 
+#: RDP orders searched: Opacus' defaults reach 63; large noise (small epsilon) wants higher ones
+RDP_ALPHAS = [1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64)) + [80, 100, 128, 160, 200, 256, 384, 512]
+
+
+def _kwargs(kind: str) -> dict:
+    return {"alphas": RDP_ALPHAS} if kind == "rdp" else {}
+
+
 def epsilon_of(history: list, delta: float, kind: str) -> float:
     """Epsilon at ``delta`` after the steps in ``history`` ([(noise_multiplier, sample_rate, steps)])."""
     if not history:
         return 0.0
     acc = make_accountant(kind)
     acc.history = [tuple(h) for h in history]
-    return float(acc.get_epsilon(delta=delta))
+    return float(acc.get_epsilon(delta=delta, **_kwargs(kind)))
 
 
 def calibrate_noise(epsilon: float, delta: float, sample_rate: float, steps: int, kind: str) -> float:
@@ -78,7 +86,7 @@ def calibrate_noise(epsilon: float, delta: float, sample_rate: float, steps: int
     from opacus.accountants.utils import get_noise_multiplier
 
     return float(get_noise_multiplier(target_epsilon=epsilon, target_delta=delta, sample_rate=sample_rate,
-                                      steps=steps, accountant=kind, epsilon_tolerance=0.01))
+                                      steps=steps, accountant=kind, epsilon_tolerance=0.01, **_kwargs(kind)))
 
 
 @dataclass

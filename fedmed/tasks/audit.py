@@ -2,8 +2,10 @@
 ``fedmed audit privacy checkpoint=...``.
 
 Members are the images the model trained on (every site's training manifest, or the pooled
-train split for a centralized model); non-members are the held-out val and test splits,
-which no site trained on. Both are drawn balanced, ``privacy.audit_n`` each.
+train split for a centralized model); non-members are the validation split, which no site
+trained on and which comes from the same distribution as the training split. (Not the test
+split: in MedMNIST it is the original test set, with another class mix, and an attack would
+score that shift instead of membership.) Both are drawn balanced, ``privacy.audit_n`` each.
 """
 
 from __future__ import annotations
@@ -113,7 +115,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     else:
         names = [trained.site.name] if mode == "local" else list(trained.federation.sites)
         members = [pipeline.site(read_manifest(site_config(trained, s).manifest)).train for s in names]
-    non_members = [pipeline.dataset("val"), pipeline.dataset("test")]
+    non_members = [pipeline.dataset("val")]
     results = audit_model(trained, net, members, non_members, cfg.privacy.audit)
     run_id = tracker.start_run(f"audit-privacy-{cfg.privacy.audit}",
                                {"role": "audit", "dataset": cfg.data.name, "checkpoint": str(cfg.checkpoint)},

@@ -311,7 +311,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             tracker.log_model(run_id, module.net.cpu().eval(), test.x[:2].numpy(), "model")
 
         # -- privacy: membership-inference audit of the final model, and the run's record ----
-        attacks = audit_model(cfg, module.net, trained_on, [pipeline.dataset("val"), test])
+        attacks = audit_model(cfg, module.net, trained_on, [pipeline.dataset("val")])
         record = privacy_record(
             mode=mode, sites=sites, rounds_done=len(history), bytes_up=[h.bytes_up for h in history],
             bytes_down=[h.bytes_down for h in history], compression=cfg.federation.compression if history else "none",

@@ -1,0 +1,117 @@
+"""Secure aggregation: masks cancel exactly, one masked update looks like noise, dropouts are
+recovered, and a federation under it ends with the same global model as one without."""
+
+import numpy as np
+import pytest
+import torch
+
+from fedmed.errors import FedmedError
+from fedmed.federated import InProcessSite, Orchestrator, Strategy, fedavg, make_strategy
+from fedmed.privacy import secagg as sa
+from tests.test_orchestrator import clients, factory
+
+
+def _states(k=3, seed=0, width=3):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(k):
+        out.append({"conv.weight": torch.randn(8, width, generator=g), "bn.running_mean": torch.randn(8, generator=g),
+                    "bn.running_var": torch.rand(8, generator=g) + 0.5, "bn.num_batches_tracked": torch.tensor(12)})
+    return out
+
+
+def _mask_all(states, ns, round_idx=3):
+    names = [f"site{k}" for k in range(len(states))]
+    keys = {n: sa.MaskingKey() for n in names}
+    peers = {n: keys[n].public for n in names}
+    vectors = [sa.contribution(s, n) for s, n in zip(states, ns)]
+    masked = [sa.mask(v, keys[n], n, peers, round_idx) for v, n in zip(vectors, names)]
+    return names, keys, peers, vectors, masked
+
+
+def test_masks_cancel_exactly_and_the_mean_is_fedavg():
+    states, ns = _states(), [30, 70, 11]
+    _, _, _, vectors, masked = _mask_all(states, ns)
+    total = np.zeros_like(masked[0])
+    for m in masked:
+        total = total + m
+    plain = np.zeros_like(total)
+    for v in vectors:
+        plain = plain + sa.to_ring(v)
+    assert np.array_equal(total, plain)  # bit-exact in the ring: the masks cancel
+    mean, n = sa.mean_state(sa.unmask_sum(masked, []), states[0])
+    assert n == sum(ns)
+    ref = fedavg(states, ns, bn_stats="pooled")
+    for k in ref:
+        assert mean[k].dtype == ref[k].dtype
+        assert torch.allclose(mean[k].double(), ref[k].double(), atol=1e-6), k
+
+
+def test_one_masked_update_is_indistinguishable_from_noise():
+    states, ns = _states(seed=1, width=500), [30, 70, 11]
+    # a very regular update (all zeros) and a real one: their masked forms look alike
+    states[0] = {k: torch.zeros_like(v) for k, v in states[0].items()}
+    _, _, _, vectors, masked = _mask_all(states, ns)
+    for m in masked[:2]:
+        bits = np.unpackbits(m.view(np.uint8))
+        assert abs(bits.mean() - 0.5) < 0.02  # every bit is a fair coin
+        counts = np.bincount(m.view(np.uint8), minlength=256)
+        expected = len(m) * 8 / 256
+        chi2 = float(((counts - expected) ** 2 / expected).sum())
+        assert chi2 < 400  # 255 degrees of freedom: ~330 is the 0.1% tail
+    # nothing of the update shows: reading the masked vector as fixed point is unrelated to the values
+    decoded = sa.from_ring(masked[1])
+    assert abs(np.corrcoef(decoded[:-1], vectors[1][:-1])[0, 1]) < 0.1  # ~4000 values: noise gives ~0.016
+    assert np.abs(decoded).max() > 1e9  # wildly out of range: it is noise, not a perturbed update
+
+
+def test_a_site_that_drops_after_masking_is_recovered():
+    states, ns = _states(k=4, seed=2), [10, 20, 30, 40]
+    names, keys, peers, _, masked = _mask_all(states, ns, round_idx=5)
+    # site3 masked but never delivered; the survivors send their masks with it
+    dropped = {"site3": peers["site3"]}
+    corrections = [sa.dropout_correction(keys[n], n, dropped, 5, len(masked[0])) for n in names[:3]]
+    mean, n = sa.mean_state(sa.unmask_sum(masked[:3], corrections), states[0])
+    assert n == 60
+    ref = fedavg(states[:3], ns[:3])
+    assert all(torch.allclose(mean[k].double(), ref[k].double(), atol=1e-6) for k in ref)
+    # without the corrections the sum is garbage
+    with pytest.raises(ValueError):
+        out, n_bad = sa.mean_state(sa.unmask_sum(masked[:3], []), states[0])
+        assert n_bad == 60
+
+
+class DropsAfterMasking(InProcessSite):
+    """A real site that takes part in key exchange, then fails during training."""
+
+    def fit(self, weights, round_idx, epochs, config=None):
+        if round_idx == 2:
+            raise ConnectionError("link lost")
+        return super().fit(weights, round_idx, epochs, config)
+
+
+def test_federation_under_secure_aggregation_matches_plain_fedavg():
+    torch.manual_seed(0)
+    initial = factory().net.state_dict()
+    runs = {}
+    for secure in (False, True):
+        a, b, c = clients((40, 60, 30))
+        sites = [InProcessSite(a), InProcessSite(b), DropsAfterMasking(c)]
+        orch = Orchestrator(sites, Strategy(), rounds=2, select="last", secure_aggregation=secure)
+        runs[secure] = orch.run(initial)
+    plain, secure = runs[False], runs[True]
+    for k, v in plain.final_weights.items():
+        assert secure.final_weights[k].dtype == v.dtype
+        assert torch.allclose(secure.final_weights[k].double(), v.double(), atol=1e-5), k
+    assert secure.history[1].sites == ["s0", "s1"]  # round 2 went on without the dropped site
+    # a masked update is 64-bit per value: twice the float32 weights
+    assert secure.history[0].bytes_up == pytest.approx(2 * plain.history[0].bytes_up, rel=0.01)
+
+
+def test_secure_aggregation_refuses_what_needs_single_updates():
+    sites = [InProcessSite(c) for c in clients((20, 20, 20))]
+    for name in ("median", "trimmed_mean"):
+        with pytest.raises(FedmedError, match="secure_aggregation"):
+            Orchestrator(sites, make_strategy(name), rounds=1, secure_aggregation=True)
+    with pytest.raises(FedmedError, match="at least 2"):
+        Orchestrator(sites[:1], Strategy(), rounds=1, secure_aggregation=True)
