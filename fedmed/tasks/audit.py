@@ -103,7 +103,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     ckpt = load_checkpoint(str(cfg.checkpoint), tracker, Path(cfg.paths.root) / ".cache" / "audit")
     trained = OmegaConf.create(ckpt["config"])
     # the audit's own knobs come from this command line; everything about training from the checkpoint
-    trained.privacy = OmegaConf.merge(trained.get("privacy") or {}, cfg.privacy)
+    trained.privacy = OmegaConf.merge(trained.get("privacy") or cfg.privacy,
+                                      {k: cfg.privacy[k] for k in ("audit", "audit_n", "audit_shadows")})
     if cfg.data.name != trained.data.name:
         raise FedmedError(f"the checkpoint was trained on {trained.data.name!r}, but data={cfg.data.name!r}")
     net, _ = build_net(trained)
