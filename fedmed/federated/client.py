@@ -276,8 +276,10 @@ class SiteClient:
                 self.dp.close(gsm)
         metrics = {"train_loss": float(trainer.callback_metrics.get("train_loss", float("nan"))),
                    "train_seconds": time.perf_counter() - t0}
-        if self.dp is not None:
-            metrics["dp_epsilon"] = self.dp.epsilon
+        if self.dp is not None:  # reported to the server with the update (and logged on this site's run)
+            rec = self.dp.record()
+            metrics.update({"dp_epsilon": rec["epsilon"], "dp_delta": rec["delta"],
+                            "dp_noise_multiplier": rec["noise_multiplier"], "dp_steps": rec["dp_steps"]})
         new = self.get_weights()
         extras: dict[str, Any] = {}
         if "scaffold_c" in config:

@@ -287,7 +287,7 @@ class Orchestrator:
             except Exception as exc:  # noqa: BLE001 - a failing site must not end the federation
                 if getattr(exc, "thread", None) is not None:
                     self._stray[site.name] = exc.thread
-                if type(exc).__name__ == "PrivacyBudgetExhausted":
+                if getattr(exc, "kind", type(exc).__name__) == "PrivacyBudgetExhausted":  # kind: from a remote site
                     out_of_budget.append(site.name)
                 self._exclude(r, site.name, f"{type(exc).__name__}: {exc}")
                 continue

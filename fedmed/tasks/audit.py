@@ -53,6 +53,10 @@ def audit_model(cfg: DictConfig, net: torch.nn.Module, members: list[ArrayDatase
         raise FedmedError(f"privacy.audit={kind!r} is not one of {AUDITS}")
     if kind == "none":
         return []
+    if not members:
+        log.info("membership audit: this process holds no training images (they stay at the sites); "
+                 "run `fedmed audit privacy checkpoint=...` at a site")
+        return []
     mx, my = _concat(members)
     nx, ny = _concat(non_members)
     mi, ni = candidates(np.arange(len(mx)), np.arange(len(nx)), int(p.audit_n), cfg.seed)

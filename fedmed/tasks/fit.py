@@ -126,16 +126,18 @@ def attackers(cfg: DictConfig) -> dict[str, str]:
     return out
 
 
-def _site_client(cfg: DictConfig, name: str, index: int, data: SiteData, tracker, run_id: str,
-                 class_names: list[str] | None = None) -> SiteClient:
+def _site_client(cfg: DictConfig, name: str, index: int, data: SiteData, tracker, run_id: str | None,
+                 class_names: list[str] | None = None, federated: bool | None = None) -> SiteClient:
+    """The SiteClient of ``name``; ``federated`` (default: the run's mode) turns on compression and plans DP."""
+    federated = resolve_mode(cfg) == "federated" if federated is None else federated
     trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
     attack = attackers(cfg).get(name)
     if attack:
         log.warning("site %s is a test attacker: %s (x%s)", name, attack, cfg.federation.attack_scale)
     fed = cfg.federation
-    planned = fed.rounds * fed.local_epochs + (fed.finetune_epochs if resolve_mode(cfg) == "federated" else 0)
+    planned = fed.rounds * fed.local_epochs + (fed.finetune_epochs if federated else 0)
     encoder = (UpdateEncoder(fed.compression, fed.topk_fraction, fed.error_feedback)
-               if fed.compression != "none" and resolve_mode(cfg) == "federated" else None)
+               if fed.compression != "none" and federated else None)
     return SiteClient(name, data, lambda: build_module(cfg), cfg.data.batch_size, trainer_kwargs, cfg.seed, index,
                       tracker, run_id, explain={"method": cfg.explain.method, "n": cfg.explain.n},
                       class_names=class_names, attack=attack, attack_scale=float(fed.attack_scale),
@@ -195,8 +197,72 @@ def _config_diff(a: dict, b: dict, prefix: str = "") -> list[str]:
     return out
 
 
+def dp_records_from_history(history) -> dict[str, dict[str, float]]:
+    """Each site's last DP report (its fit metrics ``dp_*``): what a server learns from remote sites too."""
+    out: dict[str, dict[str, float]] = {}
+    for h in history:
+        for site, m in h.site_metrics.items():
+            if "dp_epsilon" in m:
+                out[site] = {"epsilon": m["dp_epsilon"], "delta": m["dp_delta"],
+                             "noise_multiplier": m["dp_noise_multiplier"], "dp_steps": int(m["dp_steps"])}
+    return out
+
+
+def finish(cfg: DictConfig, mode: str, sites: list[str], pipeline: Pipeline, weights, chosen: str, seconds: float,
+           site_rows: list, comm: str, tracker: Tracker, run_id: str, trained_on: list, dp_records: dict,
+           history: list, num_train: int | None = None) -> tuple[dict[str, float], dict[str, Any]]:
+    """Evaluate the chosen model on the test split, audit it, log the model and the privacy record, print the summary.
+
+    Returns:
+        (test metrics, privacy record).
+    """
+    source = pipeline.source
+    dp = dp_config(cfg)
+    # -- final evaluation on the official test split ---------------------------------
+    module = build_module(cfg)
+    module.net.load_state_dict(weights)
+    test = pipeline.dataset("test")
+    test_metrics, confmat = evaluate(module.net, make_loader(test, 256, False), cfg.data.num_classes)
+    tracker.log_metrics(run_id, {f"test_{k}": v for k, v in test_metrics.items()}, step=cfg.federation.rounds)
+    tracker.log_metrics(run_id, {"fit_seconds": seconds}, step=0)
+    title = f"{cfg.data.name} test, {mode} {cfg.model.name} ({chosen})"
+    tracker.log_figure(run_id, confusion_figure(confmat, source.class_names, title), "confusion_matrix_test.png")
+    tracker.log_state_dict(run_id, {"state_dict": weights, "config": OmegaConf.to_container(cfg, resolve=True),
+                                    "class_names": source.class_names, "run_id": run_id}, "checkpoint/model.pt")
+    if cfg.logger.log_model:
+        tracker.log_model(run_id, module.net.cpu().eval(), test.x[:2].numpy(), "model")
+
+    # -- privacy: membership-inference audit of the final model, and the run's record ----
+    attacks = audit_model(cfg, module.net, trained_on, [pipeline.dataset("val")])
+    record = privacy_record(
+        mode=mode, sites=sites, rounds_done=len(history), bytes_up=[h.bytes_up for h in history],
+        bytes_down=[h.bytes_down for h in history], compression=cfg.federation.compression if history else "none",
+        secure_aggregation=bool(cfg.privacy.secure_aggregation), dp=dp_records, dp_setting=describe(dp),
+        audit=attack_rows(attacks), num_train=num_train if num_train is not None else sum(len(d) for d in trained_on))
+    tracker.log_dict(run_id, record, "privacy/record.json")
+    tracker.log_metrics(run_id, {**attack_metrics(attacks), "privacy_update_bytes_sent": record["update_bytes_sent"],
+                                 **({"dp_epsilon_max": max(d["epsilon"] for d in dp_records.values())}
+                                    if dp_records else {})}, step=cfg.federation.rounds)
+
+    rows = [{"who": f"{label} @ {site}", "split": split, "n": e.num_samples, **e.metrics}
+            for label, site, split, e in site_rows]
+    rows.append({"who": f"{mode} model", "split": "test", "n": int(confmat.sum()), **test_metrics})
+    text = summary_table(
+        f"fedmed fit: {mode}, {cfg.data.name}, {cfg.model.name}, selected {chosen}, {seconds:.0f}s",
+        rows,
+        f"{comm}\n{format_record(record)}\n"
+        f"MLflow run {run_id}; browse it with: mlflow ui --backend-store-uri {cfg.logger.tracking_uri}",
+    )
+    tracker.log_text(run_id, text, "summary.txt")
+    return test_metrics, record
+
+
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Run ``fedmed fit``; returns the test metrics, per-site metrics and the MLflow run id."""
+    if cfg.get("site") and cfg.federation.get("server"):  # one hospital joining a federation over the network
+        from fedmed.tasks.serve import run_site
+
+        return run_site(cfg)
     mode = resolve_mode(cfg)
     check_privacy(cfg, mode)
     dp = dp_config(cfg)
@@ -278,8 +344,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                                                         resume, extra)
             weights = result.weights
             trained_on = [c.data.train for c in clients]
-            dp_records = {c.name: c.dp.record() for c in clients if c.dp is not None}
             history = result.history
+            dp_records = dp_records_from_history(history)
         else:
             if mode == "local":
                 who, data = sites[0], _site_data(cfg, manifests[sites[0]], site_cfgs[sites[0]])
@@ -296,42 +362,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             history = []
         seconds = time.perf_counter() - t0
 
-        # -- final evaluation on the official test split ---------------------------------
-        module = build_module(cfg)
-        module.net.load_state_dict(weights)
-        test = pipeline.dataset("test")
-        test_metrics, confmat = evaluate(module.net, make_loader(test, 256, False), cfg.data.num_classes)
-        tracker.log_metrics(run_id, {f"test_{k}": v for k, v in test_metrics.items()}, step=cfg.federation.rounds)
-        tracker.log_metrics(run_id, {"fit_seconds": seconds}, step=0)
-        title = f"{cfg.data.name} test, {mode} {cfg.model.name} ({chosen})"
-        tracker.log_figure(run_id, confusion_figure(confmat, source.class_names, title), "confusion_matrix_test.png")
-        tracker.log_state_dict(run_id, {"state_dict": weights, "config": OmegaConf.to_container(cfg, resolve=True),
-                                        "class_names": source.class_names, "run_id": run_id}, "checkpoint/model.pt")
-        if cfg.logger.log_model:
-            tracker.log_model(run_id, module.net.cpu().eval(), test.x[:2].numpy(), "model")
-
-        # -- privacy: membership-inference audit of the final model, and the run's record ----
-        attacks = audit_model(cfg, module.net, trained_on, [pipeline.dataset("val")])
-        record = privacy_record(
-            mode=mode, sites=sites, rounds_done=len(history), bytes_up=[h.bytes_up for h in history],
-            bytes_down=[h.bytes_down for h in history], compression=cfg.federation.compression if history else "none",
-            secure_aggregation=bool(cfg.privacy.secure_aggregation), dp=dp_records, dp_setting=describe(dp),
-            audit=attack_rows(attacks), num_train=sum(len(d) for d in trained_on))
-        tracker.log_dict(run_id, record, "privacy/record.json")
-        tracker.log_metrics(run_id, {**attack_metrics(attacks), "privacy_update_bytes_sent": record["update_bytes_sent"],
-                                     **({"dp_epsilon_max": max(d["epsilon"] for d in dp_records.values())}
-                                        if dp_records else {})}, step=cfg.federation.rounds)
-
-        rows = [{"who": f"{label} @ {site}", "split": split, "n": e.num_samples, **e.metrics}
-                for label, site, split, e in site_rows]
-        rows.append({"who": f"{mode} model", "split": "test", "n": int(confmat.sum()), **test_metrics})
-        text = summary_table(
-            f"fedmed fit: {mode}, {cfg.data.name}, {cfg.model.name}, selected {chosen}, {seconds:.0f}s",
-            rows,
-            f"{comm}\n{format_record(record)}\n"
-            f"MLflow run {run_id}; browse it with: mlflow ui --backend-store-uri {cfg.logger.tracking_uri}",
-        )
-        tracker.log_text(run_id, text, "summary.txt")
+        test_metrics, record = finish(cfg, mode, sites, pipeline, weights, chosen, seconds, site_rows, comm,
+                                      tracker, run_id, trained_on, dp_records, history)
         for c in clients:
             c.finalize("FINISHED")
         tracker.end_run(run_id, "FINISHED")

@@ -1,0 +1,153 @@
+"""``fedmed serve`` (the federation server) and ``fedmed fit site=<name> federation.server=<host:port>``
+(one hospital's site), connected through Flower. Wiring only: the orchestrator, site client,
+strategies and reports are the in-process ones."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from fedmed.config import site_config
+from fedmed.data.datamodule import Pipeline
+from fedmed.data.manifest import read_manifest
+from fedmed.errors import FedmedError
+from fedmed.federated import Orchestrator
+from fedmed.federated.flower import FlowerServer, run_site as serve_site
+from fedmed.reporting import fmt_bytes
+from fedmed.tasks.fit import (
+    _site_client, _site_data, build_module, build_strategy, check_privacy, dp_records_from_history, explain_rounds,
+    finish, write_partition,
+)
+from fedmed.tracking import Tracker
+
+log = logging.getLogger("fedmed")
+
+
+def _read(path: str | None, what: str) -> bytes | None:
+    if not path:
+        return None
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise FedmedError(f"{what}={path}: no such file")
+    return p.read_bytes()
+
+
+def certificates(cfg: DictConfig) -> tuple[bytes, bytes, bytes] | None:
+    """(CA, server cert, server key) from ``federation.tls``, or None; all three or none."""
+    tls = cfg.federation.tls
+    given = {k: tls.get(k) for k in ("ca_cert", "server_cert", "server_key")}
+    if not any(given.values()):
+        return None
+    missing = [k for k, v in given.items() if not v]
+    if missing:
+        raise FedmedError(f"TLS needs federation.tls.ca_cert, server_cert and server_key; missing {missing}")
+    return tuple(_read(v, f"federation.tls.{k}") for k, v in given.items())  # type: ignore[return-value]
+
+
+def tokens(cfg: DictConfig) -> dict[str, str] | None:
+    """Site -> token from ``federation.auth.tokens_file`` (JSON), or None (no node authentication)."""
+    raw = _read(cfg.federation.auth.get("tokens_file"), "federation.auth.tokens_file")
+    if raw is None:
+        return None
+    try:
+        out = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise FedmedError(f"federation.auth.tokens_file is not JSON: {exc}") from None
+    unknown = sorted(set(out) - set(cfg.federation.sites))
+    if unknown:
+        raise FedmedError(f"federation.auth.tokens_file names sites not in federation.sites: {unknown}")
+    return {k: str(v) for k, v in out.items()}
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    """``fedmed serve``: wait for every site of ``federation.sites`` to connect, then run the federation."""
+    check_privacy(cfg, "federated")
+    fed = cfg.federation
+    if not fed.get("server"):
+        raise FedmedError("fedmed serve needs federation.server=<host:port> to listen on")
+    certs, toks = certificates(cfg), tokens(cfg)
+    sites = list(fed.sites)
+    tracker = Tracker(cfg.logger.tracking_uri, cfg.logger.experiment, cfg.logger.artifact_location)
+    run_id = tracker.start_run(cfg.run_name or f"federated-{cfg.data.name}-{cfg.model.name}",
+                               {"dataset": cfg.data.name, "model": cfg.model.name, "mode": "federated",
+                                "strategy": fed.strategy, "transport": "flower", "server": str(fed.server),
+                                "tls": str(certs is not None), "partition": cfg.partition.dirname})
+    tracker.log_params(run_id, OmegaConf.to_container(cfg, resolve=True))
+    server = FlowerServer(str(fed.server), certs)
+    connected = []
+    try:
+        log.info("waiting for %d sites (%s) to connect to %s", len(sites), ", ".join(sites), fed.server)
+        connected = server.accept(sites, float(fed.connect_timeout), fed.site_timeout, toks,
+                                  hello={"run_id": run_id, "experiment": cfg.logger.experiment})
+        L.seed_everything(cfg.seed, verbose=False)
+        initial = build_module(cfg).net.state_dict()
+        orchestrator = Orchestrator(
+            connected, build_strategy(cfg, len(connected)), fed.rounds, fed.local_epochs, fed.fraction,
+            fed.min_sites, cfg.seed, fed.select, tracker, run_id, explain_rounds(fed.rounds, cfg.explain.every_n_rounds),
+            fed.site_timeout, Path(fed.checkpoint_dir) / run_id, {"run_id": run_id, "site_runs": {}},
+            secure_aggregation=bool(cfg.privacy.secure_aggregation))
+        t0 = time.perf_counter()
+        result = orchestrator.run(initial)
+        seconds = time.perf_counter() - t0
+        last = result.history[-1]
+        comm = (f"bytes sent per round: {fmt_bytes(last.bytes_down)} down + {fmt_bytes(last.bytes_up)} up "
+                f"({len(last.sites)} sites over Flower); raw images sent: 0")
+        rows = [("global model", s, "val", e) for s, e in result.site_eval.items()]
+        pipeline = Pipeline.from_config(cfg.data)
+        pipeline.source.ensure_available()  # the server evaluates on the test split, which it must hold
+        n_train = sum(int(s.info.get("num_train", 0)) for s in connected)
+        test, _ = finish(cfg, "federated", sites, pipeline, result.weights, f"round {result.round}/{fed.rounds}",
+                         seconds, rows, comm, tracker, run_id, [], dp_records_from_history(result.history),
+                         result.history, n_train)
+        tracker.end_run(run_id, "FINISHED")
+    except BaseException as exc:
+        tracker.end_run(run_id, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+        raise
+    finally:
+        server.stop(connected)
+    return {"mode": "federated", "run_id": run_id, "test": test, "weights": result.weights,
+            "history": result.history}
+
+
+def run_site(cfg: DictConfig) -> dict[str, Any]:
+    """``fedmed fit site=<name> federation.server=<host:port>``: this hospital's site, until the server ends."""
+    name = cfg.site.name
+    sites = list(cfg.federation.sites)
+    if name not in sites:
+        raise FedmedError(f"site={name} is not in federation.sites {sites}; the server expects exactly those")
+    source = instantiate(cfg.data.source)
+    source.ensure_available()
+    write_partition(cfg, source)  # never overwrites: a real site brings its own manifest
+    scfg = site_config(cfg, name)
+    data = _site_data(cfg, read_manifest(scfg.manifest), scfg)
+    client = _site_client(cfg, name, sites.index(name), data, None, None, source.class_names, federated=True)
+
+    def on_hello(req: dict) -> None:  # the server's run id: this site's run is nested under it
+        if client.run_id is None:
+            # opened only now: sites sharing the server's store find it created (no concurrent schema set-up)
+            tracker = Tracker(cfg.logger.tracking_uri, cfg.logger.experiment, cfg.logger.artifact_location)
+            client.tracker = tracker
+            client.run_id = tracker.start_run(name, {"site": name, "dataset": cfg.data.name, "role": "site",
+                                                     "transport": "flower"}, parent_id=req.get("run_id"))
+            tracker.log_params(client.run_id, {**client.initialize(), "manifest": scfg.manifest,
+                                               "server": str(cfg.federation.server)})
+
+    token = _read(cfg.federation.auth.get("token_file"), "federation.auth.token_file")
+    status = "FINISHED"
+    try:
+        serve_site(client, str(cfg.federation.server), _read(cfg.federation.tls.get("ca_cert"), "federation.tls.ca_cert"),
+                   token.decode().strip() if token else None, on_hello, float(cfg.federation.connect_timeout))
+    except BaseException:
+        status = "FAILED"
+        raise
+    finally:
+        client.finalize(status)
+    log.info("[%s] the federation server ended the federation", name)
+    return {"mode": "site", "site": name, "run_id": client.run_id}
