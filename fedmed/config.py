@@ -62,8 +62,15 @@ def groups(verb: str = "fit") -> dict[str, list[str]]:
     """The config groups ``configs/<verb>.yaml`` uses, and their options, e.g. ``{"data": ["breastmnist", ...]}``."""
     root = config_dir()
     defaults = OmegaConf.load(root / f"{verb}.yaml").get("defaults", [])
-    used = [next(iter(d)) for d in defaults if isinstance(d, dict) or OmegaConf.is_dict(d)]
-    return {g: sorted(p.stem for p in (root / g).glob("*.yaml")) for g in used if (root / g).is_dir()}
+    used: dict[str, list[str]] = {}
+    for d in defaults:
+        if isinstance(d, str) and (root / f"{d}.yaml").is_file() and d != verb:  # an included primary config (serve: fit)
+            used.update(groups(d))
+        elif isinstance(d, dict) or OmegaConf.is_dict(d):
+            g = next(iter(d))
+            if (root / g).is_dir():
+                used[g] = sorted(p.stem for p in (root / g).glob("*.yaml"))
+    return used
 
 
 def _all_keys(cfg: DictConfig, prefix: str = "") -> list[str]:

@@ -38,11 +38,13 @@ def _concat(parts: list[ArrayDataset]) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def audit_model(cfg: DictConfig, net: torch.nn.Module, members: list[ArrayDataset], non_members: list[ArrayDataset],
-                kind: str | None = None) -> list[AttackResult]:
+                kind: str | None = None, epochs: int | None = None) -> list[AttackResult]:
     """Run the configured attacks (``privacy.audit``) against ``net``.
 
-    LiRA's shadow models are trained like the target: the same network, optimiser, batch size,
-    total epochs (rounds x local epochs) and DP settings, on half of the candidates each.
+    LiRA's shadow models are trained like the target: the same network, optimiser, batch size
+    and DP settings, for ``epochs`` (the epochs behind the selected model; default rounds x local
+    epochs), on a training set of the target's size: every training image outside the candidate
+    set plus a random half of the candidates.
     """
     from fedmed.federated.client import SiteClient
     from fedmed.tasks.fit import build_module
@@ -65,20 +67,22 @@ def audit_model(cfg: DictConfig, net: torch.nn.Module, members: list[ArrayDatase
     net = net.cpu().eval()
     results = [loss_attack(net, x, y, is_member)]
     if kind == "lira":
-        epochs = cfg.federation.rounds * cfg.federation.local_epochs
+        epochs = epochs or cfg.federation.rounds * cfg.federation.local_epochs
+        rest = np.setdiff1d(np.arange(len(mx)), mi)  # training images that are not candidates: in every shadow
         dp = DPConfig.from_config(OmegaConf.to_container(p))
         trainer_kwargs = {**OmegaConf.to_container(cfg.trainer, resolve=True), "limit_val_batches": 0}
         holdout = ArrayDataset(nx[:64], ny[:64])  # train_alone wants val data; selection is "last"
 
         def train_shadow(idx: np.ndarray, seed: int) -> torch.nn.Module:
-            data = SiteData(ArrayDataset(x[idx], y[idx]), holdout)
-            client = SiteClient(f"shadow{seed % 1000}", data, lambda: build_module(cfg), cfg.data.batch_size,
-                                trainer_kwargs, seed, privacy=dp, planned_epochs=epochs)
+            train = ArrayDataset(torch.cat([mx[rest], x[idx]]), torch.cat([my[rest], y[idx]]))
+            client = SiteClient(f"shadow{seed % 1000}", SiteData(train, holdout), lambda: build_module(cfg),
+                                cfg.data.batch_size, trainer_kwargs, seed, privacy=dp, planned_epochs=epochs)
             weights, _ = client.train_alone(epochs, select="last")
             client.module.net.load_state_dict(weights)
             return client.module.net
 
-        log.info("membership audit: training %d shadow models (%d epochs each) for LiRA", p.audit_shadows, epochs)
+        log.info("membership audit: training %d shadow models (%d images, %d epochs each) for LiRA",
+                 p.audit_shadows, len(rest) + len(x) // 2, epochs)
         results.append(lira_attack(net, x, y, is_member, train_shadow, int(p.audit_shadows), cfg.seed,
                                    progress=lambda s: log.info("  shadow model %d/%d done", s, p.audit_shadows)))
     for r in results:
@@ -121,7 +125,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         names = [trained.site.name] if mode == "local" else list(trained.federation.sites)
         members = [pipeline.site(read_manifest(site_config(trained, s).manifest)).train for s in names]
     non_members = [pipeline.dataset("val")]
-    results = audit_model(trained, net, members, non_members, cfg.privacy.audit)
+    results = audit_model(trained, net, members, non_members, cfg.privacy.audit, ckpt.get("epochs"))
     run_id = tracker.start_run(f"audit-privacy-{cfg.privacy.audit}",
                                {"role": "audit", "dataset": cfg.data.name, "checkpoint": str(cfg.checkpoint)},
                                parent_id=ckpt.get("run_id"))

@@ -210,8 +210,11 @@ def dp_records_from_history(history) -> dict[str, dict[str, float]]:
 
 def finish(cfg: DictConfig, mode: str, sites: list[str], pipeline: Pipeline, weights, chosen: str, seconds: float,
            site_rows: list, comm: str, tracker: Tracker, run_id: str, trained_on: list, dp_records: dict,
-           history: list, num_train: int | None = None) -> tuple[dict[str, float], dict[str, Any]]:
+           history: list, num_train: int | None = None, epochs: int | None = None
+           ) -> tuple[dict[str, float], dict[str, Any]]:
     """Evaluate the chosen model on the test split, audit it, log the model and the privacy record, print the summary.
+
+    ``epochs``: the training epochs behind the chosen model (LiRA trains its shadow models as long).
 
     Returns:
         (test metrics, privacy record).
@@ -228,12 +231,13 @@ def finish(cfg: DictConfig, mode: str, sites: list[str], pipeline: Pipeline, wei
     title = f"{cfg.data.name} test, {mode} {cfg.model.name} ({chosen})"
     tracker.log_figure(run_id, confusion_figure(confmat, source.class_names, title), "confusion_matrix_test.png")
     tracker.log_state_dict(run_id, {"state_dict": weights, "config": OmegaConf.to_container(cfg, resolve=True),
-                                    "class_names": source.class_names, "run_id": run_id}, "checkpoint/model.pt")
+                                    "class_names": source.class_names, "run_id": run_id, "epochs": epochs},
+                           "checkpoint/model.pt")
     if cfg.logger.log_model:
         tracker.log_model(run_id, module.net.cpu().eval(), test.x[:2].numpy(), "model")
 
     # -- privacy: membership-inference audit of the final model, and the run's record ----
-    attacks = audit_model(cfg, module.net, trained_on, [pipeline.dataset("val")])
+    attacks = audit_model(cfg, module.net, trained_on, [pipeline.dataset("val")], epochs=epochs)
     record = privacy_record(
         mode=mode, sites=sites, rounds_done=len(history), bytes_up=[h.bytes_up for h in history],
         bytes_down=[h.bytes_down for h in history], compression=cfg.federation.compression if history else "none",
@@ -346,6 +350,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             trained_on = [c.data.train for c in clients]
             history = result.history
             dp_records = dp_records_from_history(history)
+            trained_epochs = result.round * cfg.federation.local_epochs
         else:
             if mode == "local":
                 who, data = sites[0], _site_data(cfg, manifests[sites[0]], site_cfgs[sites[0]])
@@ -360,10 +365,11 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             trained_on = [data.train]
             dp_records = {who: client.dp.record()} if client.dp is not None else {}
             history = []
+            trained_epochs = best_epoch
         seconds = time.perf_counter() - t0
 
         test_metrics, record = finish(cfg, mode, sites, pipeline, weights, chosen, seconds, site_rows, comm,
-                                      tracker, run_id, trained_on, dp_records, history)
+                                      tracker, run_id, trained_on, dp_records, history, epochs=trained_epochs)
         for c in clients:
             c.finalize("FINISHED")
         tracker.end_run(run_id, "FINISHED")

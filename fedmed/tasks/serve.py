@@ -105,7 +105,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         n_train = sum(int(s.info.get("num_train", 0)) for s in connected)
         test, _ = finish(cfg, "federated", sites, pipeline, result.weights, f"round {result.round}/{fed.rounds}",
                          seconds, rows, comm, tracker, run_id, [], dp_records_from_history(result.history),
-                         result.history, n_train)
+                         result.history, n_train, epochs=result.round * fed.local_epochs)
         tracker.end_run(run_id, "FINISHED")
     except BaseException as exc:
         tracker.end_run(run_id, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
