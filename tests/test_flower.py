@@ -1,6 +1,6 @@
-"""Sites as separate processes connected through Flower on loopback (TLS on): the global model is
-the one the in-process orchestrator computes from the same seed and data, and a site killed
-mid-round is survived."""
+"""Sites as separate processes connected through Flower on loopback (TLS on), and as parallel
+workers (federation.parallel): the global model is the one the in-process orchestrator computes
+from the same seed and data, and a site killed mid-round is survived."""
 
 import datetime
 import os
@@ -122,10 +122,18 @@ def test_flower_federation_equals_in_process_and_uses_tls(tmp_path):
     ref_log = tmp_path / "inprocess.log"
     ref = fedmed(["fit", *base, f"federation.checkpoint_dir={tmp_path / 'ckpt_local'}"], ref_log)
     assert ref.wait(400) == 0, ref_log.read_text()[-3000:]
-    got, want = final_weights(tmp_path / "ckpt_flower"), final_weights(tmp_path / "ckpt_local")
-    assert set(got) == set(want)
-    for k in want:
-        assert torch.equal(got[k], want[k]), k
+    # and with federation.parallel: every site in its own worker process, all training at once
+    par_log = tmp_path / "parallel.log"
+    par = fedmed(["fit", *base, "federation.parallel=3", f"federation.checkpoint_dir={tmp_path / 'ckpt_parallel'}"],
+                 par_log)
+    assert par.wait(400) == 0, par_log.read_text()[-3000:]
+    assert "in its own process" in par_log.read_text()
+    want = final_weights(tmp_path / "ckpt_local")
+    for run in ("ckpt_flower", "ckpt_parallel"):
+        got = final_weights(tmp_path / run)
+        assert set(got) == set(want)
+        for k in want:
+            assert torch.equal(got[k], want[k]), (run, k)
 
     # MLflow: the server's federation run, with each site's run nested under it
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")

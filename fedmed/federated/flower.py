@@ -163,13 +163,15 @@ def run_site(site: SiteClient, server: str, root_certificate: bytes | None = Non
 
 # -- server side -----------------------------------------------------------------------------
 class FlowerSite:
-    """The orchestrator's transport to one site connected through Flower.
+    """The orchestrator's transport to one site connected through Flower (sites train concurrently).
 
     Args:
         proxy: Flower's ``ClientProxy`` for the node.
         name: the site's name (from its hello).
         timeout: seconds to wait for a fit or evaluate answer (None: no limit).
     """
+
+    parallel = True  # each site is its own process: the orchestrator may call several at once
 
     def __init__(self, proxy, name: str, timeout: float | None = None, info: Mapping | None = None):
         self.proxy, self.name, self.timeout = proxy, name, timeout

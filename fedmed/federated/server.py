@@ -8,6 +8,7 @@ import os
 import random
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -117,6 +118,24 @@ def _call_with_timeout(fn, timeout: float | None):
     if "error" in box:
         raise box["error"]
     return box["value"], None
+
+
+def concurrently(fn, sites: Sequence) -> list[tuple[object, Exception | None]]:
+    """``fn(site)`` for every site: at the same time where every site runs elsewhere (``site.parallel``,
+    e.g. Flower nodes), one after another otherwise (in-process sites share this process' RNG).
+
+    Returns (value, None) or (None, exception) per site, in the sites' order.
+    """
+    def safe(site):
+        try:
+            return fn(site), None
+        except Exception as exc:  # noqa: BLE001 - reported per site
+            return None, exc
+
+    if len(sites) > 1 and all(getattr(s, "parallel", False) for s in sites):
+        with ThreadPoolExecutor(max_workers=len(sites), thread_name_prefix="site") as pool:
+            return list(pool.map(safe, sites))
+    return [safe(s) for s in sites]
 
 
 def save_checkpoint(path: Path, state: dict) -> None:
@@ -275,16 +294,17 @@ class Orchestrator:
             config = {**config, "secagg": {"round": r, "peers": peers, "pooled_bn": self.strategy.bn_stats == "pooled"}}
             length = vector_length(global_w)
         fits, out_of_budget = [], []
-        for site in chosen:
-            stray = self._stray.get(site.name)
-            if stray is not None and stray.is_alive():
-                self._exclude(r, site.name, "still busy with the round it timed out in")
-                continue
-            try:
-                result, _ = _call_with_timeout(lambda s=site: s.fit(global_w, r, self.local_epochs, config),
-                                               self.site_timeout)
-                result = receive(result, global_w)
-            except Exception as exc:  # noqa: BLE001 - a failing site must not end the federation
+        busy = {s.name for s in chosen if (t := self._stray.get(s.name)) is not None and t.is_alive()}
+        for name in sorted(busy):
+            self._exclude(r, name, "still busy with the round it timed out in")
+        ready = [s for s in chosen if s.name not in busy]
+
+        def train(site):
+            result, _ = _call_with_timeout(lambda: site.fit(global_w, r, self.local_epochs, config), self.site_timeout)
+            return receive(result, global_w)
+
+        for site, (result, exc) in zip(ready, concurrently(train, ready)):  # answers in site order: same aggregate
+            if exc is not None:  # a failing site must not end the federation
                 if getattr(exc, "thread", None) is not None:
                     self._stray[site.name] = exc.thread
                 if getattr(exc, "kind", type(exc).__name__) == "PrivacyBudgetExhausted":  # kind: from a remote site
@@ -345,13 +365,12 @@ class Orchestrator:
 
     def _evaluate_round(self, r: int, global_w, explain: bool) -> dict[str, EvalResult]:
         evals = {}
-        for site in self.sites:
-            stray = self._stray.get(site.name)
-            if stray is not None and stray.is_alive():
-                continue  # its model is being trained by a timed-out round
-            try:
-                evals[site.name] = site.evaluate(global_w, r, explain=explain)
-            except Exception as exc:  # noqa: BLE001
+        # a site whose model is being trained by a timed-out round is skipped
+        ready = [s for s in self.sites if (t := self._stray.get(s.name)) is None or not t.is_alive()]
+        for site, (ev, exc) in zip(ready, concurrently(lambda s: s.evaluate(global_w, r, explain=explain), ready)):
+            if exc is None:
+                evals[site.name] = ev
+            else:
                 self._exclude(r, site.name, f"evaluation failed: {type(exc).__name__}: {exc}")
         if not evals:
             raise FederationError(f"round {r}: no site could evaluate the global model")

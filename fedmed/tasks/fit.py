@@ -268,6 +268,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
         return run_site(cfg)
     mode = resolve_mode(cfg)
+    if mode == "federated" and cfg.federation.get("parallel") and not cfg.get("resume"):
+        from fedmed.tasks.serve import run_parallel
+
+        return run_parallel(cfg)
     check_privacy(cfg, mode)
     dp = dp_config(cfg)
     if dp is not None:

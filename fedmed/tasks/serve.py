@@ -66,8 +66,12 @@ def tokens(cfg: DictConfig) -> dict[str, str] | None:
     return {k: str(v) for k, v in out.items()}
 
 
-def run(cfg: DictConfig) -> dict[str, Any]:
-    """``fedmed serve``: wait for every site of ``federation.sites`` to connect, then run the federation."""
+def run(cfg: DictConfig, local_data: bool = False) -> dict[str, Any]:
+    """``fedmed serve``: wait for every site of ``federation.sites`` to connect, then run the federation.
+
+    ``local_data``: the sites' data is on this machine too (``federation.parallel``), so the
+    membership audit can use their training images.
+    """
     check_privacy(cfg, "federated")
     fed = cfg.federation
     if not fed.get("server"):
@@ -103,8 +107,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         pipeline = Pipeline.from_config(cfg.data)
         pipeline.source.ensure_available()  # the server evaluates on the test split, which it must hold
         n_train = sum(int(s.info.get("num_train", 0)) for s in connected)
+        members = [pipeline.site(read_manifest(site_config(cfg, s).manifest)).train for s in sites] if local_data else []
         test, _ = finish(cfg, "federated", sites, pipeline, result.weights, f"round {result.round}/{fed.rounds}",
-                         seconds, rows, comm, tracker, run_id, [], dp_records_from_history(result.history),
+                         seconds, rows, comm, tracker, run_id, members, dp_records_from_history(result.history),
                          result.history, n_train, epochs=result.round * fed.local_epochs)
         tracker.end_run(run_id, "FINISHED")
     except BaseException as exc:
@@ -151,3 +156,77 @@ def run_site(cfg: DictConfig) -> dict[str, Any]:
         client.finalize(status)
     log.info("[%s] the federation server ended the federation", name)
     return {"mode": "site", "site": name, "run_id": client.run_id}
+
+
+def run_parallel(cfg: DictConfig) -> dict[str, Any]:
+    """``fedmed fit federation.parallel=N``: every site in its own worker process on this machine, all
+    training at once, connected to an in-process server through Flower on loopback.
+
+    Sites are assigned round-robin to N devices: GPUs (``CUDA_VISIBLE_DEVICES``) when the trainer
+    uses them and there are any, else the CPU cores are split between the N workers.
+    """
+    import os
+    import socket
+    import subprocess
+    import sys
+    import tempfile
+
+    import torch
+
+    n = int(cfg.federation.parallel)
+    sites = list(cfg.federation.sites)
+    gpus = torch.cuda.device_count() if str(cfg.trainer.get("accelerator", "cpu")) in ("gpu", "cuda", "auto") else 0
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
+    cfg.federation.server = f"127.0.0.1:{port}"
+    cfg.federation.parallel = 0
+    source = instantiate(cfg.data.source)
+    source.ensure_available()
+    write_partition(cfg, source)  # once, before the workers read their manifests
+    folder = Path(tempfile.mkdtemp(prefix="fedmed-parallel-"))
+    config_file = folder / "config.yaml"
+    config_file.write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    workers = []
+    for k, name in enumerate(sites):
+        env = dict(os.environ)
+        if gpus:
+            env["CUDA_VISIBLE_DEVICES"] = str(k % min(n, gpus))
+            where = f"GPU {env['CUDA_VISIBLE_DEVICES']}"
+        else:
+            env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // max(1, min(n, len(sites)))))
+            where = f"CPU, {env['OMP_NUM_THREADS']} thread(s)"
+        log.info("starting site %s in its own process (%s)", name, where)
+        logfile = open(folder / f"{name}.log", "w")
+        workers.append((name, logfile, subprocess.Popen(
+            [sys.executable, "-m", "fedmed.tasks.serve", str(config_file), name], env=env,
+            stdout=logfile, stderr=subprocess.STDOUT)))
+    try:
+        result = run(cfg, local_data=True)
+    finally:
+        for name, logfile, proc in workers:
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+            logfile.close()
+            if proc.returncode:
+                log.warning("site %s worker exited with %s; its log: %s", name, proc.returncode, folder / f"{name}.log")
+    return result
+
+
+def _worker(config_file: str, site: str) -> None:
+    """Entry point of a ``federation.parallel`` worker: one site, from the server's resolved config."""
+    from fedmed.cli import setup_logging
+
+    setup_logging()
+    cfg = OmegaConf.load(config_file)
+    cfg.site = site_config(cfg, site)
+    run_site(cfg)
+
+
+if __name__ == "__main__":
+    import sys
+
+    _worker(sys.argv[1], sys.argv[2])
