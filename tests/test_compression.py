@@ -86,21 +86,26 @@ def test_decode_rejects_malformed_payloads():
         UpdateEncoder("zip")
 
 
-def test_federation_with_int8_updates_sends_a_quarter_and_learns():
+@pytest.mark.parametrize("codec,ratio,close", [("int8", 0.3, 0.1), ("topk", 0.25, None)])
+def test_federation_with_compressed_updates_sends_less_and_learns(codec, ratio, close):
     torch.manual_seed(0)
     initial = factory().net.state_dict()
     results = {}
-    for codec in ("none", "int8"):
+    for codec in ("none", codec):
         cs = clients()
         for c in cs:
             c.encoder = UpdateEncoder(codec) if codec != "none" else None
-        orch = Orchestrator([InProcessSite(c) for c in cs], Strategy(), rounds=2, select="last")
+        orch = Orchestrator([InProcessSite(c) for c in cs], Strategy(), rounds=3, select="last")
         results[codec] = orch.run(initial)
-    raw, small = results["none"].history[-1], results["int8"].history[-1]
-    assert small.bytes_up < 0.3 * raw.bytes_up
+    raw, small = results["none"].history[-1], results[codec].history[-1]
+    assert small.bytes_up < ratio * raw.bytes_up
+    # BatchNorm statistics travel uncompressed: no negative running variance, no NaN after rounds
+    assert all(math.isfinite(h.metrics["val_loss"]) for h in results[codec].history)
+    assert all(bool((v >= 0).all()) for k, v in results[codec].final_weights.items() if k.endswith("running_var"))
     assert small.metrics["comm_bytes_up"] == small.bytes_up
     assert small.metrics["val_acc"] >= raw.metrics["val_acc"] - 0.05
-    # the server rebuilt real weights: close to the uncompressed federation's
-    w0, w1 = results["none"].final_weights, results["int8"].final_weights
-    rel = math.sqrt(sum(float((w0[k].float() - w1[k].float()).norm() ** 2) for k in w0 if w0[k].is_floating_point()))
-    assert rel < 0.1 * math.sqrt(sum(float(w0[k].float().norm() ** 2) for k in w0 if w0[k].is_floating_point()))
+    if close:  # int8: the server rebuilt weights close to the uncompressed federation's (top-k lags by design)
+        w0, w1 = results["none"].final_weights, results[codec].final_weights
+        floats = [k for k in w0 if w0[k].is_floating_point()]
+        diff = math.sqrt(sum(float((w0[k].float() - w1[k].float()).norm() ** 2) for k in floats))
+        assert diff < close * math.sqrt(sum(float(w0[k].float().norm() ** 2) for k in floats))

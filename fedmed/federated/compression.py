@@ -10,7 +10,9 @@ A site sends its update delta = w_site - w_global, encoded by one codec
 | int8 | int8 + one float32 scale (max abs / 127) | ~1 | scale / 2 |
 | topk | the k = ceil(fraction * numel) largest magnitudes: int32 index + float32 value | 8k / numel x 4 | the dropped values |
 
-Integer tensors (BatchNorm's ``num_batches_tracked``) are sent as they are. With error feedback
+Integer tensors (BatchNorm's ``num_batches_tracked``) and BatchNorm running statistics are sent
+as they are: they are tiny, and a sparsified or error-fed running variance can turn negative,
+which makes every later evaluation NaN. With error feedback
 (``federation.error_feedback``, default on) the site adds what the codec lost last round to the
 next update (Seide et al. 2014; Karimireddy et al. 2019), so nothing is lost for good, only late.
 The server rebuilds w_global + decoded delta and aggregates as usual.
@@ -27,6 +29,7 @@ import torch
 CODECS = ("none", "fp16", "int8", "topk")
 
 Payload = dict[str, tuple]  # key -> (kind, *arrays): what goes on the wire
+RAW_SUFFIXES = ("running_mean", "running_var")  # BatchNorm statistics: sent uncompressed
 
 
 def encode_tensor(x: torch.Tensor, codec: str, fraction: float = 0.1) -> tuple:
@@ -95,7 +98,7 @@ class UpdateEncoder:
         """Encode the update ``new - start`` (float tensors) and ``new`` (integer tensors)."""
         payload: Payload = {}
         for k, v in new.items():
-            if not v.is_floating_point():
+            if not v.is_floating_point() or k.endswith(RAW_SUFFIXES):
                 payload[k] = ("raw", v.detach().cpu().clone())
                 continue
             delta = v.detach().cpu().float() - start[k].detach().cpu().float()
