@@ -10,9 +10,10 @@ A site sends its update delta = w_site - w_global, encoded by one codec
 | int8 | int8 + one float32 scale (max abs / 127) | ~1 | scale / 2 |
 | topk | the k = ceil(fraction * numel) largest magnitudes: int32 index + float32 value | 8k / numel x 4 | the dropped values |
 
-Integer tensors (BatchNorm's ``num_batches_tracked``) and BatchNorm running statistics are sent
-as they are: they are tiny, and a sparsified or error-fed running variance can turn negative,
-which makes every later evaluation NaN. With error feedback
+Integer tensors (BatchNorm's ``num_batches_tracked``) are sent as they are. BatchNorm running
+statistics are sent as values in float16 with lossy codecs (as they are with ``none``), never as
+sparsified or error-fed deltas: those can turn a running variance negative, which makes every
+later evaluation NaN. With error feedback
 (``federation.error_feedback``, default on) the site adds what the codec lost last round to the
 next update (Seide et al. 2014; Karimireddy et al. 2019), so nothing is lost for good, only late.
 The server rebuilds w_global + decoded delta and aggregates as usual.
@@ -29,7 +30,7 @@ import torch
 CODECS = ("none", "fp16", "int8", "topk")
 
 Payload = dict[str, tuple]  # key -> (kind, *arrays): what goes on the wire
-RAW_SUFFIXES = ("running_mean", "running_var")  # BatchNorm statistics: sent uncompressed
+STAT_SUFFIXES = ("running_mean", "running_var")  # BatchNorm statistics: sent as float16 values
 
 
 def encode_tensor(x: torch.Tensor, codec: str, fraction: float = 0.1) -> tuple:
@@ -98,8 +99,11 @@ class UpdateEncoder:
         """Encode the update ``new - start`` (float tensors) and ``new`` (integer tensors)."""
         payload: Payload = {}
         for k, v in new.items():
-            if not v.is_floating_point() or k.endswith(RAW_SUFFIXES):
+            if not v.is_floating_point():
                 payload[k] = ("raw", v.detach().cpu().clone())
+                continue
+            if k.endswith(STAT_SUFFIXES) and self.codec != "none":
+                payload[k] = ("v16", v.detach().cpu().to(torch.float16))
                 continue
             delta = v.detach().cpu().float() - start[k].detach().cpu().float()
             if self.error_feedback and k in self.residual:
@@ -131,6 +135,11 @@ def decode_update(payload: Payload, global_w: Mapping[str, torch.Tensor]) -> dic
             raise ValueError(f"{k}: not an encoded tensor")
         if item[0] == "raw":
             out[k] = item[1]
+            continue
+        if item[0] == "v16":  # a value, not a delta
+            if item[1].numel() != ref.numel():
+                raise ValueError(f"{k}: decoded {item[1].numel()} values for a tensor of {ref.numel()}")
+            out[k] = item[1].to(ref.dtype).reshape(ref.shape)
             continue
         out[k] = (ref.to(torch.float32) + decode_tensor(item, ref)).to(ref.dtype)
     return out
