@@ -105,3 +105,18 @@ def test_missing_mandatory_value_is_named(isolated, capsys):
 def test_explain_configs_compose(isolated):
     cfg = compose("explain", [*isolated, "checkpoint=x.pt", "data=breastmnist"])
     assert cfg.method == "gradcam" and cfg.data.name == "breastmnist"
+
+
+def test_every_primary_config_composes(isolated):
+    """Each verb's own config (configs/<verb>.yaml) composes, with its mandatory values given."""
+    needs = {"explain": ["checkpoint=x.pt"], "audit_privacy": ["checkpoint=x.pt"]}
+    verbs = sorted(p.stem for p in config_dir().glob("*.yaml"))
+    assert {"fit", "explain", "data_check", "serve", "audit_privacy"} <= set(verbs)
+    for verb in verbs:
+        cfg = compose(verb, [*isolated[:1], *needs.get(verb, [])]) if verb == "data_check" else \
+            compose(verb, [*isolated, *needs.get(verb, [])])
+        assert cfg.data.name == "pneumoniamnist", verb
+    serve = compose("serve", isolated)
+    assert serve.federation.server == "0.0.0.0:8080" and serve.privacy.audit == "loss"
+    assert set(groups("serve")) >= {"data", "model", "privacy", "federation"}
+    assert compose("audit_privacy", [*isolated, "checkpoint=x.pt"]).privacy.audit == "lira"

@@ -173,3 +173,24 @@ def test_a_site_killed_mid_round_is_survived(tmp_path):
     assert any(k.startswith("excluded.round_") and k.endswith(".hospital_c") for k in parent.data.tags)
     trained = client.get_metric_history(parent.info.run_id, "sites_trained")
     assert trained[-1].value == 2  # the last round went on with the two survivors
+
+
+def test_a_node_with_a_wrong_token_is_refused(tmp_path):
+    port = free_port()
+    (tmp_path / "tokens.json").write_text('{"hospital_a": "s3cret-a", "hospital_b": "s3cret-b"}')
+    (tmp_path / "wrong.txt").write_text("guess\n")
+    args = [*common(tmp_path, rounds=1, epochs=1), f"federation.server=127.0.0.1:{port}",
+            "federation.sites=[hospital_a,hospital_b]"]
+    logs = {n: tmp_path / f"{n}.log" for n in ("server", "hospital_a")}
+    procs = {"server": fedmed(["serve", *args, f"federation.auth.tokens_file={tmp_path / 'tokens.json'}",
+                               "federation.connect_timeout=25"], logs["server"])}
+    started(procs, logs)
+    procs["hospital_a"] = fedmed(["fit", "site=hospital_a", *args, f"federation.auth.token_file={tmp_path / 'wrong.txt'}",
+                                  "federation.connect_timeout=40"], logs["hospital_a"])
+    procs["server"].wait(120)
+    procs["hospital_a"].kill()
+    text = logs["server"].read_text()
+    assert procs["server"].returncode != 0
+    assert "site hospital_a presented a wrong token; refused" in text
+    assert "never connected: hospital_a, hospital_b" in text  # the impostor never became a site
+    assert "round 1/1" not in text  # and no weights were ever sent

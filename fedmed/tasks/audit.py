@@ -125,7 +125,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         names = [trained.site.name] if mode == "local" else list(trained.federation.sites)
         members = [pipeline.site(read_manifest(site_config(trained, s).manifest)).train for s in names]
     non_members = [pipeline.dataset("val")]
-    results = audit_model(trained, net, members, non_members, cfg.privacy.audit, ckpt.get("epochs"))
+    results = audit_model(trained, net, members, non_members, cfg.privacy.audit,
+                          cfg.get("epochs") or ckpt.get("epochs"))
     run_id = tracker.start_run(f"audit-privacy-{cfg.privacy.audit}",
                                {"role": "audit", "dataset": cfg.data.name, "checkpoint": str(cfg.checkpoint)},
                                parent_id=ckpt.get("run_id"))
