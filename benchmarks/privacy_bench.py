@@ -60,11 +60,11 @@ def main() -> None:
         vals = [f(r) for r in rs]
         return "-" if any(v is None for v in vals) else ms(vals)
 
-    print("\n| run | test ACC | test AUROC | loss-attack AUC | LiRA AUC | LiRA TPR@0.1%FPR | max site epsilon "
+    print("\n| run | test ACC | test AUROC | loss-attack AUC | LiRA-offline AUC | LiRA-offline TPR@0.1%FPR | max site epsilon "
           "| update KB / site / round | s / round |")
     print("|---|---|---|---|---|---|---|---|---|")
     for label, rs in rows.items():
-        lira = [r["attacks"].get("lira") for r in rs]
+        lira = [r["attacks"].get("lira-offline") for r in rs]
         per_round = statistics.mean(r["seconds"] / max(r["rounds"], 1) for r in rs) if rs[0]["rounds"] else None
         print(f"| {label} | {ms([r['acc'] for r in rs])} | {ms([r['auroc'] for r in rs])} "
               f"| {ms([r['attacks']['loss']['auc'] for r in rs])} "

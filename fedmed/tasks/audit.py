@@ -83,8 +83,8 @@ def audit_model(cfg: DictConfig, net: torch.nn.Module, members: list[ArrayDatase
 
         log.info("membership audit: training %d shadow models (%d images, %d epochs each) for LiRA",
                  p.audit_shadows, len(rest) + len(x) // 2, epochs)
-        results.append(lira_attack(net, x, y, is_member, train_shadow, int(p.audit_shadows), cfg.seed,
-                                   progress=lambda s: log.info("  shadow model %d/%d done", s, p.audit_shadows)))
+        results += lira_attack(net, x, y, is_member, train_shadow, int(p.audit_shadows), cfg.seed,
+                               progress=lambda s: log.info("  shadow model %d/%d done", s, p.audit_shadows))
     for r in results:
         log.info("membership audit, %s attack: AUC %.3f, TPR@1%%FPR %.3f, TPR@0.1%%FPR %.3f (%d vs %d)",
                  r.name, r.auc, r.tpr_at_1pct, r.tpr_at_01pct, r.members, r.non_members)
