@@ -182,6 +182,8 @@ def run_parallel(cfg: DictConfig) -> dict[str, Any]:
     cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
     cfg.federation.server = f"127.0.0.1:{port}"
     cfg.federation.parallel = 0
+    if gpus:
+        cfg.trainer.devices = 1  # each worker sees exactly its one GPU (CUDA_VISIBLE_DEVICES below)
     source = instantiate(cfg.data.source)
     source.ensure_available()
     write_partition(cfg, source)  # once, before the workers read their manifests
