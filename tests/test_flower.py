@@ -101,7 +101,8 @@ def final_weights(checkpoints: Path) -> dict[str, torch.Tensor]:
     return torch.load(path, map_location="cpu", weights_only=False)["global"]
 
 
-def test_flower_federation_equals_in_process_and_uses_tls(tmp_path):
+def test_flower_federation_equals_in_process_and_uses_tls(tmp_path, monkeypatch):
+    monkeypatch.setenv("FEDMED_DATA_DIR", str(DATA_DIR))
     port = free_port()
     certs = make_certificates(tmp_path)
     base = common(tmp_path, rounds=2, epochs=1)
@@ -118,10 +119,16 @@ def test_flower_federation_equals_in_process_and_uses_tls(tmp_path):
     server_log = logs["server"].read_text()
     assert "(TLS)" in server_log and "site hospital_c connected" in server_log
 
-    # the same federation in one process, from the same seed and data
-    ref_log = tmp_path / "inprocess.log"
-    ref = fedmed(["fit", *base, f"federation.checkpoint_dir={tmp_path / 'ckpt_local'}"], ref_log)
-    assert ref.wait(400) == 0, ref_log.read_text()[-3000:]
+    # the same federation in one process (this one, one thread like the workers), from the same seed and data
+    from fedmed.config import compose
+    from fedmed.tasks import fit
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        fit.run(compose("fit", [*base, f"federation.checkpoint_dir={tmp_path / 'ckpt_local'}"]))
+    finally:
+        torch.set_num_threads(threads)
     # and with federation.parallel: every site in its own worker process, all training at once
     par_log = tmp_path / "parallel.log"
     par = fedmed(["fit", *base, "federation.parallel=3", f"federation.checkpoint_dir={tmp_path / 'ckpt_parallel'}"],
@@ -175,22 +182,22 @@ def test_a_site_killed_mid_round_is_survived(tmp_path):
     assert trained[-1].value == 2  # the last round went on with the two survivors
 
 
-def test_a_node_with_a_wrong_token_is_refused(tmp_path):
+def test_a_node_with_a_wrong_token_is_refused(caplog):
+    """Flower's real gRPC server and client, in this process: an impostor never becomes a site."""
+    import threading
+
+    from fedmed.errors import FedmedError
+    from fedmed.federated.flower import FlowerServer, run_site
+    from tests.test_orchestrator import clients
+
     port = free_port()
-    (tmp_path / "tokens.json").write_text('{"hospital_a": "s3cret-a", "hospital_b": "s3cret-b"}')
-    (tmp_path / "wrong.txt").write_text("guess\n")
-    args = [*common(tmp_path, rounds=1, epochs=1), f"federation.server=127.0.0.1:{port}",
-            "federation.sites=[hospital_a,hospital_b]"]
-    logs = {n: tmp_path / f"{n}.log" for n in ("server", "hospital_a")}
-    procs = {"server": fedmed(["serve", *args, f"federation.auth.tokens_file={tmp_path / 'tokens.json'}",
-                               "federation.connect_timeout=25"], logs["server"])}
-    started(procs, logs)
-    procs["hospital_a"] = fedmed(["fit", "site=hospital_a", *args, f"federation.auth.token_file={tmp_path / 'wrong.txt'}",
-                                  "federation.connect_timeout=40"], logs["hospital_a"])
-    procs["server"].wait(120)
-    procs["hospital_a"].kill()
-    text = logs["server"].read_text()
-    assert procs["server"].returncode != 0
-    assert "site hospital_a presented a wrong token; refused" in text
-    assert "never connected: hospital_a, hospital_b" in text  # the impostor never became a site
-    assert "round 1/1" not in text  # and no weights were ever sent
+    server = FlowerServer(f"127.0.0.1:{port}")
+    impostor = clients((20,))[0]  # claims to be site s0
+    threading.Thread(target=run_site, args=(impostor, f"127.0.0.1:{port}", None, "guess"), kwargs={"max_wait": 20},
+                     daemon=True).start()
+    try:
+        with pytest.raises(FedmedError, match="never connected: s0"):
+            server.accept(["s0"], timeout=8, tokens={"s0": "the-right-secret"})
+    finally:
+        server.stop([])
+    assert "site s0 presented a wrong token; refused" in caplog.text

@@ -15,6 +15,8 @@ Layout of ``data_manifests/<dataset>/<partition>/<site>.json``::
 from __future__ import annotations
 
 import json
+import os
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,10 +47,14 @@ class Manifest:
 
 
 def write_manifest(manifest: Manifest, path: str | Path) -> Path:
-    """Write atomically (temp file + rename), so an interrupted run never leaves half a manifest."""
+    """Write atomically (temp file + rename), so an interrupted run never leaves half a manifest.
+
+    The temp name is unique per writer: site processes started together may write the same
+    (deterministic) manifests at once.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".json.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
     with open(tmp, "w") as f:
         json.dump(manifest.to_json(), f, indent=1)
         f.write("\n")
