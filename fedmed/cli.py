@@ -72,7 +72,7 @@ EXAMPLES = {
 
 
 def _verbs_text() -> str:
-    return "\n".join(f"  {v:<11} {d}" for v, d in VERBS.items())
+    return "\n".join(f"  {v:<14} {d}" for v, d in VERBS.items())
 
 
 def config_name(verb: str) -> str:
