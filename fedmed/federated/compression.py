@@ -27,10 +27,12 @@ from typing import Any
 
 import torch
 
+from fedmed.federated.aggregation import BN_MEAN, BN_VAR
+
 CODECS = ("none", "fp16", "int8", "topk")
 
 Payload = dict[str, tuple]  # key -> (kind, *arrays): what goes on the wire
-STAT_SUFFIXES = ("running_mean", "running_var")  # BatchNorm statistics: sent as float16 values
+STAT_SUFFIXES = (BN_MEAN, BN_VAR)  # BatchNorm statistics: sent as float16 values
 
 
 def encode_tensor(x: torch.Tensor, codec: str, fraction: float = 0.1) -> tuple:
@@ -55,9 +57,7 @@ def encode_tensor(x: torch.Tensor, codec: str, fraction: float = 0.1) -> tuple:
 def decode_tensor(item: tuple, like: torch.Tensor) -> torch.Tensor:
     """The wire form -> a float32 tensor shaped like ``like``; raises ``ValueError`` if it does not fit."""
     kind = item[0]
-    if kind == "f32":
-        out = item[1].to(torch.float32)
-    elif kind == "f16":
+    if kind in ("f32", "f16"):
         out = item[1].to(torch.float32)
     elif kind == "i8":
         out = item[1].to(torch.float32) * item[2].to(torch.float32)

@@ -126,8 +126,6 @@ def _site_app_class():
                 out = self._answer(self.site.public_key)
             elif op == "dropout_correction":
                 out = self._answer(lambda: self.site.dropout_correction(req["dropped"], req["round"], req["length"]))
-            elif op == "state":
-                out = self._answer(self.site.state_dict)
             else:
                 out = {"error": f"unknown request {op!r}", "kind": "ValueError"}
             return GetPropertiesRes(status=ok, properties={BLOB: pack(out)})

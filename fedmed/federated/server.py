@@ -56,8 +56,6 @@ def receive(result, global_w: Mapping[str, torch.Tensor]):
 
 def check_masked(length: int, result) -> str | None:
     """Why a masked update is unusable (the server cannot look inside one: only its form)."""
-    import numpy as np
-
     if not isinstance(result, FitResult):
         return f"returned {type(result).__name__}, not a FitResult"
     m = result.masked

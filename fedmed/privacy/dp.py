@@ -239,4 +239,4 @@ def describe(cfg: DPConfig | None) -> str:
 
 
 __all__ = ["DPConfig", "SitePrivacy", "PrivacyBudgetExhausted", "dp_compatible", "calibrate_noise", "epsilon_of",
-           "describe", "copy", "math"]
+           "describe"]

@@ -28,8 +28,9 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from fedmed.federated.aggregation import BN_MEAN, BN_VAR, _cast
+
 FRAC_BITS = 24  # fixed-point resolution 2^-24 on n_k * w
-BN_MEAN, BN_VAR = "running_mean", "running_var"
 
 
 class MaskingKey:
@@ -130,6 +131,4 @@ def mean_state(total: np.ndarray, global_w: Mapping[str, torch.Tensor], pooled_b
     for k, ref in global_w.items():
         if pooled_bn and k.endswith(BN_VAR) and (mean_key := k[: -len(BN_VAR)] + BN_MEAN) in out:
             out[k] = out[k] - out[mean_key] ** 2
-    cast = {k: (v if ref.is_floating_point() else v.round()).to(ref.dtype) for k, (v, ref) in
-            ((k, (out[k], global_w[k])) for k in global_w)}
-    return cast, int(round(n))
+    return {k: _cast(out[k], ref) for k, ref in global_w.items()}, int(round(n))

@@ -10,6 +10,7 @@ score that shift instead of membership.) Both are drawn balanced, ``privacy.audi
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from pathlib import Path
@@ -92,11 +93,15 @@ def audit_model(cfg: DictConfig, net: torch.nn.Module, members: list[ArrayDatase
 
 
 def attack_rows(results: list[AttackResult]) -> list[dict[str, Any]]:
-    return [{"name": r.name, "auc": r.auc, "tpr_at_1pct": r.tpr_at_1pct, "tpr_at_01pct": r.tpr_at_01pct,
-             "members": r.members, "non_members": r.non_members} for r in results]
+    return [dataclasses.asdict(r) for r in results]
 
 
-def attack_metrics(results: list[AttackResult]) -> dict[str, float]:
+def site_training_sets(cfg: DictConfig, pipeline: Pipeline, sites: list[str]) -> list[ArrayDataset]:
+    """The training data each site's manifest names (the members an audit draws from)."""
+    return [pipeline.site(read_manifest(site_config(cfg, s).manifest)).train for s in sites]
+
+
+def mlflow_attack_metrics(results: list[AttackResult]) -> dict[str, float]:
     """``mia_loss_auc``, ``mia_lira_tpr_at_fpr_0.1pct``... for MLflow."""
     return {k: v for r in results for k, v in r.as_dict(f"mia_{r.name.split()[0]}_").items()
             if not (isinstance(v, float) and math.isnan(v))}
@@ -105,7 +110,7 @@ def attack_metrics(results: list[AttackResult]) -> dict[str, float]:
 def run(cfg: DictConfig) -> dict[str, Any]:
     """``fedmed audit privacy``: attack a trained model's training data, log the result under its run."""
     from fedmed.tasks.explain import load_checkpoint
-    from fedmed.tasks.fit import build_net
+    from fedmed.tasks.fit import build_net, resolve_mode
 
     tracker = Tracker(cfg.logger.tracking_uri, cfg.logger.experiment, cfg.logger.artifact_location)
     ckpt = load_checkpoint(str(cfg.checkpoint), tracker, Path(cfg.paths.root) / ".cache" / "audit")
@@ -118,12 +123,12 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     net, _ = build_net(trained)
     net.load_state_dict(ckpt["state_dict"])
     pipeline = Pipeline.from_config(trained.data, instantiate(cfg.data.source))
-    mode = trained.get("mode", "federated") if not trained.get("site") else "local"
+    mode = resolve_mode(trained)
     if mode == "centralized":
         members = [pipeline.dataset("train")]
     else:
-        names = [trained.site.name] if mode == "local" else list(trained.federation.sites)
-        members = [pipeline.site(read_manifest(site_config(trained, s).manifest)).train for s in names]
+        members = site_training_sets(trained, pipeline,
+                                     [trained.site.name] if mode == "local" else list(trained.federation.sites))
     non_members = [pipeline.dataset("val")]
     results = audit_model(trained, net, members, non_members, cfg.privacy.audit,
                           cfg.get("epochs") or ckpt.get("epochs"))
@@ -131,7 +136,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                                {"role": "audit", "dataset": cfg.data.name, "checkpoint": str(cfg.checkpoint)},
                                parent_id=ckpt.get("run_id"))
     tracker.log_params(run_id, OmegaConf.to_container(cfg.privacy, resolve=True))
-    tracker.log_metrics(run_id, attack_metrics(results), step=0)
+    tracker.log_metrics(run_id, mlflow_attack_metrics(results), step=0)
     tracker.log_dict(run_id, {"attacks": attack_rows(results)}, "privacy/audit.json")
     tracker.end_run(run_id, "FINISHED")
     lines = [f"membership-inference audit of {cfg.checkpoint} ({mode} model, {trained.data.name})"]

@@ -27,7 +27,7 @@ from fedmed.models.classifier import Classifier
 from fedmed.models.metrics import evaluate
 from fedmed.privacy.dp import DPConfig, describe, dp_compatible
 from fedmed.privacy.record import format_record, privacy_record
-from fedmed.tasks.audit import AUDITS, attack_metrics, attack_rows, audit_model
+from fedmed.tasks.audit import AUDITS, attack_rows, audit_model, mlflow_attack_metrics
 from fedmed.reporting import confusion_figure, fmt_bytes, partition_figure, summary_table
 from fedmed.tracking import Tracker
 
@@ -244,7 +244,7 @@ def finish(cfg: DictConfig, mode: str, sites: list[str], pipeline: Pipeline, wei
         secure_aggregation=bool(cfg.privacy.secure_aggregation), dp=dp_records, dp_setting=describe(dp),
         audit=attack_rows(attacks), num_train=num_train if num_train is not None else sum(len(d) for d in trained_on))
     tracker.log_dict(run_id, record, "privacy/record.json")
-    tracker.log_metrics(run_id, {**attack_metrics(attacks), "privacy_update_bytes_sent": record["update_bytes_sent"],
+    tracker.log_metrics(run_id, {**mlflow_attack_metrics(attacks), "privacy_update_bytes_sent": record["update_bytes_sent"],
                                  **({"dp_epsilon_max": max(d["epsilon"] for d in dp_records.values())}
                                     if dp_records else {})}, step=cfg.federation.rounds)
 

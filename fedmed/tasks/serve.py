@@ -25,6 +25,7 @@ from fedmed.tasks.fit import (
     _site_client, _site_data, build_module, build_strategy, check_privacy, dp_records_from_history, explain_rounds,
     finish, write_partition,
 )
+from fedmed.tasks.audit import site_training_sets
 from fedmed.tracking import Tracker
 
 log = logging.getLogger("fedmed")
@@ -107,7 +108,7 @@ def run(cfg: DictConfig, local_data: bool = False) -> dict[str, Any]:
         pipeline = Pipeline.from_config(cfg.data)
         pipeline.source.ensure_available()  # the server evaluates on the test split, which it must hold
         n_train = sum(int(s.info.get("num_train", 0)) for s in connected)
-        members = [pipeline.site(read_manifest(site_config(cfg, s).manifest)).train for s in sites] if local_data else []
+        members = site_training_sets(cfg, pipeline, sites) if local_data else []
         test, _ = finish(cfg, "federated", sites, pipeline, result.weights, f"round {result.round}/{fed.rounds}",
                          seconds, rows, comm, tracker, run_id, members, dp_records_from_history(result.history),
                          result.history, n_train, epochs=result.round * fed.local_epochs)
