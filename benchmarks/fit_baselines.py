@@ -24,6 +24,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seeds", type=int, nargs="+", default=[42, 43, 44])
     ap.add_argument("--no-local", action="store_true", help="skip the site-alone baselines")
+    ap.add_argument("--name", default=None, help="JSON name in bench_out/ (default fit_baselines_<data>)")
     ap.add_argument("overrides", nargs="*", help="Hydra overrides applied to every run, e.g. data=breastmnist")
     args = ap.parse_args()
     setup_logging()
@@ -36,12 +37,13 @@ def main() -> None:
         for label, extra in runs:
             t0 = time.perf_counter()
             res = fit.run(compose("fit", [*base, f"seed={seed}", *extra]))
-            rows.setdefault(label, []).append({**res["test"], "seconds": time.perf_counter() - t0, "seed": seed})
+            rows.setdefault(label, []).append({**res["test"], "seconds": time.perf_counter() - t0, "seed": seed,
+                                               "val": res["sites"]})
 
     print(f"\n{cfg.data.name}, {cfg.model.name}, partition {cfg.partition.dirname.replace(f'seed{args.seeds[-1]}', 'seed*')}, "
           f"{cfg.federation.rounds} rounds x {cfg.federation.local_epochs} local epochs; seeds {args.seeds}\n")
     print(markdown_table(rows))
-    save_json(f"fit_baselines_{cfg.data.name}", rows)
+    save_json(args.name or f"fit_baselines_{cfg.data.name}", rows)
 
 
 if __name__ == "__main__":

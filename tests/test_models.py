@@ -47,3 +47,49 @@ def test_classifier_learns_a_separable_task():
     assert module.last_val["acc"] > 0.95
     probs = module.predict_proba(x[:4])
     torch.testing.assert_close(probs.sum(-1), torch.ones(4))
+
+
+def test_cnn_stem_stride_auto_strides_large_inputs_only():
+    small = create_model("cnn", in_channels=1, num_classes=4, stem_stride="auto", image_size=64)
+    large = create_model("cnn", in_channels=1, num_classes=4, stem_stride="auto", image_size=128)
+    assert small.features.block1.conv.stride == (1, 1)
+    assert large.features.block1.conv.stride == (2, 2)
+    assert large(torch.randn(2, 1, 128, 128)).shape == (2, 4)
+    # the rectified map CAMs read is 128 / 2 / 8 = 8 px wide
+    acts = {}
+    large.get_submodule(large.target_layers[0]).register_forward_hook(lambda m, i, o: acts.setdefault("a", o))
+    large(torch.randn(1, 1, 128, 128))
+    assert acts["a"].shape[-2:] == (16, 16)  # before block3's pool
+    with pytest.raises(ValueError, match="stem_stride"):
+        create_model("cnn", stem_stride=4)
+
+
+class _BiasOnly(torch.nn.Module):
+    """A 'network' that can only learn a class prior: its logits ignore the image."""
+
+    def __init__(self, k):
+        super().__init__()
+        self.bias = torch.nn.Parameter(torch.zeros(k))
+
+    def forward(self, x):
+        return self.bias.expand(len(x), -1)
+
+
+@pytest.mark.parametrize("tau", [0.0, 1.0])
+def test_logit_adjusted_loss_learns_a_balanced_classifier(tau):
+    """With plain cross-entropy a prior-only model learns logit gaps log(pi_c / pi_0); with the
+    logit-adjusted loss (tau = 1) the site's prior is absorbed by the adjustment and the raw
+    logits come out equal: the classifier no longer favours the site's majority class."""
+    torch.manual_seed(0)
+    y = torch.tensor([0] * 720 + [1] * 240 + [2] * 40)  # a skewed site: 72% / 24% / 4%
+    ds = ArrayDataset(torch.zeros(len(y), 1, 4, 4), y)
+    module = Classifier(_BiasOnly(3), 3, lr=0.1, logit_adjust=tau)
+    module.set_label_prior(ds.y)
+    prior = torch.tensor([721, 241, 41]) / 1003.0  # add-one smoothed
+    torch.testing.assert_close(module.log_prior, prior.log())
+    trainer = L.Trainer(max_epochs=30, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, accelerator="cpu", limit_val_batches=0)
+    trainer.fit(module, make_loader(ds, 100, True))
+    gaps = module.net.bias.detach() - module.net.bias.detach()[0]
+    expected = torch.zeros(3) if tau else torch.log(torch.tensor([720, 240, 40]) / 720.0)
+    torch.testing.assert_close(gaps, expected, atol=0.05, rtol=0)

@@ -53,3 +53,27 @@ def test_site_sampling_respects_fraction_and_minimum():
         Orchestrator(sites, Strategy(), rounds=1, min_sites=3)
     with pytest.raises(ValueError, match="select"):
         Orchestrator(sites, Strategy(), rounds=1, select="best_test")
+
+
+def test_cosine_learning_rate_continues_across_rounds():
+    """A site's optimizer runs at the rate of the run epoch it is in: 3 rounds x 2 local epochs
+    follow one half cosine over 6 epochs, not one per round."""
+    seen: list[float] = []
+
+    class Recording(Classifier):
+        def on_train_epoch_start(self):
+            seen.append(self.trainer.optimizers[0].param_groups[0]["lr"])
+
+    def cosine_factory():
+        return Recording(create_model("cnn", in_channels=1, num_classes=2, hidden=16), 2, lr=1e-2,
+                          lr_schedule="cosine", min_lr_ratio=0.1)
+
+    site = SiteClient("s0", synthetic_site(0, 32, 0.5), cosine_factory, batch_size=16,
+                      trainer_kwargs={"accelerator": "cpu"}, planned_epochs=6)
+    w = cosine_factory().net.state_dict()
+    for r in (1, 2, 3):
+        w = site.train(w, r, 2).weights
+    import math
+    expected = [1e-2 * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * e / 6))) for e in range(6)]
+    assert seen == pytest.approx(expected, rel=1e-6)
+    assert seen[0] == pytest.approx(1e-2) and seen[-1] < 0.2e-2

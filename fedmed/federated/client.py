@@ -172,7 +172,7 @@ class SiteClient:
         attack, attack_scale: robustness testing only: this site poisons its updates.
         privacy: a :class:`fedmed.privacy.dp.DPConfig`: train with DP-SGD (None: off).
         planned_epochs: local epochs this site trains in the whole run (a DP target epsilon is
-            spread over them).
+            spread over them, and a cosine learning rate decays over them).
         encoder: a :class:`fedmed.federated.compression.UpdateEncoder`: send compressed updates.
     """
 
@@ -209,6 +209,8 @@ class SiteClient:
         self.seed, self.site_index = seed, site_index
         self.tracker, self.run_id = tracker, run_id
         self.module = module_factory()
+        self.module.set_label_prior(data.train.y)  # for a logit-adjusted loss: this site's own label mix
+        self.planned_epochs = planned_epochs
         self.dp = None
         if privacy is not None:
             from fedmed.privacy.dp import SitePrivacy
@@ -256,6 +258,7 @@ class SiteClient:
         m.prox_mu = float(config.get("prox_mu", 0.0))
         m.prox_ref = [p.detach().clone() for p in m.net.parameters()] if m.prox_mu > 0 else None
         m.sgd_lr = config.get("sgd_lr") if "scaffold_c" in config else None
+        m.schedule = ((round_idx - 1) * epochs, self.planned_epochs)  # the run's lr curve goes on across rounds
         start = self.get_weights()
         if "scaffold_c" in config:
             c = config["scaffold_c"]
@@ -285,7 +288,8 @@ class SiteClient:
         if "scaffold_c" in config:
             steps = max(int(trainer.global_step), 1)
             c = config["scaffold_c"]
-            c_new = {k: self._c_i[k] - c[k] + (start[k].double() - new[k].double()) / (steps * config["sgd_lr"])
+            lr = config["sgd_lr"] * sum(m.lr_factor(m.schedule[0] + e) for e in range(epochs)) / epochs  # mean rate
+            c_new = {k: self._c_i[k] - c[k] + (start[k].double() - new[k].double()) / (steps * lr)
                      for k in c}
             extras["scaffold_delta_c"] = {k: c_new[k] - self._c_i[k] for k in c}
             self._c_i = c_new
@@ -411,6 +415,7 @@ class SiteClient:
             if self.tracker and self.run_id:
                 self.tracker.log_metrics(self.run_id, m, step=epoch)
 
+        self.module.schedule = (0, epochs)
         trainer = self._trainer(epochs, [EpochProgress(self.name, "training", log_epoch), best], validate=True)
         loader = make_loader(self.data.train, self.batch_size, shuffle=True, seed=self.seed)
         gsm = None

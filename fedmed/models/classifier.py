@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import math
+
 import lightning as L
 import torch
 from torch import nn
 
 from fedmed.models.metrics import flatten_metrics, make_metrics
+
+
+LR_SCHEDULES = ("constant", "cosine")
 
 
 class Classifier(L.LightningModule):
@@ -18,6 +23,17 @@ class Classifier(L.LightningModule):
         lr: Adam learning rate.
         weight_decay: Adam weight decay.
         class_weights: optional per-class loss weights.
+        logit_adjust: tau of the logit-adjusted loss (Menon et al., ICLR 2021): training adds
+            ``tau * log(prior)`` of the training labels (:meth:`set_label_prior`) to the logits
+            before the cross-entropy, so the raw logits learn a class-balanced classifier. Each
+            federated site uses its own label mix, which removes the pull of a skewed site towards
+            its majority class. 0 is plain cross-entropy. Evaluation always uses the raw logits.
+        lr_schedule: ``constant``, or ``cosine``: the learning rate follows a half cosine from
+            ``lr`` down to ``min_lr_ratio * lr`` over the whole run's epochs, stepped per epoch.
+            The caller sets :attr:`schedule` = (first epoch, total epochs) before each fit; a
+            federated site continues the curve round after round, so its rate depends only on
+            the round (a resumed run is unchanged).
+        min_lr_ratio: the cosine schedule's final rate, as a share of ``lr``.
     """
 
     def __init__(
@@ -27,6 +43,9 @@ class Classifier(L.LightningModule):
         lr: float = 1e-3,
         weight_decay: float = 0.0,
         class_weights: list[float] | None = None,
+        logit_adjust: float = 0.0,
+        lr_schedule: str = "constant",
+        min_lr_ratio: float = 0.05,
     ):
         super().__init__()
         self.net = net
@@ -34,6 +53,12 @@ class Classifier(L.LightningModule):
         self.lr, self.weight_decay = lr, weight_decay
         weight = torch.tensor(class_weights, dtype=torch.float32) if class_weights else None
         self.loss_fn = nn.CrossEntropyLoss(weight=weight)
+        self.logit_adjust = float(logit_adjust)
+        self.log_prior = torch.zeros(num_classes)  # set from the training labels by set_label_prior
+        if lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {lr_schedule!r}")
+        self.lr_schedule, self.min_lr_ratio = lr_schedule, float(min_lr_ratio)
+        self.schedule: tuple[int, int] = (0, 1)  # (first epoch of this fit, epochs of the whole run)
         self.val_metrics = make_metrics(num_classes)
         self.last_val: dict[str, float] = {}
         # set by the site client for one round of federated training:
@@ -50,9 +75,20 @@ class Classifier(L.LightningModule):
         """Softmax class probabilities (B, num_classes)."""
         return self.net(x).softmax(-1)
 
+    def set_label_prior(self, labels: torch.Tensor) -> None:
+        """Use the class frequencies of ``labels`` (a site's training labels) for ``logit_adjust``.
+
+        Add-one smoothing keeps a class that a site lacks finite (log(1 / (n + C))).
+        """
+        counts = torch.bincount(torch.as_tensor(labels).long().flatten(), minlength=self.num_classes).double()
+        self.log_prior = ((counts + 1) / (counts.sum() + self.num_classes)).log().float()
+
     def training_step(self, batch, batch_idx):
         x, y = batch
-        loss = self.loss_fn(self.net(x), y)
+        logits = self.net(x)
+        if self.logit_adjust:
+            logits = logits + self.logit_adjust * self.log_prior.to(logits.device)
+        loss = self.loss_fn(logits, y)
         self.log("train_loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(y))
         if self.prox_mu > 0 and self.prox_ref is not None:
             prox = sum(((p - r) ** 2).sum() for p, r in zip(self.net.parameters(), self.prox_ref))
@@ -71,9 +107,22 @@ class Classifier(L.LightningModule):
         self.last_val = scalars
         self.log_dict({f"val_{k}": v for k, v in scalars.items() if "_class" not in k})
 
+    def lr_factor(self, epoch: int) -> float:
+        """The learning rate of run epoch ``epoch`` (0-based) as a share of ``lr``."""
+        if self.lr_schedule == "constant":
+            return 1.0
+        total = max(self.schedule[1], 1)
+        cos = 0.5 * (1.0 + math.cos(math.pi * min(epoch, total) / total))
+        return self.min_lr_ratio + (1.0 - self.min_lr_ratio) * cos
+
     def configure_optimizers(self):
         if self.sgd_lr is not None:
             opt = torch.optim.SGD(self.parameters(), lr=self.sgd_lr, weight_decay=self.weight_decay)
         else:
             opt = torch.optim.Adam(self.parameters(), lr=self.lr, weight_decay=self.weight_decay)
-        return self.wrap_optimizer(opt) if self.wrap_optimizer is not None else opt
+        opt = self.wrap_optimizer(opt) if self.wrap_optimizer is not None else opt
+        if self.lr_schedule == "constant":
+            return opt
+        start = self.schedule[0]
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda e: self.lr_factor(start + e))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}

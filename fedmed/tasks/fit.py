@@ -51,7 +51,10 @@ def build_net(cfg: DictConfig) -> tuple[torch.nn.Module, list[str]]:
 def build_module(cfg: DictConfig) -> Classifier:
     """The Lightning classifier for ``cfg.model`` on ``cfg.data``."""
     net, _ = build_net(cfg)
-    return Classifier(net, cfg.data.num_classes, lr=cfg.model.optimizer.lr, weight_decay=cfg.model.optimizer.weight_decay)
+    return Classifier(net, cfg.data.num_classes, lr=cfg.model.optimizer.lr, weight_decay=cfg.model.optimizer.weight_decay,
+                      logit_adjust=cfg.model.get("logit_adjust", 0.0),
+                      lr_schedule=cfg.model.optimizer.get("schedule", "constant"),
+                      min_lr_ratio=cfg.model.optimizer.get("min_lr_ratio", 0.05))
 
 
 #: strategies whose site-side part Opacus' DP-SGD cannot carry
