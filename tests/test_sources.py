@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from tests.conftest import DATA_DIR, needs
-from fedmed.data import DataError, ImageFolderSource, Pipeline, Preprocessing, TableSource
+from fedmed.data import DataError, ImageFolderSource, Pipeline, Preprocessing, TableSource, make_loader
 from fedmed.data.check import check_dataset
 from fedmed.data.sites import build_manifests
 from fedmed.errors import DataNotFoundError, FedmedError
@@ -230,13 +230,36 @@ def test_augmentation_is_seeded_and_for_training_only(tmp_path):
     train, test = p.dataset("train", train=True), p.dataset("test", train=True)  # same call for both kinds
     assert type(train).__name__ == "AugmentedDataset" and type(p.dataset("val")).__name__ == "ArrayDataset"
 
-    def epoch(seed):
-        train.reseed(seed)
-        return torch.stack([train[i][0] for i in range(len(train))])
+    def epoch(seed):  # through the loader: per-image steps, then the batched rotation/zoom
+        return torch.cat([x for x, _ in make_loader(train, 4, shuffle=False, seed=seed)])
 
     a, b, c = epoch(1), epoch(1), epoch(2)
     assert torch.equal(a, b) and not torch.equal(a, c) and not torch.equal(a, train.x)
     assert test.x.shape == (12, 1, 16, 16)
+
+
+def test_batched_rotation_and_zoom():
+    from fedmed.data.transforms import BatchRandAffine
+
+    yy, xx = torch.meshgrid(torch.arange(32.0), torch.arange(32.0), indexing="ij")
+    disk = (((yy - 15.5) ** 2 + (xx - 15.5) ** 2) < 8**2).float()[None]  # a centred disk: rotation-invariant
+    batch = disk.repeat(16, 1, 1, 1)
+    off = BatchRandAffine(prob=1.0, rotate_degrees=0.0, zoom=0.0, spatial_dims=2)(batch)
+    torch.testing.assert_close(off, batch, atol=1e-5, rtol=0)  # the identity resamples exactly
+    rot = BatchRandAffine(prob=1.0, rotate_degrees=45.0, zoom=0.0, spatial_dims=2)(batch)
+    assert (rot - batch).abs().mean() < 0.02  # a disk turned is the same disk
+    aug = BatchRandAffine(prob=1.0, rotate_degrees=0.0, zoom=0.3, spatial_dims=2)
+    aug.set_random_state(3)
+    zoomed = aug(batch)
+    areas = zoomed.sum((1, 2, 3)) / disk.sum()
+    assert areas.std() > 0.05 and 0.4 < areas.min() and areas.max() < 2.1  # each image its own zoom
+    aug.set_random_state(3)
+    assert torch.equal(aug(batch), zoomed)  # seeded
+    half = BatchRandAffine(prob=0.5, rotate_degrees=0.0, zoom=0.3, spatial_dims=2)(batch)
+    untouched = (half == batch).flatten(1).all(1)
+    assert 0 < untouched.sum() < 16  # prob picks images, the others pass through as they are
+    vol = torch.rand(3, 1, 8, 8, 8)
+    assert BatchRandAffine(1.0, 10.0, 0.1, spatial_dims=3)(vol).shape == vol.shape
 
 
 # -- the validator from the command line --------------------------------------------------------

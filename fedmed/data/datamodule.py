@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, default_collate
 
 from fedmed.data.file_source import LoadFiled
 from fedmed.data.manifest import Manifest
@@ -52,20 +52,26 @@ class ArrayDataset(Dataset):
 
 
 class AugmentedDataset(ArrayDataset):
-    """Cached tensors plus MONAI random augmentation applied per sample on every access.
+    """Cached tensors plus random augmentation on every access.
 
-    :meth:`reseed` makes the augmentation a function of a seed (the site client reseeds each
-    round), so runs with the same seed see the same augmented images.
+    Per-image MONAI steps (flips, intensity jitter, cutout) run in ``__getitem__``; rotation and
+    zoom run on the whole batch in :meth:`collate` (:class:`fedmed.data.transforms.BatchRandAffine`),
+    which :func:`make_loader` uses. :meth:`reseed` makes both a function of a seed (the site
+    client reseeds each round), so runs with the same seed see the same augmented images.
     """
 
-    def __init__(self, base: ArrayDataset, augment):
+    def __init__(self, base: ArrayDataset, augment, batch_augment=None):
         super().__init__(base.x, base.y, base.ids)
-        self.augment = augment
+        self.augment, self.batch_augment = augment, batch_augment
 
     def reseed(self, seed: int) -> None:
-        self.augment.set_random_state(seed=int(seed) % (2**32))
+        for t in (self.augment, self.batch_augment):
+            if t is not None:
+                t.set_random_state(seed=int(seed) % (2**32))
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.augment is None:
+            return self.x[i], self.y[i]
         from monai.data.meta_obj import get_track_meta, set_track_meta
 
         before = get_track_meta()
@@ -75,13 +81,18 @@ class AugmentedDataset(ArrayDataset):
         finally:
             set_track_meta(before)
 
+    def collate(self, samples: list) -> tuple[torch.Tensor, torch.Tensor]:
+        x, y = default_collate(samples)
+        return (self.batch_augment(x) if self.batch_augment is not None else x), y
+
 
 def make_loader(ds: Dataset, batch_size: int, shuffle: bool, seed: int = 0) -> DataLoader:
     """A DataLoader whose order (and augmentation, if any) depends only on ``seed``."""
     gen = torch.Generator().manual_seed(seed) if shuffle else None
     if hasattr(ds, "reseed"):
         ds.reseed(seed)
-    return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, generator=gen, num_workers=0)
+    return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, generator=gen, num_workers=0,
+                      collate_fn=getattr(ds, "collate", None))
 
 
 @dataclass
@@ -126,8 +137,8 @@ class Pipeline:
     def dataset(self, split: str, rows=None, train: bool = False) -> ArrayDataset:
         """Rows of one split, preprocessed (and, for ``train``, with augmentation if configured)."""
         base = self._materialize(self.source.items(split, rows))
-        augment = augmentation_transforms(self.pre.augment, self.spatial_dims) if train else None
-        return AugmentedDataset(base, augment) if augment is not None else base
+        augment, batch = augmentation_transforms(self.pre.augment, self.spatial_dims) if train else (None, None)
+        return AugmentedDataset(base, augment, batch) if augment is not None or batch is not None else base
 
     def site(self, manifest: Manifest) -> SiteData:
         """The train/val data of a site, checked against the source (see :meth:`check_manifest`)."""

@@ -6,7 +6,8 @@ Two chains act on ``{"image": ..., "label": ...}`` items:
   orientation / 2D slice, resize, intensity scaling, denoising, contrast enhancement, z-score.
   Computed once per sample and cached (see :mod:`fedmed.data.datamodule`).
 - :func:`augmentation_transforms`: random flips, rotation, zoom, brightness/contrast jitter and
-  coarse dropout ("cutout"), applied to training samples only, on the cached tensors.
+  coarse dropout ("cutout"), applied to training samples only, on the cached tensors (rotation and
+  zoom batched: :class:`BatchRandAffine`).
 """
 
 from __future__ import annotations
@@ -27,7 +28,6 @@ from monai.transforms import (
     NormalizeIntensityd,
     Orientationd,
     RandAdjustContrastd,
-    RandAffined,
     RandCoarseDropoutd,
     RandFlipd,
     RandScaleIntensityd,
@@ -197,20 +197,64 @@ def deterministic_transforms(pre: Preprocessing, spatial_dims: int) -> Compose:
     return Compose(steps)
 
 
-def augmentation_transforms(aug: Augmentation, spatial_dims: int) -> Compose | None:
-    """Random training-time augmentation on cached tensors, or None when every step is off."""
+class BatchRandAffine:
+    """Random rotation and zoom for a whole batch at once: one draw per image, one resampling call.
+
+    MONAI's per-image ``RandAffined`` builds a sampling grid for every image (140 img/s at
+    128 px on 2 cores, 60 img/s at 28 px), which made it slower than the model step it feeds.
+    This draws each image's rotation (+-``rotate_degrees``, about every axis in 3D) and isotropic
+    zoom (1 +- ``zoom``) with probability ``prob`` and resamples the chosen images together through
+    MONAI's ``AffineTransform`` (bilinear, zero padding). :meth:`set_random_state` seeds it.
+    """
+
+    def __init__(self, prob: float, rotate_degrees: float, zoom: float, spatial_dims: int):
+        from monai.networks.layers import AffineTransform
+
+        self.prob, self.rot, self.zoom, self.dims = prob, math.radians(rotate_degrees), zoom, spatial_dims
+        self.layer = AffineTransform(normalized=True, mode="bilinear", padding_mode="zeros")
+        self.gen = torch.Generator().manual_seed(0)
+
+    def set_random_state(self, seed: int) -> None:
+        self.gen.manual_seed(int(seed))
+
+    def _rotation(self, n: int) -> torch.Tensor:
+        def axis(a: torch.Tensor, i: int, j: int) -> torch.Tensor:
+            r = torch.eye(self.dims).repeat(n, 1, 1)
+            r[:, i, i], r[:, j, j], r[:, i, j], r[:, j, i] = a.cos(), a.cos(), -a.sin(), a.sin()
+            return r
+
+        def draw() -> torch.Tensor:
+            return (torch.rand(n, generator=self.gen) * 2 - 1) * self.rot
+
+        if self.dims == 2:
+            return axis(draw(), 0, 1)
+        return axis(draw(), 0, 1) @ axis(draw(), 0, 2) @ axis(draw(), 1, 2)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, *spatial)
+        chosen = (torch.rand(len(x), generator=self.gen) < self.prob).nonzero().flatten()
+        rotation, scale = self._rotation(len(chosen)), 1 + (torch.rand(len(chosen), generator=self.gen) * 2 - 1) * self.zoom
+        if len(chosen) == 0:
+            return x
+        theta = torch.cat([rotation * scale[:, None, None], torch.zeros(len(chosen), self.dims, 1)], dim=2)
+        out = x.clone()
+        out[chosen] = self.layer(x[chosen], theta.to(x), spatial_size=tuple(x.shape[2:]))
+        return out
+
+
+def augmentation_transforms(aug: Augmentation, spatial_dims: int) -> tuple[Compose | None, BatchRandAffine | None]:
+    """Random training-time augmentation on cached tensors: (per-image steps, batched rotation/zoom).
+
+    Either is None when its steps are all off.
+    """
     if not aug.enabled:
-        return None
+        return None, None
     k = ["image"]
     steps = []
     if aug.flip_prob > 0:
         steps.append(RandFlipd(k, prob=aug.flip_prob, spatial_axis=spatial_dims - 1))
+    batch = None
     if aug.affine_prob > 0 and (aug.rotate_degrees > 0 or aug.zoom > 0):
-        r = math.radians(aug.rotate_degrees)
-        # RandAffine's scale_range s scales by 1 + U(-s, s); MONAI's affine maps output to input
-        # coordinates, so 1 + s zooms out: the sign does not matter for a symmetric range.
-        steps.append(RandAffined(k, prob=aug.affine_prob, rotate_range=(r,) if spatial_dims == 2 else (r, r, r),
-                                 scale_range=(aug.zoom,) * spatial_dims, padding_mode="zeros", mode="bilinear"))
+        batch = BatchRandAffine(aug.affine_prob, aug.rotate_degrees, aug.zoom, spatial_dims)
     if aug.brightness_prob > 0:
         steps.append(RandScaleIntensityd(k, factors=aug.brightness, prob=aug.brightness_prob))
     if aug.contrast_prob > 0:
@@ -220,4 +264,4 @@ def augmentation_transforms(aug: Augmentation, spatial_dims: int) -> Compose | N
         steps.append(RandCoarseDropoutd(k, holes=aug.cutout_holes, spatial_size=aug.cutout_size, fill_value=0.0,
                                         prob=aug.cutout_prob))
     steps.append(EnsureTyped(k, data_type="tensor", dtype=torch.float32, track_meta=False))
-    return Compose(steps)
+    return (Compose(steps) if len(steps) > 1 else None), batch

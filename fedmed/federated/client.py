@@ -16,6 +16,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from torch.utils.data import default_collate
 
 from fedmed.data.datamodule import SiteData, make_loader
 from fedmed.federated.compression import UpdateEncoder
@@ -149,6 +150,10 @@ class LabelFlipped(torch.utils.data.Dataset):
     def reseed(self, seed: int) -> None:
         if hasattr(self.base, "reseed"):
             self.base.reseed(seed)
+
+    def collate(self, samples: list):
+        collate = getattr(self.base, "collate", None)
+        return collate(samples) if collate is not None else default_collate(samples)
 
 
 ATTACKS = (None, "scale", "signflip", "labelflip")
