@@ -1,5 +1,7 @@
 """Networks: output shapes on 28 px and larger inputs, 2D and 3D; the Lightning module trains."""
 
+import math
+
 import lightning as L
 import pytest
 import torch
@@ -93,3 +95,44 @@ def test_logit_adjusted_loss_learns_a_balanced_classifier(tau):
     gaps = module.net.bias.detach() - module.net.bias.detach()[0]
     expected = torch.zeros(3) if tau else torch.log(torch.tensor([720, 240, 40]) / 720.0)
     torch.testing.assert_close(gaps, expected, atol=0.05, rtol=0)
+
+
+def _scores(logits, y, k):
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from fedmed.models.metrics import evaluate
+
+    class Fixed(torch.nn.Module):  # returns the given logits for the given inputs (their index)
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))
+
+        def forward(self, i):
+            return logits[i.long()]
+
+    return evaluate(Fixed(), DataLoader(TensorDataset(torch.arange(len(y)), y), batch_size=4), k)[0]
+
+
+def test_auroc_is_macro_over_defined_classes_and_nan_when_none_is():
+    def roc_auc_score(pos, score):  # Mann-Whitney: P(score of a positive > score of a negative)
+        a, b = score[pos], score[~pos]
+        return float((a[:, None] > b[None, :]).double().mean())
+
+    torch.manual_seed(0)
+    logits = torch.randn(40, 3)
+    y = torch.randint(0, 2, (40,))  # class 2 never occurs: its one-vs-rest AUROC is undefined
+    p = logits.softmax(-1)
+    expected = (roc_auc_score(y == 0, p[:, 0]) + roc_auc_score(y == 1, p[:, 1])) / 2
+    assert _scores(logits, y, 3)["auroc"] == pytest.approx(expected, abs=1e-6)
+    one_class = torch.ones(40, dtype=torch.long)  # a site whose validation data is all one class
+    assert math.isnan(_scores(logits, one_class, 3)["auroc"])
+
+
+def test_federated_mean_skips_sites_where_a_metric_is_undefined():
+    from fedmed.federated.client import EvalResult
+    from fedmed.federated.server import weighted_metrics
+
+    sites = [EvalResult("a", 100, {"auroc": 0.9, "loss": 0.2}), EvalResult("b", 300, {"auroc": float("nan"), "loss": 0.4})]
+    out = weighted_metrics(sites)
+    assert out["auroc"] == pytest.approx(0.9) and out["loss"] == pytest.approx(0.35)
+    assert math.isnan(weighted_metrics(sites[1:])["auroc"])

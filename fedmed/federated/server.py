@@ -175,10 +175,18 @@ class FederationResult:
 
 
 def weighted_metrics(results: Sequence[EvalResult]) -> dict[str, float]:
-    """Sample-weighted mean of each scalar metric over sites."""
-    total = sum(r.num_samples for r in results)
+    """Sample-weighted mean of each scalar metric over the sites where it is defined (not NaN).
+
+    A metric that no site defines (e.g. AUROC when every site's validation data holds one class)
+    is NaN.
+    """
     keys = set.intersection(*(set(r.metrics) for r in results))
-    return {k: sum(r.metrics[k] * r.num_samples for r in results) / total for k in sorted(keys)}
+    out = {}
+    for k in sorted(keys):
+        have = [r for r in results if not math.isnan(r.metrics[k])]
+        total = sum(r.num_samples for r in have)
+        out[k] = sum(r.metrics[k] * r.num_samples for r in have) / total if total else float("nan")
+    return out
 
 
 def site_consistency(results: Sequence[EvalResult]) -> float:

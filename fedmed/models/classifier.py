@@ -8,7 +8,7 @@ import lightning as L
 import torch
 from torch import nn
 
-from fedmed.models.metrics import flatten_metrics, make_metrics
+from fedmed.models.metrics import compute_metrics, make_metrics
 
 
 LR_SCHEDULES = ("constant", "cosine")
@@ -102,7 +102,7 @@ class Classifier(L.LightningModule):
         self.val_metrics.update(logits.softmax(-1), y)
 
     def on_validation_epoch_end(self):
-        scalars, _ = flatten_metrics(self.val_metrics.compute())
+        scalars, _ = compute_metrics(self.val_metrics)
         self.val_metrics.reset()
         self.last_val = scalars
         self.log_dict({f"val_{k}": v for k, v in scalars.items() if "_class" not in k})

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
@@ -20,7 +22,9 @@ def make_metrics(num_classes: int) -> MetricCollection:
     """Accuracy, macro precision/recall/F1, per-class F1, macro AUROC and the confusion matrix.
 
     Binary tasks are treated as 2-class multiclass: macro one-vs-rest AUROC then equals the
-    binary AUROC.
+    binary AUROC. The macro AUROC averages only the classes that have both positives and negatives
+    in the evaluated data (:func:`flatten_metrics`); it is NaN when none has, e.g. at a site whose
+    validation data holds one class (torchmetrics would count such a class as 0).
     """
     k = num_classes
     return MetricCollection(
@@ -30,18 +34,29 @@ def make_metrics(num_classes: int) -> MetricCollection:
             "recall": MulticlassRecall(k, average="macro"),
             "f1": MulticlassF1Score(k, average="macro"),
             "f1_per_class": MulticlassF1Score(k, average="none"),
-            "auroc": MulticlassAUROC(k, average="macro"),
+            "auroc": MulticlassAUROC(k, average="none"),
             "confmat": MulticlassConfusionMatrix(k),
         }
     )
+
+
+def compute_metrics(metrics: MetricCollection) -> tuple[dict[str, float], torch.Tensor]:
+    """``metrics.compute()`` flattened; undefined per-class AUROCs are left out quietly (see :func:`make_metrics`)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"No (positive|negative) samples in targets")
+        return flatten_metrics(metrics.compute())
 
 
 def flatten_metrics(values: dict[str, torch.Tensor]) -> tuple[dict[str, float], torch.Tensor]:
     """Turn a computed collection into scalar floats (``f1_class<i>`` per class) and the confusion matrix."""
     scalars: dict[str, float] = {}
     confmat = values["confmat"].cpu()
+    support = confmat.sum(1)
+    defined = (support > 0) & (support < support.sum())  # one-vs-rest AUROC needs positives and negatives
+    auroc = values["auroc"].cpu()
+    scalars["auroc"] = float(auroc[defined].mean()) if defined.any() else float("nan")
     for name, v in values.items():
-        if name == "confmat":
+        if name in ("confmat", "auroc"):
             continue
         if v.ndim == 0:
             scalars[name] = float(v)
@@ -65,6 +80,6 @@ def evaluate(model: nn.Module, loader: DataLoader, num_classes: int) -> tuple[di
         n += len(y)
         metrics.update(logits.softmax(-1), y)
     model.train(was_training)
-    scalars, confmat = flatten_metrics(metrics.compute())
+    scalars, confmat = compute_metrics(metrics)
     scalars["loss"] = loss_sum / max(n, 1)
     return scalars, confmat
