@@ -50,7 +50,7 @@ def main() -> None:
     def record(part: str, label: str, extra: list[str], seed: int) -> None:
         res = fit.run(compose("fit", [*base, f"seed={seed}", *extra]))
         rows.setdefault(part, {}).setdefault(label, []).append({**res["test"], "seed": seed, "run_id": res["run_id"],
-                                                                "seconds": res["seconds"]})
+                                                                "seconds": res["seconds"], "val": res["sites"]})
         save_json(name, rows)  # after every run: a long grid interrupted keeps what it has
 
     for seed in args.seeds:

@@ -36,12 +36,17 @@ def test_unknown_model_is_named():
         create_model("resnet")
 
 
-def test_classifier_learns_a_separable_task():
+@pytest.mark.parametrize("optimizer, lr", [("adam", 3e-3), ("sgd", 0.05)])
+def test_classifier_learns_a_separable_task(optimizer, lr):
     torch.manual_seed(0)
     y = torch.randint(0, 2, (256,))
     x = torch.randn(256, 1, 28, 28) * 0.1
     x[y == 1, :, :14] += 1.0  # class 1: bright top half
-    module = Classifier(create_model("cnn", in_channels=1, num_classes=2), 2, lr=3e-3)
+    module = Classifier(create_model("cnn", in_channels=1, num_classes=2), 2, lr=lr, optimizer=optimizer)
+    opt = module.configure_optimizers()
+    assert type(opt).__name__ == {"adam": "Adam", "sgd": "SGD"}[optimizer]
+    if optimizer == "sgd":
+        assert opt.param_groups[0]["momentum"] == 0.9 and opt.param_groups[0]["lr"] == lr
     trainer = L.Trainer(max_epochs=3, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, accelerator="cpu")
     ds = ArrayDataset(x, y)
@@ -49,6 +54,22 @@ def test_classifier_learns_a_separable_task():
     assert module.last_val["acc"] > 0.95
     probs = module.predict_proba(x[:4])
     torch.testing.assert_close(probs.sum(-1), torch.ones(4))
+
+
+def test_cnn_group_norm_has_no_batch_statistics():
+    net = create_model("cnn", in_channels=1, num_classes=2, norm="group", norm_groups=8)
+    assert not any(k.endswith("running_mean") for k in net.state_dict())
+    assert net.features.block2.norm.num_groups == 8
+    net.train()  # per-image normalisation: an image's output does not depend on the rest of the batch
+    x = torch.randn(4, 1, 28, 28)
+    torch.testing.assert_close(net.features(x)[:1], net.features(x[:1]))
+    with pytest.raises(ValueError, match="layer"):
+        create_model("cnn", norm="layer")
+
+
+def test_unknown_optimizer_is_named():
+    with pytest.raises(ValueError, match="rmsprop"):
+        Classifier(create_model("cnn", in_channels=1, num_classes=2), 2, optimizer="rmsprop")
 
 
 def test_cnn_stem_stride_auto_strides_large_inputs_only():

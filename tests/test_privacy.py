@@ -151,6 +151,7 @@ def test_privacy_combinations_that_cannot_work_are_refused(isolated):
         (["privacy.secure_aggregation=true", "federation.compression=int8"], "choose one"),
         (["privacy.secure_aggregation=true", "federation.strategy=median"], "secure_aggregation"),
         (["privacy.audit=shadow"], "privacy.audit"),
+        (["federation.strategy=fedbn", "model.net.norm=group"], "BatchNorm"),
     ):
         with pytest.raises(FedmedError, match=match):
             fit.run(compose("fit", [*isolated, "experiment=smoke", *overrides]))

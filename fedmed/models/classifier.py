@@ -12,6 +12,7 @@ from fedmed.models.metrics import compute_metrics, make_metrics
 
 
 LR_SCHEDULES = ("constant", "cosine")
+OPTIMIZERS = ("adam", "sgd")
 
 
 class Classifier(L.LightningModule):
@@ -46,6 +47,8 @@ class Classifier(L.LightningModule):
         logit_adjust: float = 0.0,
         lr_schedule: str = "constant",
         min_lr_ratio: float = 0.05,
+        optimizer: str = "adam",
+        momentum: float = 0.9,
     ):
         super().__init__()
         self.net = net
@@ -58,6 +61,9 @@ class Classifier(L.LightningModule):
         if lr_schedule not in LR_SCHEDULES:
             raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {lr_schedule!r}")
         self.lr_schedule, self.min_lr_ratio = lr_schedule, float(min_lr_ratio)
+        if optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
+        self.optimizer_name, self.momentum = optimizer, float(momentum)
         self.schedule: tuple[int, int] = (0, 1)  # (first epoch of this fit, epochs of the whole run)
         self.val_metrics = make_metrics(num_classes)
         self.last_val: dict[str, float] = {}
@@ -118,6 +124,8 @@ class Classifier(L.LightningModule):
     def configure_optimizers(self):
         if self.sgd_lr is not None:
             opt = torch.optim.SGD(self.parameters(), lr=self.sgd_lr, weight_decay=self.weight_decay)
+        elif self.optimizer_name == "sgd":
+            opt = torch.optim.SGD(self.parameters(), lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay)
         else:
             opt = torch.optim.Adam(self.parameters(), lr=self.lr, weight_decay=self.weight_decay)
         opt = self.wrap_optimizer(opt) if self.wrap_optimizer is not None else opt

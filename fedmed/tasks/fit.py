@@ -54,7 +54,9 @@ def build_module(cfg: DictConfig) -> Classifier:
     return Classifier(net, cfg.data.num_classes, lr=cfg.model.optimizer.lr, weight_decay=cfg.model.optimizer.weight_decay,
                       logit_adjust=cfg.model.get("logit_adjust", 0.0),
                       lr_schedule=cfg.model.optimizer.get("schedule", "constant"),
-                      min_lr_ratio=cfg.model.optimizer.get("min_lr_ratio", 0.05))
+                      min_lr_ratio=cfg.model.optimizer.get("min_lr_ratio", 0.05),
+                      optimizer=cfg.model.optimizer.get("name", "adam"),
+                      momentum=cfg.model.optimizer.get("momentum", 0.9))
 
 
 #: strategies whose site-side part Opacus' DP-SGD cannot carry
@@ -68,6 +70,10 @@ DP_INCOMPATIBLE = {
 def check_privacy(cfg: DictConfig, mode: str) -> None:
     """Refuse combinations that would not do what they say, before anything runs."""
     strategy = cfg.federation.strategy
+    if strategy == "fedbn" and mode == "federated" and cfg.model.net.get("norm", "batch") != "batch":
+        raise FedmedError(f"federation.strategy=fedbn with model.net.norm={cfg.model.net.norm}: FedBN keeps each "
+                          "site's BatchNorm layers local, and this model has none. Use model.net.norm=batch, "
+                          "or another strategy.")
     if dp_config(cfg) is not None and mode == "federated" and strategy in DP_INCOMPATIBLE:
         raise FedmedError(f"privacy.epsilon/noise_multiplier (DP-SGD) with federation.strategy={strategy}: "
                           f"{DP_INCOMPATIBLE[strategy]}. Use fedavg, fedadam, fedyogi or a robust aggregator.")
@@ -390,7 +396,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "mode": mode,
         "run_id": run_id,
         "test": test_metrics,
-        "sites": {site: e.metrics for _, site, _, e in site_rows},
+        "sites": {site: {**e.metrics, "n": e.num_samples} for _, site, _, e in site_rows},
         "selected": chosen,
         "seconds": seconds,
         "privacy": record,
