@@ -142,7 +142,7 @@ def test_audit_finds_an_overfit_model_and_not_a_random_one(pneumonia_small):
     assert candidates(members, non, 50, 0)[0].shape == (50,)
 
 
-def test_privacy_combinations_that_cannot_work_are_refused(isolated):
+def test_settings_that_cannot_work_are_refused_before_training(isolated):
     from fedmed.tasks import fit
 
     for overrides, match in (
@@ -152,6 +152,8 @@ def test_privacy_combinations_that_cannot_work_are_refused(isolated):
         (["privacy.secure_aggregation=true", "federation.strategy=median"], "secure_aggregation"),
         (["privacy.audit=shadow"], "privacy.audit"),
         (["federation.strategy=fedbn", "model.net.norm=group"], "BatchNorm"),
+        (["model.optimizer.name=rmsprop"], "model.optimizer.name='rmsprop'"),
+        (["model.net.norm=layer"], "model.net .*norm must be one of"),
     ):
         with pytest.raises(FedmedError, match=match):
             fit.run(compose("fit", [*isolated, "experiment=smoke", *overrides]))

@@ -23,7 +23,7 @@ from fedmed.errors import FedmedError
 from fedmed.federated import InProcessSite, Orchestrator, SiteClient, make_strategy
 from fedmed.federated.compression import UpdateEncoder
 from fedmed.federated.server import CHECKPOINT, load_checkpoint
-from fedmed.models.classifier import Classifier
+from fedmed.models.classifier import LR_SCHEDULES, OPTIMIZERS, Classifier
 from fedmed.models.metrics import evaluate
 from fedmed.privacy.dp import DPConfig, describe, dp_compatible
 from fedmed.privacy.record import format_record, privacy_record
@@ -42,7 +42,11 @@ def dp_config(cfg: DictConfig) -> DPConfig | None:
 
 def build_net(cfg: DictConfig) -> tuple[torch.nn.Module, list[str]]:
     """The network of ``cfg.model``; with DP on, made DP-compatible (BatchNorm -> GroupNorm). Returns (net, changes)."""
-    net = instantiate(cfg.model.net, _convert_="all")
+    try:
+        net = instantiate(cfg.model.net, _convert_="all")
+    except Exception as exc:  # Hydra wraps the network's own ValueError: show that, with the config key
+        cause = exc.__cause__ or exc
+        raise FedmedError(f"model.net ({cfg.model.net.get('_target_')}): {cause}") from exc
     if dp_config(cfg) is None:
         return net, []
     return dp_compatible(net)
@@ -51,6 +55,11 @@ def build_net(cfg: DictConfig) -> tuple[torch.nn.Module, list[str]]:
 def build_module(cfg: DictConfig) -> Classifier:
     """The Lightning classifier for ``cfg.model`` on ``cfg.data``."""
     net, _ = build_net(cfg)
+    opt = cfg.model.optimizer
+    for key, value, allowed in (("name", opt.get("name", "adam"), OPTIMIZERS),
+                                ("schedule", opt.get("schedule", "constant"), LR_SCHEDULES)):
+        if value not in allowed:
+            raise FedmedError(f"model.optimizer.{key}={value!r} is not one of {', '.join(allowed)}")
     return Classifier(net, cfg.data.num_classes, lr=cfg.model.optimizer.lr, weight_decay=cfg.model.optimizer.weight_decay,
                       logit_adjust=cfg.model.get("logit_adjust", 0.0),
                       lr_schedule=cfg.model.optimizer.get("schedule", "constant"),
