@@ -12,6 +12,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
@@ -44,7 +45,7 @@ def build_net(cfg: DictConfig) -> tuple[torch.nn.Module, list[str]]:
     """The network of ``cfg.model``; with DP on, made DP-compatible (BatchNorm -> GroupNorm). Returns (net, changes)."""
     try:
         net = instantiate(cfg.model.net, _convert_="all")
-    except Exception as exc:  # Hydra wraps the network's own ValueError: show that, with the config key
+    except InstantiationException as exc:  # Hydra wraps the network's own ValueError: show that, with the key
         cause = exc.__cause__ or exc
         raise FedmedError(f"model.net ({cfg.model.net.get('_target_')}): {cause}") from exc
     if dp_config(cfg) is None:
@@ -56,16 +57,13 @@ def build_module(cfg: DictConfig) -> Classifier:
     """The Lightning classifier for ``cfg.model`` on ``cfg.data``."""
     net, _ = build_net(cfg)
     opt = cfg.model.optimizer
-    for key, value, allowed in (("name", opt.get("name", "adam"), OPTIMIZERS),
-                                ("schedule", opt.get("schedule", "constant"), LR_SCHEDULES)):
-        if value not in allowed:
+    name, schedule = opt.get("name", "adam"), opt.get("schedule", "constant")
+    for key, value, allowed in (("name", name, OPTIMIZERS), ("schedule", schedule, LR_SCHEDULES)):
+        if value not in allowed:  # the Classifier checks too, but cannot name the config key
             raise FedmedError(f"model.optimizer.{key}={value!r} is not one of {', '.join(allowed)}")
-    return Classifier(net, cfg.data.num_classes, lr=cfg.model.optimizer.lr, weight_decay=cfg.model.optimizer.weight_decay,
-                      logit_adjust=cfg.model.get("logit_adjust", 0.0),
-                      lr_schedule=cfg.model.optimizer.get("schedule", "constant"),
-                      min_lr_ratio=cfg.model.optimizer.get("min_lr_ratio", 0.05),
-                      optimizer=cfg.model.optimizer.get("name", "adam"),
-                      momentum=cfg.model.optimizer.get("momentum", 0.9))
+    return Classifier(net, cfg.data.num_classes, lr=opt.lr, weight_decay=opt.weight_decay,
+                      logit_adjust=cfg.model.get("logit_adjust", 0.0), lr_schedule=schedule,
+                      min_lr_ratio=opt.get("min_lr_ratio", 0.05), optimizer=name, momentum=opt.get("momentum", 0.9))
 
 
 #: strategies whose site-side part Opacus' DP-SGD cannot carry
@@ -76,8 +74,9 @@ DP_INCOMPATIBLE = {
 }
 
 
-def check_privacy(cfg: DictConfig, mode: str) -> None:
-    """Refuse combinations that would not do what they say, before anything runs."""
+def check_settings(cfg: DictConfig, mode: str) -> None:
+    """Refuse combinations that would not do what they say (strategy vs model, DP, secure aggregation), before
+    anything runs."""
     strategy = cfg.federation.strategy
     if strategy == "fedbn" and mode == "federated" and cfg.model.net.get("norm", "batch") != "batch":
         raise FedmedError(f"federation.strategy=fedbn with model.net.norm={cfg.model.net.norm}: FedBN keeps each "
@@ -290,7 +289,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         from fedmed.tasks.serve import run_parallel
 
         return run_parallel(cfg)
-    check_privacy(cfg, mode)
+    check_settings(cfg, mode)
     dp = dp_config(cfg)
     if dp is not None:
         _, changes = build_net(cfg)

@@ -22,7 +22,7 @@ from fedmed.federated import Orchestrator
 from fedmed.federated.flower import FlowerServer, run_site as serve_site
 from fedmed.reporting import fmt_bytes
 from fedmed.tasks.fit import (
-    _site_client, _site_data, build_module, build_strategy, check_privacy, dp_records_from_history, explain_rounds,
+    _site_client, _site_data, build_module, build_strategy, check_settings, dp_records_from_history, explain_rounds,
     finish, write_partition,
 )
 from fedmed.tasks.audit import site_training_sets
@@ -73,7 +73,7 @@ def run(cfg: DictConfig, local_data: bool = False) -> dict[str, Any]:
     ``local_data``: the sites' data is on this machine too (``federation.parallel``), so the
     membership audit can use their training images.
     """
-    check_privacy(cfg, "federated")
+    check_settings(cfg, "federated")
     fed = cfg.federation
     if not fed.get("server"):
         raise FedmedError("fedmed serve needs federation.server=<host:port> to listen on")
