@@ -31,6 +31,21 @@ def test_target_layers_exist():
             assert isinstance(net.get_submodule(path), torch.nn.Module)
 
 
+def test_cnn_block_count_follows_channels_and_cams_use_the_last_block():
+    net = create_model("cnn", in_channels=1, num_classes=4, channels=[32, 64, 128, 256], stem_stride=2)
+    assert [name for name, _ in net.features.named_children()] == ["block1", "block2", "block3", "block4"]
+    assert net.target_layers == ("features.block4.act",)
+    acts = {}
+    net.get_submodule(net.target_layers[0]).register_forward_hook(lambda m, i, o: acts.setdefault("a", o))
+    assert net(torch.randn(2, 1, 128, 128)).shape == (2, 4)
+    assert acts["a"].shape == (2, 256, 8, 8)  # 128 -> 64 (stem stride) -> 32 -> 16 -> 8 after the 4th conv
+    for bad in ([], "wide"):
+        with pytest.raises(ValueError, match="channels"):
+            create_model("cnn", in_channels=1, num_classes=4, channels=bad)
+    auto = {size: create_model("cnn", in_channels=1, num_classes=4, channels="auto", image_size=size) for size in (28, 128)}
+    assert auto[28].target_layers == ("features.block3.act",) and auto[128].target_layers == ("features.block4.act",)
+
+
 def test_unknown_model_is_named():
     with pytest.raises(ValueError, match="resnet"):
         create_model("resnet")

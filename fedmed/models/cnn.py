@@ -1,4 +1,4 @@
-"""Compact CNN: three conv blocks (32/64/64) with max-pooling and a dense head. 2D or 3D."""
+"""Compact CNN: conv blocks (three by default: 32/64/64) with max-pooling and a dense head. 2D or 3D."""
 
 from __future__ import annotations
 
@@ -23,7 +23,10 @@ class CompactCNN(nn.Module):
         in_channels: image channels (1 for grey, 3 for RGB).
         num_classes: number of output classes.
         spatial_dims: 2 for images, 3 for volumes.
-        channels: widths of the three conv blocks.
+        channels: widths of the conv blocks, one block per entry. ``"auto"`` gives three
+            (32/64/64) below 96 px and four (32/64/128/256) from 96 px up: at 128 px the three
+            blocks end on 8x8 maps that see about a quarter of the image, and the brain MRI
+            centralized test accuracy went from 0.915 to 0.981 with the fourth block (README).
         hidden: width of the dense hidden layer.
         dropout: dropout before the last layer.
         stem_stride: stride of the first convolution. ``"auto"`` uses 2 when ``image_size`` >= 96:
@@ -37,16 +40,12 @@ class CompactCNN(nn.Module):
         norm_groups: groups of the GroupNorm layers (capped at the channel count).
     """
 
-    #: layer(s) whose activations the Grad-CAM family uses: the last block's rectified maps
-    #: (non-negative, as CAMs assume; the raw conv output gives all-zero maps for some classes)
-    target_layers = ("features.block3.act",)
-
     def __init__(
         self,
         in_channels: int = 1,
         num_classes: int = 2,
         spatial_dims: int = 2,
-        channels: tuple[int, int, int] = (32, 64, 64),
+        channels: tuple[int, ...] | str = (32, 64, 64),
         hidden: int = 128,
         dropout: float = 0.3,
         stem_stride: int | str = 1,
@@ -61,6 +60,10 @@ class CompactCNN(nn.Module):
             stem_stride = 2 if image_size is not None and image_size >= 96 else 1
         if stem_stride not in (1, 2):
             raise ValueError(f"stem_stride must be 1, 2 or 'auto', got {stem_stride!r}")
+        if channels == "auto":
+            channels = (32, 64, 128, 256) if image_size is not None and image_size >= 96 else (32, 64, 64)
+        if isinstance(channels, str) or len(channels) == 0:
+            raise ValueError(f"channels must be 'auto' or a list of conv block widths, got {channels!r}")
         if norm not in NORMS:
             raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
         conv = Conv[Conv.CONV, spatial_dims]
@@ -77,6 +80,9 @@ class CompactCNN(nn.Module):
             blocks.append((f"block{i}", block))
             c_in = c_out
         self.features = nn.Sequential(OrderedDict(blocks))
+        #: layer(s) whose activations the Grad-CAM family uses: the last block's rectified maps
+        #: (non-negative, as CAMs assume; the raw conv output gives all-zero maps for some classes)
+        self.target_layers = (f"features.block{len(channels)}.act",)
         grid = (3,) * spatial_dims
         self.head = nn.Sequential(
             Pool[Pool.ADAPTIVEAVG, spatial_dims](grid),  # (B,64,3,3[,3])
