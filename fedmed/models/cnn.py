@@ -10,6 +10,8 @@ from torch import nn
 
 
 NORMS = ("batch", "group")
+#: from this input side up, the ``auto`` settings stride the stem and add a fourth, wider block
+LARGE_INPUT = 96
 
 
 class CompactCNN(nn.Module):
@@ -56,12 +58,13 @@ class CompactCNN(nn.Module):
         super().__init__()
         if spatial_dims not in (2, 3):
             raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
+        large = image_size is not None and image_size >= LARGE_INPUT
         if stem_stride == "auto":
-            stem_stride = 2 if image_size is not None and image_size >= 96 else 1
+            stem_stride = 2 if large else 1
         if stem_stride not in (1, 2):
             raise ValueError(f"stem_stride must be 1, 2 or 'auto', got {stem_stride!r}")
         if channels == "auto":
-            channels = (32, 64, 128, 256) if image_size is not None and image_size >= 96 else (32, 64, 64)
+            channels = (32, 64, 128, 256) if large else (32, 64, 64)
         if isinstance(channels, str) or len(channels) == 0:
             raise ValueError(f"channels must be 'auto' or a list of conv block widths, got {channels!r}")
         if norm not in NORMS:
@@ -85,7 +88,7 @@ class CompactCNN(nn.Module):
         self.target_layers = (f"features.block{len(channels)}.act",)
         grid = (3,) * spatial_dims
         self.head = nn.Sequential(
-            Pool[Pool.ADAPTIVEAVG, spatial_dims](grid),  # (B,64,3,3[,3])
+            Pool[Pool.ADAPTIVEAVG, spatial_dims](grid),  # (B,channels[-1],3,3[,3])
             nn.Flatten(),
             nn.Linear(c_in * 3**spatial_dims, hidden),
             nn.ReLU(inplace=True),
