@@ -24,6 +24,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seeds", type=int, nargs="+", default=[42, 43, 44])
     ap.add_argument("--no-local", action="store_true", help="skip the site-alone baselines")
+    ap.add_argument("--no-central", action="store_true", help="skip the centralized baseline")
     ap.add_argument("--name", default=None, help="JSON name in bench_out/ (default fit_baselines_<data>)")
     ap.add_argument("overrides", nargs="*", help="Hydra overrides applied to every run, e.g. data=breastmnist")
     args = ap.parse_args()
@@ -32,7 +33,7 @@ def main() -> None:
     rows: dict[str, list[dict]] = {}
     for seed in args.seeds:
         cfg = compose("fit", [*base, f"seed={seed}"])
-        runs = [("federated (FedAvg)", []), ("centralized", ["mode=centralized"])]
+        runs = [("federated (FedAvg)", [])] + ([] if args.no_central else [("centralized", ["mode=centralized"])])
         runs += [] if args.no_local else [(f"local: {s}", [f"site={s}"]) for s in cfg.federation.sites]
         for label, extra in runs:
             t0 = time.perf_counter()

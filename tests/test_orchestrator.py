@@ -1,5 +1,7 @@
 """The orchestrator's round loop on small synthetic sites: it aggregates exactly what the sites return."""
 
+import math
+
 import pytest
 import torch
 
@@ -73,7 +75,36 @@ def test_cosine_learning_rate_continues_across_rounds():
     w = cosine_factory().net.state_dict()
     for r in (1, 2, 3):
         w = site.train(w, r, 2).weights
-    import math
     expected = [1e-2 * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * e / 6))) for e in range(6)]
     assert seen == pytest.approx(expected, rel=1e-6)
     assert seen[0] == pytest.approx(1e-2) and seen[-1] < 0.2e-2
+
+
+@pytest.mark.parametrize("keep", [False, True])
+def test_site_optimizer_moments_reset_or_carry_over_between_rounds(keep):
+    """model.optimizer.keep_state: a site's Adam resumes its moments and step count round after round
+    (they never leave the site); off, every round starts a fresh Adam. The cosine rate follows the run
+    either way."""
+    steps: list[int] = []
+    rates: list[float] = []
+
+    class Recording(Classifier):
+        def on_train_epoch_start(self):
+            opt = self.trainer.optimizers[0]
+            rates.append(opt.param_groups[0]["lr"])
+            state = opt.state.get(next(self.net.parameters()), {})
+            steps.append(int(state["step"]) if "step" in state else 0)
+
+    def make():
+        return Recording(create_model("cnn", in_channels=1, num_classes=2, hidden=16), 2, lr=1e-2,
+                         lr_schedule="cosine", min_lr_ratio=0.1, keep_state=keep)
+
+    site = SiteClient("s0", synthetic_site(0, 32, 0.5), make, batch_size=16,  # 2 batches per epoch
+                      trainer_kwargs={"accelerator": "cpu"}, planned_epochs=4)
+    w = make().net.state_dict()
+    for r in (1, 2):
+        w = site.train(w, r, 2).weights
+    assert steps == ([0, 2, 4, 6] if keep else [0, 2, 0, 2])
+    assert rates == pytest.approx([1e-2 * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * e / 4))) for e in range(4)])
+    if keep:  # what the site keeps after 2 rounds x 2 epochs x 2 batches: every parameter's 8 steps
+        assert site.module.optimizer_state and all(int(v["step"]) == 8 for v in site.module.optimizer_state.values())

@@ -342,14 +342,16 @@ class SiteClient:
         return dropout_correction(self._mask_key, self.name, dropped, round_idx, length)
 
     def state_dict(self) -> dict[str, Any]:
-        """What this site must keep to resume a federation: its own layers and control variate."""
+        """What this site must keep to resume a federation: its own layers, control variate and optimizer moments."""
         return {"local": self._local, "local_keys": self._local_keys, "c_i": self._c_i, "xai_prev": self._xai_prev,
+                "optimizer": self.module.optimizer_state,
                 "dp": self.dp.state_dict() if self.dp else None,
                 "encoder": self.encoder.state_dict() if self.encoder else None}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self._local, self._local_keys = state.get("local"), list(state.get("local_keys") or [])
         self._c_i, self._xai_prev = state.get("c_i"), state.get("xai_prev")
+        self.module.optimizer_state = state.get("optimizer")
         if self.dp is not None and state.get("dp"):
             self.dp.load_state_dict(state["dp"])
         if self.encoder is not None and state.get("encoder"):

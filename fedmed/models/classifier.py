@@ -35,6 +35,11 @@ class Classifier(L.LightningModule):
             federated site continues the curve round after round, so its rate depends only on
             the round (a resumed run is unchanged).
         min_lr_ratio: the cosine schedule's final rate, as a share of ``lr``.
+        optimizer: ``adam`` or ``sgd`` (with ``momentum``).
+        keep_state: each fit resumes the optimizer state (moments, step counts) that the last fit
+            ended with, kept in :attr:`optimizer_state`; the learning rate still comes from the
+            schedule. A federated site's Adam then goes on across rounds instead of restarting with
+            full-size bias-corrected steps. Not with DP-SGD or SCAFFOLD's plain SGD (they start fresh).
     """
 
     def __init__(
@@ -49,6 +54,7 @@ class Classifier(L.LightningModule):
         min_lr_ratio: float = 0.05,
         optimizer: str = "adam",
         momentum: float = 0.9,
+        keep_state: bool = False,
     ):
         super().__init__()
         self.net = net
@@ -64,6 +70,8 @@ class Classifier(L.LightningModule):
         if optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
         self.optimizer_name, self.momentum = optimizer, float(momentum)
+        self.keep_state = bool(keep_state)
+        self.optimizer_state: dict | None = None  # keep_state: the moments at the end of the last fit
         self.schedule: tuple[int, int] = (0, 1)  # (first epoch of this fit, epochs of the whole run)
         self.val_metrics = make_metrics(num_classes)
         self.last_val: dict[str, float] = {}
@@ -113,6 +121,10 @@ class Classifier(L.LightningModule):
         self.last_val = scalars
         self.log_dict({f"val_{k}": v for k, v in scalars.items() if "_class" not in k})
 
+    def on_train_end(self):
+        if self.keep_state and self.sgd_lr is None and self.wrap_optimizer is None:
+            self.optimizer_state = self.trainer.optimizers[0].state_dict()["state"]
+
     def lr_factor(self, epoch: int) -> float:
         """The learning rate of run epoch ``epoch`` (0-based) as a share of ``lr``."""
         if self.lr_schedule == "constant":
@@ -128,6 +140,9 @@ class Classifier(L.LightningModule):
             opt = torch.optim.SGD(self.parameters(), lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay)
         else:
             opt = torch.optim.Adam(self.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+        if self.keep_state and self.optimizer_state is not None and self.sgd_lr is None and self.wrap_optimizer is None:
+            fresh = opt.state_dict()
+            opt.load_state_dict({"state": self.optimizer_state, "param_groups": fresh["param_groups"]})
         opt = self.wrap_optimizer(opt) if self.wrap_optimizer is not None else opt
         if self.lr_schedule == "constant":
             return opt

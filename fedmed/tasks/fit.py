@@ -63,7 +63,8 @@ def build_module(cfg: DictConfig) -> Classifier:
             raise FedmedError(f"model.optimizer.{key}={value!r} is not one of {', '.join(allowed)}")
     return Classifier(net, cfg.data.num_classes, lr=opt.lr, weight_decay=opt.weight_decay,
                       logit_adjust=cfg.model.get("logit_adjust", 0.0), lr_schedule=schedule,
-                      min_lr_ratio=opt.get("min_lr_ratio", 0.05), optimizer=name, momentum=opt.get("momentum", 0.9))
+                      min_lr_ratio=opt.get("min_lr_ratio", 0.05), optimizer=name, momentum=opt.get("momentum", 0.9),
+                      keep_state=opt.get("keep_state", False))
 
 
 #: strategies whose site-side part Opacus' DP-SGD cannot carry
