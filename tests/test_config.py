@@ -58,6 +58,17 @@ def test_overrides_reach_the_config(isolated):
     assert (cfg.data.name, cfg.data.image_size, cfg.federation.local_epochs, cfg.federation.rounds) == ("brain_mri", 128, 1, 2)
     assert (cfg.model.logit_adjust, cfg.model.optimizer.schedule) == (1.0, "cosine")
     assert build_module(cfg).net.target_layers == ("features.block4.act",)  # 128 px: the 4-block CNN
+    assert not build_module(cfg).keep_state  # the preset's README figures: a fresh optimizer every round
+
+
+def test_default_fit_has_the_benchmarked_settings(isolated):
+    """README Results: the PneumoniaMNIST figures are of these settings; other datasets keep theirs."""
+    cfg = compose("fit", list(isolated))
+    aug = cfg.data.transforms.augment
+    assert (aug.rotate_degrees, aug.zoom, aug.affine_prob, aug.flip_prob) == (10, 0.1, 0.5, 0.0)
+    assert (cfg.federation.rounds, cfg.federation.local_epochs, cfg.federation.strategy) == (10, 2, "fedavg")
+    assert build_module(cfg).keep_state
+    assert compose("fit", [*isolated, "data=breastmnist"]).data.transforms.augment.affine_prob == 0.0
 
 
 def test_key_typo_names_key_and_suggests(isolated):
