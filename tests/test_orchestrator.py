@@ -108,3 +108,9 @@ def test_site_optimizer_moments_reset_or_carry_over_between_rounds(keep):
     assert rates == pytest.approx([1e-2 * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * e / 4))) for e in range(4)])
     if keep:  # what the site keeps after 2 rounds x 2 epochs x 2 batches: every parameter's 8 steps
         assert site.module.optimizer_state and all(int(v["step"]) == 8 for v in site.module.optimizer_state.values())
+    # a FedProx round starts a fresh optimizer and leaves the kept state alone (README: kept moments
+    # made FedProx collapse at Dirichlet 0.1)
+    kept = site.module.optimizer_state
+    steps.clear()
+    site.train(w, 3, 2, config={"prox_mu": 0.01})
+    assert steps == [0, 2] and site.module.optimizer_state is kept

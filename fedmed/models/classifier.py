@@ -39,7 +39,8 @@ class Classifier(L.LightningModule):
         keep_state: each fit resumes the optimizer state (moments, step counts) that the last fit
             ended with, kept in :attr:`optimizer_state`; the learning rate still comes from the
             schedule. A federated site's Adam then goes on across rounds instead of restarting with
-            full-size bias-corrected steps. Not with DP-SGD or SCAFFOLD's plain SGD (they start fresh).
+            full-size bias-corrected steps. Not with DP-SGD, SCAFFOLD's plain SGD or FedProx's
+            proximal term (they start fresh: kept moments made FedProx collapse at Dirichlet 0.1).
     """
 
     def __init__(
@@ -121,8 +122,13 @@ class Classifier(L.LightningModule):
         self.last_val = scalars
         self.log_dict({f"val_{k}": v for k, v in scalars.items() if "_class" not in k})
 
+    @property
+    def keeps_state(self) -> bool:
+        """Whether this fit resumes (and keeps) the optimizer state: not under DP-SGD, SCAFFOLD or FedProx."""
+        return self.keep_state and self.sgd_lr is None and self.wrap_optimizer is None and self.prox_mu == 0
+
     def on_train_end(self):
-        if self.keep_state and self.sgd_lr is None and self.wrap_optimizer is None:
+        if self.keeps_state:
             self.optimizer_state = self.trainer.optimizers[0].state_dict()["state"]
 
     def lr_factor(self, epoch: int) -> float:
@@ -140,7 +146,7 @@ class Classifier(L.LightningModule):
             opt = torch.optim.SGD(self.parameters(), lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay)
         else:
             opt = torch.optim.Adam(self.parameters(), lr=self.lr, weight_decay=self.weight_decay)
-        if self.keep_state and self.optimizer_state is not None and self.sgd_lr is None and self.wrap_optimizer is None:
+        if self.keeps_state and self.optimizer_state is not None:
             fresh = opt.state_dict()
             opt.load_state_dict({"state": self.optimizer_state, "param_groups": fresh["param_groups"]})
         opt = self.wrap_optimizer(opt) if self.wrap_optimizer is not None else opt
