@@ -12,11 +12,12 @@ import argparse
 import statistics
 import time
 
+from hydra.utils import instantiate
+
 from fedmed.cli import setup_logging
 from fedmed.config import compose, site_config
 from fedmed.data.manifest import read_manifest
 from fedmed.tasks.fit import _site_client, _site_data, write_partition
-from hydra.utils import instantiate
 
 
 def main() -> None:

@@ -23,11 +23,16 @@ import lightning as L
 import torch
 
 from fedmed.cli import setup_logging
-from fedmed.data import MedMNISTSource
-from fedmed.data import Pipeline, Preprocessing
+from fedmed.data import MedMNISTSource, Pipeline, Preprocessing
 from fedmed.data.datamodule import ArrayDataset, make_loader
 from fedmed.explain import (
-    METHODS, area_fraction, deletion_insertion, explain, randomized_copy, rank_correlation, relevance_mass,
+    METHODS,
+    area_fraction,
+    deletion_insertion,
+    explain,
+    randomized_copy,
+    rank_correlation,
+    relevance_mass,
 )
 from fedmed.models import create_model
 from fedmed.models.classifier import Classifier

@@ -17,11 +17,11 @@ import statistics
 
 import torch
 from mlflow import MlflowClient
+from results import save_json
 
 from fedmed.cli import setup_logging
 from fedmed.config import compose
 from fedmed.tasks import fit
-from results import save_json
 
 
 def machine() -> str:

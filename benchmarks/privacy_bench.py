@@ -16,10 +16,11 @@ from __future__ import annotations
 import argparse
 import statistics
 
+from results import ms, save_json
+
 from fedmed.cli import setup_logging
 from fedmed.config import compose
 from fedmed.tasks import fit
-from results import ms, save_json
 
 RUNS = {
     "none": ("no protection", []),

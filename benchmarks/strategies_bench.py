@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import argparse
 
+from results import markdown_table, save_json
+
 from fedmed.cli import setup_logging
 from fedmed.config import compose
 from fedmed.tasks import fit
-from results import save_json, markdown_table
 
 SITES = "federation.sites=[hospital_a,hospital_b,hospital_c,hospital_d]"
 

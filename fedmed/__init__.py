@@ -1,12 +1,15 @@
 """fedmed: federated, explainable medical-image classification.
 
-The package is laid out by concern:
+The package reads top to bottom (docs/architecture.md has one line per module):
 
-- ``fedmed.data``: data sources (MedMNIST), partitioning into sites, manifests, DataModules.
-- ``fedmed.models``: plain ``nn.Module`` networks in a registry, and the Lightning classifier.
-- ``fedmed.federated``: site client, orchestrator (server round loop), aggregation functions.
-- ``fedmed.tracking``: the MLflow run layout.
-- ``fedmed.tasks``: one module per CLI verb; wiring only.
+- ``fedmed.cli`` and ``fedmed.tasks``: the verbs; wiring only.
+- ``fedmed.deploy``, ``fedmed.outcome``, ``fedmed.build``: federations across processes, the end-of-run
+  report, and the builders from config to objects.
+- ``fedmed.federated``: the orchestrator (round loop), the site client and its parts, strategies, transports.
+- ``fedmed.explain``, ``fedmed.privacy``: explanations and their faithfulness; DP, secure aggregation, audits.
+- ``fedmed.data``, ``fedmed.models``, ``fedmed.aggregation``: data sources and partitions, networks and the
+  Lightning classifier, aggregation as pure functions.
+- ``fedmed.config``, ``fedmed.tracking``, ``fedmed.errors``: composition, the MLflow run layout, errors.
 """
 
 __version__ = "0.1.0"

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import logging
-import os
 import sys
 
 from fedmed import __version__
 from fedmed.errors import FedmedError
+from fedmed.logs import setup_logging
 
 VERBS = {
     "fit": "train a federation (default), one site alone (site=<name>), or centrally (mode=centralized)",
@@ -40,7 +39,8 @@ EXAMPLES = {
         "  fedmed fit experiment=smoke                 # 2 sites, 1 round, a few batches",
         "  fedmed fit data=brain_mri                   # 4-class brain tumour MRI from an image folder",
         "  fedmed fit data=ham10000                    # skin lesions; sites = the 4 acquisition sources",
-        "  fedmed fit federation.strategy=fedprox federation.mu=0.01 partition.alpha=0.1",
+        "  fedmed fit strategy=fedprox strategy.mu=0.01 partition.alpha=0.1",
+        "  fedmed fit strategy=fednova partition=quantity # sites with very different amounts of data",
         "  fedmed fit resume=<run_id>                  # continue a killed federation from its last round",
         "  fedmed fit privacy.epsilon=8                # DP-SGD at every site, epsilon 8 over the whole run",
         "  fedmed fit privacy.secure_aggregation=true  # the server sees only the sum of the updates",
@@ -96,16 +96,6 @@ def _verb_help(verb: str) -> str:
     return "\n".join(lines)
 
 
-def setup_logging() -> None:
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one bar per download floods logs
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", datefmt="%H:%M:%S"))
-    log = logging.getLogger("fedmed")
-    log.handlers[:] = [handler]
-    log.setLevel(logging.INFO)
-    log.propagate = False
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
@@ -142,9 +132,11 @@ def main(argv: list[str] | None = None) -> int:
             print(OmegaConf.to_yaml(cfg))
             return 0
         setup_logging()
+        import importlib
+
         from fedmed.tasks import TASKS
 
-        TASKS[config_name(verb)](cfg)
+        importlib.import_module(f"fedmed.tasks.{TASKS[config_name(verb)]}").run(cfg)
         return 0
     except FedmedError as exc:
         print(f"fedmed {verb}: error: {exc}", file=sys.stderr)

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import difflib
-import re
 import os
+import re
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
@@ -21,6 +21,31 @@ def config_dir() -> Path:
         if (c / "fit.yaml").exists():
             return c.resolve()
     raise FedmedError(f"no fedmed configs found (looked in {', '.join(map(str, candidates))}); set FEDMED_CONFIG_DIR")
+
+
+#: options that moved: old key -> (new key, the strategy it belongs to)
+RENAMED = {
+    "federation.mu": ("strategy.mu", "fedprox"), "federation.bn_stats": ("strategy.bn_stats", None),
+    "federation.server_lr": ("strategy.server_lr", "fedadam"), "federation.beta1": ("strategy.beta1", "fedadam"),
+    "federation.beta2": ("strategy.beta2", "fedadam"), "federation.tau": ("strategy.tau", "fedadam"),
+    "federation.scaffold_server_lr": ("strategy.server_lr", "scaffold"),
+    "federation.scaffold_local_lr": ("strategy.local_lr", "scaffold"),
+    "federation.trim_beta": ("strategy.beta", "trimmed_mean"), "federation.krum_f": ("strategy.f", "krum"),
+    "federation.krum_m": ("strategy.m", "krum"),
+}
+
+
+def check_renamed(overrides: list[str] | tuple[str, ...]) -> None:
+    """One line naming the new spelling of an option that moved (e.g. ``federation.strategy=fedprox``)."""
+    for ov in overrides:
+        key, _, value = ov.lstrip("+~").partition("=")
+        if key == "federation.strategy":
+            raise FedmedError(f"federation.strategy is now the config group strategy: use strategy={value} "
+                              "(its parameters are strategy.*, e.g. strategy.mu=0.01)")
+        if key in RENAMED:
+            new, belongs = RENAMED[key]
+            where = f" (with strategy={belongs})" if belongs else ""
+            raise FedmedError(f"{key} is now {new}{where}: use {new}={value}")
 
 
 def _register_resolvers() -> None:
@@ -97,6 +122,7 @@ def compose(verb: str, overrides: list[str] | tuple[str, ...] = ()) -> DictConfi
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
+    check_renamed(overrides)
     _register_resolvers()
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):

@@ -11,3 +11,11 @@ class DataNotFoundError(FedmedError, FileNotFoundError):
 
 class ManifestError(FedmedError, ValueError):
     """A manifest is unreadable, or names samples/labels that the site's data does not have."""
+
+
+class FederationError(FedmedError):
+    """A round could not complete (too few sites succeeded); the last round's checkpoint is intact."""
+
+
+class BudgetSpent(FederationError):
+    """Too few sites have privacy budget left for another round: the federation ends after the last one."""

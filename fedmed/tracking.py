@@ -12,11 +12,12 @@ import io
 import json
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import mlflow
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param
 
@@ -121,3 +122,55 @@ class Tracker:
             )
         # start_run(...) as a context ends the run; the caller decides the final status
         self.client.update_run(run_id, status="RUNNING")
+
+
+@dataclass
+class RunLog:
+    """One MLflow run to log to, or none (every call is then a no-op).
+
+    Args:
+        tracker: the :class:`Tracker` of the run's store.
+        run_id: the run.
+    """
+
+    tracker: Tracker | None = None
+    run_id: str | None = None
+
+    @property
+    def active(self) -> bool:
+        return self.tracker is not None and self.run_id is not None
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        if self.tracker is not None and self.run_id is not None:
+            self.tracker.log_metrics(self.run_id, metrics, step)
+
+    def log_figure(self, figure, artifact_file: str) -> None:
+        if self.tracker is not None and self.run_id is not None:
+            self.tracker.log_figure(self.run_id, figure, artifact_file)
+
+    def end(self, status: str = "FINISHED") -> None:
+        if self.tracker is not None and self.run_id is not None:
+            self.tracker.end_run(self.run_id, status)
+
+
+def exit_status(exc: BaseException | None) -> str:
+    """The MLflow status of a run that ended with ``exc`` (None: it finished)."""
+    if exc is None:
+        return "FINISHED"
+    return "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED"
+
+
+@contextmanager
+def run_status(*runs: RunLog) -> Iterator[list[RunLog]]:
+    """Own the end of MLflow runs: FINISHED when the block completes, KILLED on an interrupt, FAILED
+    on any other exception (which propagates). Runs appended to the yielded list inside the block
+    end first, in their order, then ``runs``."""
+    children: list[RunLog] = []
+    try:
+        yield children
+    except BaseException as exc:
+        for r in [*children, *runs]:
+            r.end(exit_status(exc))
+        raise
+    for r in [*children, *runs]:
+        r.end("FINISHED")

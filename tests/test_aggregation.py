@@ -4,8 +4,8 @@ import pytest
 import torch
 from torch import nn
 
-from fedmed.federated.aggregation import fedavg, state_nbytes
-from fedmed.federated.client import FitResult
+from fedmed.aggregation import fedavg, state_nbytes
+from fedmed.federated.messages import FitResult
 from fedmed.federated.strategies import Strategy
 
 
@@ -74,7 +74,7 @@ def test_one_site_is_identity_and_equal_weights_is_mean():
     torch.testing.assert_close(fedavg([a], [17])["w"], a["w"])
     torch.testing.assert_close(fedavg([a, b], [5, 5])["w"], torch.tensor([2.0, 1.0]))
     fits = [FitResult("a", a, 1), FitResult("b", b, 3)]
-    assert Strategy().aggregate(a, fits)["w"].tolist() == [2.5, 2.5]
+    assert Strategy().aggregate_fit(a, fits)["w"].tolist() == [2.5, 2.5]
 
 
 @pytest.mark.parametrize(

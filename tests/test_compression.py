@@ -6,9 +6,14 @@ import math
 import pytest
 import torch
 
-from fedmed.federated import InProcessSite, Orchestrator, Strategy
+from fedmed.federated import FederationSettings, InProcessSite, Orchestrator, Strategy
+from fedmed.federated.channel import UpdateChannel
 from fedmed.federated.compression import (
-    UpdateEncoder, decode_tensor, decode_update, encode_tensor, payload_nbytes,
+    UpdateEncoder,
+    decode_tensor,
+    decode_update,
+    encode_tensor,
+    payload_nbytes,
 )
 from tests.test_orchestrator import clients, factory
 
@@ -94,8 +99,8 @@ def test_federation_with_compressed_updates_sends_less_and_learns(codec, ratio, 
     for codec in ("none", codec):
         cs = clients()
         for c in cs:
-            c.encoder = UpdateEncoder(codec) if codec != "none" else None
-        orch = Orchestrator([InProcessSite(c) for c in cs], Strategy(), rounds=3, select="last")
+            c.channel = UpdateChannel(c.name, UpdateEncoder(codec) if codec != "none" else None)
+        orch = Orchestrator([InProcessSite(c) for c in cs], Strategy(), FederationSettings(rounds=3, select="last"))
         results[codec] = orch.run(initial)
     raw, small = results["none"].history[-1], results[codec].history[-1]
     assert small.bytes_up < ratio * raw.bytes_up

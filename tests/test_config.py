@@ -6,11 +6,11 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
+from fedmed.build import build_module, build_strategy
 from fedmed.cli import main
 from fedmed.config import compose, config_dir, groups, site_config
 from fedmed.errors import FedmedError
-from fedmed.federated.client import FitResult
-from fedmed.tasks.fit import build_module, build_strategy
+from fedmed.federated.messages import FitResult
 
 
 def all_options():
@@ -19,7 +19,8 @@ def all_options():
 
 def test_groups_cover_the_config_folder():
     g = groups("fit")
-    assert {"data", "model", "partition", "federation", "trainer", "logger", "site", "experiment"} <= set(g)
+    assert {"data", "model", "strategy", "partition", "federation", "trainer", "logger", "site", "experiment"} <= set(g)
+    assert {"fedavg", "fedprox", "scaffold", "fednova", "krum"} <= set(g["strategy"])
     assert {"pneumoniamnist", "breastmnist"} <= set(g["data"]) and {"cnn", "densenet"} <= set(g["model"])
 
 
@@ -38,7 +39,13 @@ def test_every_config_composes_and_instantiates(group, option, isolated, tmp_pat
     x = torch.zeros(2, cfg.data.in_channels, *(cfg.data.image_size,) * cfg.data.spatial_dims)
     assert module(x).shape == (2, cfg.data.num_classes)
     state = module.net.state_dict()
-    assert build_strategy(cfg).aggregate(state, [FitResult("s", state, 3)]).keys() == state.keys()
+    strategy = build_strategy(cfg, num_sites=5)  # both halves of a round, whatever the strategy (Krum: >= 5 sites)
+    part = strategy.site_part()
+    part.configure(strategy.configure_fit(state))
+    part.callbacks()
+    extras = part.after_training(state, state, 1, [1.0])
+    fits = [FitResult(f"s{k}", state, 3, extras=extras) for k in range(5)]
+    assert strategy.aggregate_fit(state, fits).keys() == state.keys()
     L.Trainer(max_epochs=1, logger=False, enable_progress_bar=False, **cfg.trainer)
     for s in cfg.federation.sites:
         site = site_config(cfg, s)
@@ -66,7 +73,7 @@ def test_default_fit_has_the_benchmarked_settings(isolated):
     cfg = compose("fit", list(isolated))
     aug = cfg.data.transforms.augment
     assert (aug.rotate_degrees, aug.zoom, aug.affine_prob, aug.flip_prob) == (10, 0.1, 0.5, 0.0)
-    assert (cfg.federation.rounds, cfg.federation.local_epochs, cfg.federation.strategy) == (10, 2, "fedavg")
+    assert (cfg.federation.rounds, cfg.federation.local_epochs, build_strategy(cfg).name) == (10, 2, "fedavg")
     assert build_module(cfg).keep_state
     assert compose("fit", [*isolated, "data=breastmnist"]).data.transforms.augment.affine_prob == 0.0
 
@@ -135,3 +142,24 @@ def test_every_primary_config_composes(isolated):
     assert serve.federation.server == "0.0.0.0:8080" and serve.privacy.audit == "loss"
     assert set(groups("serve")) >= {"data", "model", "privacy", "federation"}
     assert compose("audit_privacy", [*isolated, "checkpoint=x.pt"]).privacy.audit == "lira"
+
+
+@pytest.mark.parametrize("override,new", [
+    ("federation.strategy=fedprox", "strategy=fedprox"), ("federation.mu=0.1", "strategy.mu=0.1"),
+    ("federation.krum_f=2", "strategy.f=2"), ("federation.trim_beta=0.1", "strategy.beta=0.1"),
+    ("federation.scaffold_local_lr=0.01", "strategy.local_lr=0.01"),
+])
+def test_old_strategy_options_name_their_new_spelling(isolated, override, new, capsys):
+    with pytest.raises(FedmedError, match=f"use {new}"):
+        compose("fit", [*isolated, override])
+    assert main(["fit", *isolated, override]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and new in err[0]
+
+
+def test_strategy_group_sets_its_parameters(isolated):
+    cfg = compose("fit", [*isolated, "strategy=fedprox", "strategy.mu=0.3"])
+    s = build_strategy(cfg)
+    assert s.name == "fedprox" and s.mu == 0.3 and s.configure_fit({}) == {"prox_mu": 0.3}
+    with pytest.raises(FedmedError, match="no option 'fedavgg' for config group 'strategy'.*fedavg"):
+        compose("fit", [*isolated, "strategy=fedavgg"])

@@ -12,7 +12,7 @@ from fedmed.errors import DataNotFoundError, FedmedError, ManifestError
 
 
 def test_real_pneumoniamnist_splits(pneumonia):
-    assert pneumonia.ensure_file() == pneumonia.path
+    assert pneumonia.ensure_available() == pneumonia.path
     assert [len(pneumonia.labels(s)) for s in ("train", "val", "test")] == [4708, 524, 624]
     assert pneumonia.images("train").shape == (4708, 28, 28) and pneumonia.num_classes == 2
     assert pneumonia.class_names == ["normal", "pneumonia"]
@@ -89,13 +89,13 @@ def test_corrupt_file_is_named(pneumonia, tmp_path):
     bad = tmp_path / "pneumoniamnist.npz"
     bad.write_bytes(pneumonia.path.read_bytes()[:10_000])  # truncated copy
     with pytest.raises(FedmedError, match=r"pneumoniamnist.npz is corrupt.*md5"):
-        MedMNISTSource("pneumoniamnist", str(tmp_path)).ensure_file()
+        MedMNISTSource("pneumoniamnist", str(tmp_path)).ensure_available()
 
 
 def test_missing_file_says_where_to_put_it(tmp_path):
     src = MedMNISTSource("breastmnist", str(tmp_path / "empty"), download=False)
     with pytest.raises(DataNotFoundError, match=r"breastmnist.npz.*empty"):
-        src.ensure_file()
+        src.ensure_available()
 
 
 def test_unknown_dataset_and_size():
@@ -115,7 +115,7 @@ def test_manifest_for_other_file_is_refused(pneumonia, one_manifest, tmp_path):
 def test_absent_file_runs_medmnist_download_or_says_where_to_put_it(tmp_path):
     src = MedMNISTSource("breastmnist", str(tmp_path / "dl"))
     try:
-        path = src.ensure_file()
+        path = src.ensure_available()
     except DataNotFoundError as exc:  # no network (these machines): the advice names URL, md5 and place
         msg = str(exc)
         assert "breastmnist.npz" in msg and src.info["url"] in msg and src.expected_md5 in msg and str(src.path) in msg

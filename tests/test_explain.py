@@ -17,7 +17,7 @@ from fedmed.explain import (
     rank_correlation,
     relevance_mass,
 )
-from fedmed.models import create_model
+from fedmed.models import CompactCNN
 from fedmed.models.classifier import Classifier
 
 
@@ -39,7 +39,7 @@ def planted(n: int, seed: int, size: int = 28, blob: int = 6):
 def trained():
     L.seed_everything(0, verbose=False)
     x, y, _ = planted(1024, 0)
-    module = Classifier(create_model("cnn", in_channels=1, num_classes=2), 2, lr=3e-3)
+    module = Classifier(CompactCNN(in_channels=1, num_classes=2), 2, lr=3e-3)
     L.Trainer(max_epochs=4, logger=False, enable_checkpointing=False, enable_progress_bar=False,
               enable_model_summary=False, accelerator="cpu").fit(module, make_loader(ArrayDataset(x, y), 32, True))
     return module.net.eval()
@@ -70,7 +70,7 @@ def test_deletion_insertion_and_sanity_check(trained, method):
 
 @pytest.mark.parametrize("method", METHODS)
 def test_every_method_on_real_pneumoniamnist(pneumonia, method):
-    net = create_model("cnn", in_channels=1, num_classes=2).eval()
+    net = CompactCNN(in_channels=1, num_classes=2).eval()
     x = torch.from_numpy(pneumonia.images("test")[:6]).float().div(255).unsqueeze(1)
     maps = explain(net, x, method, batch_size=4)
     assert maps.shape == (6, 28, 28) and maps.dtype == torch.float32
@@ -83,13 +83,13 @@ def test_every_method_on_real_pneumoniamnist(pneumonia, method):
 
 @pytest.mark.parametrize("method", ["gradcam", "layercam", "saliency", "integratedgradients"])
 def test_3d_heatmaps(method):
-    net = create_model("cnn", in_channels=1, num_classes=2, spatial_dims=3).eval()
+    net = CompactCNN(in_channels=1, num_classes=2, spatial_dims=3).eval()
     maps = explain(net, torch.rand(2, 1, 16, 16, 16), method)
     assert maps.shape == (2, 16, 16, 16) and float(maps.max()) <= 1 + 1e-6
 
 
 def test_scorecam_3d_is_refused_clearly():
-    net = create_model("cnn", in_channels=1, num_classes=2, spatial_dims=3)
+    net = CompactCNN(in_channels=1, num_classes=2, spatial_dims=3)
     with pytest.raises(ValueError, match="scorecam"):
         explain(net, torch.rand(1, 1, 16, 16, 16), "scorecam")
     with pytest.raises(ValueError, match="one of"):
@@ -118,7 +118,7 @@ def test_cams_are_not_blank_for_either_class_on_real_data(pneumonia):
     L.seed_everything(0, verbose=False)
     x = torch.from_numpy(pneumonia.images("train")[:1500]).float().div(255).unsqueeze(1)
     y = torch.from_numpy(pneumonia.labels("train")[:1500])
-    module = Classifier(create_model("cnn", in_channels=1, num_classes=2), 2)
+    module = Classifier(CompactCNN(in_channels=1, num_classes=2), 2)
     L.Trainer(max_epochs=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
               enable_model_summary=False, accelerator="cpu").fit(module, make_loader(ArrayDataset(x, y), 64, True))
     net = module.net.eval()

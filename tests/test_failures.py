@@ -6,9 +6,9 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from fedmed.federated import FederationError, InProcessSite, Orchestrator, Strategy, fedavg
-from fedmed.federated.server import check_update
-from fedmed.tracking import Tracker
+from fedmed.federated import FederationError, FederationSettings, InProcessSite, Orchestrator, Strategy, fedavg
+from fedmed.federated.updates import check_update
+from fedmed.tracking import RunLog, Tracker
 from tests.test_orchestrator import clients, factory
 
 
@@ -54,7 +54,8 @@ def test_bad_sites_are_excluded_and_named(tmp_path):
     torch.manual_seed(0)
     initial = factory().net.state_dict()
     sites = [InProcessSite(good)] + [Misbehaving(c, how) for c, how in zip(bad, REASONS)]
-    result = Orchestrator(sites, Strategy(), rounds=1, select="last", tracker=tracker, run_id=run_id).run(initial)
+    result = Orchestrator(sites, Strategy(), FederationSettings(rounds=1, select="last"),
+                          RunLog(tracker, run_id)).run(initial)
     # the round went on with the good site alone: its update is the new global model
     replay = clients(sizes)[0].train(initial, 1, 1)
     for k, v in fedavg([replay.weights], [replay.num_samples]).items():
@@ -67,7 +68,8 @@ def test_bad_sites_are_excluded_and_named(tmp_path):
 
 def test_site_over_the_timeout_is_left_out():
     good, slow = clients((40, 40))
-    orch = Orchestrator([InProcessSite(good), Misbehaving(slow, "hang")], Strategy(), rounds=1, site_timeout=5)
+    orch = Orchestrator([InProcessSite(good), Misbehaving(slow, "hang")], Strategy(),
+                        FederationSettings(rounds=1, site_timeout=5))
     t0 = time.perf_counter()
     result = orch.run(factory().net.state_dict())
     assert time.perf_counter() - t0 < 25 and result.history[0].sites == ["s0"]
@@ -75,12 +77,12 @@ def test_site_over_the_timeout_is_left_out():
 
 def test_too_few_successful_sites_fail_the_round_cleanly(tmp_path):
     a, b = clients((40, 40))
-    orch = Orchestrator([Misbehaving(a, "raise"), Misbehaving(b, "nan")], Strategy(), rounds=2, min_sites=1,
-                        checkpoint_dir=tmp_path)
+    orch = Orchestrator([Misbehaving(a, "raise"), Misbehaving(b, "nan")], Strategy(),
+                        FederationSettings(rounds=2, min_sites=1), checkpoint_dir=tmp_path)
     with pytest.raises(FederationError, match=r"round 1: only 0 of 2 sites.*min_sites=1"):
         orch.run(factory().net.state_dict())
     a, b = clients((40, 40))
-    orch = Orchestrator([InProcessSite(a), Misbehaving(b, "raise")], Strategy(), rounds=1, min_sites=2)
+    orch = Orchestrator([InProcessSite(a), Misbehaving(b, "raise")], Strategy(), FederationSettings(rounds=1, min_sites=2))
     with pytest.raises(FederationError, match="only 1 of 2"):
         orch.run(factory().net.state_dict())
 

@@ -29,11 +29,12 @@ def free_port() -> int:
 
 def make_certificates(folder: Path) -> dict[str, Path]:
     """A CA and a server certificate for 127.0.0.1 / localhost (as the README's openssl commands make)."""
+    import ipaddress
+
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec
     from cryptography.x509.oid import NameOID
-    import ipaddress
 
     now = datetime.datetime.now(datetime.timezone.utc)
 

@@ -7,32 +7,34 @@ import pytest
 import torch
 
 from fedmed.data.datamodule import ArrayDataset, make_loader
-from fedmed.models import create_model
+from fedmed.models import CompactCNN, SmallInputDenseNet
 from fedmed.models.classifier import Classifier
+
+NETS = {"cnn": CompactCNN, "densenet": SmallInputDenseNet}
 
 
 @pytest.mark.parametrize("name", ["cnn", "densenet"])
 @pytest.mark.parametrize("size", [28, 64])
 def test_2d_shapes(name, size):
-    net = create_model(name, in_channels=3, num_classes=4)
+    net = NETS[name](in_channels=3, num_classes=4)
     assert net(torch.randn(2, 3, size, size)).shape == (2, 4)
 
 
 def test_3d_shapes():
-    assert create_model("cnn", in_channels=1, num_classes=2, spatial_dims=3)(torch.randn(2, 1, 28, 28, 28)).shape == (2, 2)
-    net = create_model("densenet", in_channels=1, num_classes=2, spatial_dims=3, block_config=(2, 2))
+    assert CompactCNN(in_channels=1, num_classes=2, spatial_dims=3)(torch.randn(2, 1, 28, 28, 28)).shape == (2, 2)
+    net = SmallInputDenseNet(in_channels=1, num_classes=2, spatial_dims=3, block_config=(2, 2))
     assert net(torch.randn(1, 1, 16, 16, 16)).shape == (1, 2)
 
 
 def test_target_layers_exist():
     for name in ("cnn", "densenet"):
-        net = create_model(name, in_channels=1, num_classes=2)
+        net = NETS[name](in_channels=1, num_classes=2)
         for path in net.target_layers:
             assert isinstance(net.get_submodule(path), torch.nn.Module)
 
 
 def test_cnn_block_count_follows_channels_and_cams_use_the_last_block():
-    net = create_model("cnn", in_channels=1, num_classes=4, channels=[32, 64, 128, 256], stem_stride=2)
+    net = CompactCNN(in_channels=1, num_classes=4, channels=[32, 64, 128, 256], stem_stride=2)
     assert [name for name, _ in net.features.named_children()] == ["block1", "block2", "block3", "block4"]
     assert net.target_layers == ("features.block4.act",)
     acts = {}
@@ -41,14 +43,27 @@ def test_cnn_block_count_follows_channels_and_cams_use_the_last_block():
     assert acts["a"].shape == (2, 256, 8, 8)  # 128 -> 64 (stem stride) -> 32 -> 16 -> 8 after the 4th conv
     for bad in ([], "wide"):
         with pytest.raises(ValueError, match="channels"):
-            create_model("cnn", in_channels=1, num_classes=4, channels=bad)
-    auto = {size: create_model("cnn", in_channels=1, num_classes=4, channels="auto", image_size=size) for size in (28, 128)}
+            CompactCNN(in_channels=1, num_classes=4, channels=bad)
+    auto = {size: CompactCNN(in_channels=1, num_classes=4, channels="auto", image_size=size) for size in (28, 128)}
     assert auto[28].target_layers == ("features.block3.act",) and auto[128].target_layers == ("features.block4.act",)
 
 
-def test_unknown_model_is_named():
-    with pytest.raises(ValueError, match="resnet"):
-        create_model("resnet")
+def test_model_configs_build_their_network_by_target():
+    """``configs/model/*.yaml`` choose the network by Hydra ``_target_``: the only model registry."""
+    from pathlib import Path
+
+    from hydra.errors import InstantiationException
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    configs = Path(__file__).resolve().parent.parent / "configs" / "model"
+    data = {"in_channels": 1, "num_classes": 3, "spatial_dims": 2, "image_size": 28}
+    for name, cls in NETS.items():
+        cfg = OmegaConf.create({"data": data, "model": OmegaConf.load(configs / f"{name}.yaml")})
+        net = instantiate(cfg.model.net, _convert_="all")
+        assert type(net) is cls and net(torch.randn(2, 1, 28, 28)).shape == (2, 3)
+    with pytest.raises(InstantiationException, match="fedmed.models.ResNet"):
+        instantiate({"_target_": "fedmed.models.ResNet"})
 
 
 @pytest.mark.parametrize("optimizer, lr", [("adam", 3e-3), ("sgd", 0.05)])
@@ -57,7 +72,7 @@ def test_classifier_learns_a_separable_task(optimizer, lr):
     y = torch.randint(0, 2, (256,))
     x = torch.randn(256, 1, 28, 28) * 0.1
     x[y == 1, :, :14] += 1.0  # class 1: bright top half
-    module = Classifier(create_model("cnn", in_channels=1, num_classes=2), 2, lr=lr, optimizer=optimizer)
+    module = Classifier(CompactCNN(in_channels=1, num_classes=2), 2, lr=lr, optimizer=optimizer)
     opt = module.configure_optimizers()
     assert type(opt).__name__ == {"adam": "Adam", "sgd": "SGD"}[optimizer]
     if optimizer == "sgd":
@@ -72,24 +87,24 @@ def test_classifier_learns_a_separable_task(optimizer, lr):
 
 
 def test_cnn_group_norm_has_no_batch_statistics():
-    net = create_model("cnn", in_channels=1, num_classes=2, norm="group", norm_groups=8)
+    net = CompactCNN(in_channels=1, num_classes=2, norm="group", norm_groups=8)
     assert not any(k.endswith("running_mean") for k in net.state_dict())
     assert net.features.block2.norm.num_groups == 8
     net.train()  # per-image normalisation: an image's output does not depend on the rest of the batch
     x = torch.randn(4, 1, 28, 28)
     torch.testing.assert_close(net.features(x)[:1], net.features(x[:1]))
     with pytest.raises(ValueError, match="layer"):
-        create_model("cnn", norm="layer")
+        CompactCNN(norm="layer")
 
 
 def test_unknown_optimizer_is_named():
     with pytest.raises(ValueError, match="rmsprop"):
-        Classifier(create_model("cnn", in_channels=1, num_classes=2), 2, optimizer="rmsprop")
+        Classifier(CompactCNN(in_channels=1, num_classes=2), 2, optimizer="rmsprop")
 
 
 def test_cnn_stem_stride_auto_strides_large_inputs_only():
-    small = create_model("cnn", in_channels=1, num_classes=4, stem_stride="auto", image_size=64)
-    large = create_model("cnn", in_channels=1, num_classes=4, stem_stride="auto", image_size=128)
+    small = CompactCNN(in_channels=1, num_classes=4, stem_stride="auto", image_size=64)
+    large = CompactCNN(in_channels=1, num_classes=4, stem_stride="auto", image_size=128)
     assert small.features.block1.conv.stride == (1, 1)
     assert large.features.block1.conv.stride == (2, 2)
     assert large(torch.randn(2, 1, 128, 128)).shape == (2, 4)
@@ -99,7 +114,7 @@ def test_cnn_stem_stride_auto_strides_large_inputs_only():
     large(torch.randn(1, 1, 128, 128))
     assert acts["a"].shape[-2:] == (16, 16)  # before block3's pool
     with pytest.raises(ValueError, match="stem_stride"):
-        create_model("cnn", stem_stride=4)
+        CompactCNN(stem_stride=4)
 
 
 class _BiasOnly(torch.nn.Module):
@@ -165,8 +180,8 @@ def test_auroc_is_macro_over_defined_classes_and_nan_when_none_is():
 
 
 def test_federated_mean_skips_sites_where_a_metric_is_undefined():
-    from fedmed.federated.client import EvalResult
-    from fedmed.federated.server import weighted_metrics
+    from fedmed.federated.messages import EvalResult
+    from fedmed.federated.orchestrator import weighted_metrics
 
     sites = [EvalResult("a", 100, {"auroc": 0.9, "loss": 0.2}), EvalResult("b", 300, {"auroc": float("nan"), "loss": 0.4})]
     out = weighted_metrics(sites)

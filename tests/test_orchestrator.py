@@ -6,8 +6,17 @@ import pytest
 import torch
 
 from fedmed.data.datamodule import ArrayDataset, SiteData
-from fedmed.federated import InProcessSite, Orchestrator, SiteClient, Strategy, fedavg
-from fedmed.models import create_model
+from fedmed.federated import (
+    FederationSettings,
+    InProcessSite,
+    Orchestrator,
+    SiteClient,
+    Strategy,
+    TrainingSettings,
+    fedavg,
+)
+from fedmed.federated.strategies.fedprox import ProximalTerm
+from fedmed.models import CompactCNN
 from fedmed.models.classifier import Classifier
 
 
@@ -20,18 +29,19 @@ def synthetic_site(seed: int, n: int, bias: float) -> SiteData:
 
 
 def factory():
-    return Classifier(create_model("cnn", in_channels=1, num_classes=2, hidden=16), 2, lr=1e-2)
+    return Classifier(CompactCNN(in_channels=1, num_classes=2, hidden=16), 2, lr=1e-2)
 
 
 def clients(sizes=(40, 90)):
-    return [SiteClient(f"s{k}", synthetic_site(k, n, 0.3 + 0.4 * k), factory, batch_size=16,
-                       trainer_kwargs={"accelerator": "cpu"}, seed=5, site_index=k) for k, n in enumerate(sizes)]
+    return [SiteClient(f"s{k}", synthetic_site(k, n, 0.3 + 0.4 * k), factory,
+                       TrainingSettings(batch_size=16, trainer={"accelerator": "cpu"}, seed=5), site_index=k) for k, n in enumerate(sizes)]
 
 
 def test_global_model_is_fedavg_of_site_updates():
     torch.manual_seed(0)
     initial = factory().net.state_dict()
-    orch = Orchestrator([InProcessSite(c) for c in clients()], Strategy(), rounds=2, local_epochs=1, select="last")
+    orch = Orchestrator([InProcessSite(c) for c in clients()], Strategy(),
+                        FederationSettings(rounds=2, local_epochs=1, select="last"))
     result = orch.run(initial)
     # replay by hand with fresh clients: round 1, aggregate, round 2, aggregate
     fresh = clients()
@@ -48,13 +58,13 @@ def test_global_model_is_fedavg_of_site_updates():
 
 def test_site_sampling_respects_fraction_and_minimum():
     sites = [InProcessSite(c) for c in clients((20, 20))]
-    orch = Orchestrator(sites, Strategy(), rounds=1, fraction=0.5, min_sites=1, seed=3)
+    orch = Orchestrator(sites, Strategy(), FederationSettings(rounds=1, fraction=0.5, min_sites=1, seed=3))
     picks = {tuple(s.name for s in orch.sample(r)) for r in range(1, 20)}
     assert all(len(p) == 1 for p in picks) and len(picks) == 2  # one site per round, both get picked
     with pytest.raises(ValueError, match="min_sites"):
-        Orchestrator(sites, Strategy(), rounds=1, min_sites=3)
+        Orchestrator(sites, Strategy(), FederationSettings(rounds=1, min_sites=3))
     with pytest.raises(ValueError, match="select"):
-        Orchestrator(sites, Strategy(), rounds=1, select="best_test")
+        FederationSettings(rounds=1, select="best_test")
 
 
 def test_cosine_learning_rate_continues_across_rounds():
@@ -67,11 +77,11 @@ def test_cosine_learning_rate_continues_across_rounds():
             seen.append(self.trainer.optimizers[0].param_groups[0]["lr"])
 
     def cosine_factory():
-        return Recording(create_model("cnn", in_channels=1, num_classes=2, hidden=16), 2, lr=1e-2,
+        return Recording(CompactCNN(in_channels=1, num_classes=2, hidden=16), 2, lr=1e-2,
                           lr_schedule="cosine", min_lr_ratio=0.1)
 
-    site = SiteClient("s0", synthetic_site(0, 32, 0.5), cosine_factory, batch_size=16,
-                      trainer_kwargs={"accelerator": "cpu"}, planned_epochs=6)
+    site = SiteClient("s0", synthetic_site(0, 32, 0.5), cosine_factory,
+                      TrainingSettings(batch_size=16, trainer={"accelerator": "cpu"}, planned_epochs=6))
     w = cosine_factory().net.state_dict()
     for r in (1, 2, 3):
         w = site.train(w, r, 2).weights
@@ -96,14 +106,15 @@ def test_site_optimizer_moments_reset_or_carry_over_between_rounds(keep):
             steps.append(int(state["step"]) if "step" in state else 0)
 
     def make():
-        return Recording(create_model("cnn", in_channels=1, num_classes=2, hidden=16), 2, lr=1e-2,
+        return Recording(CompactCNN(in_channels=1, num_classes=2, hidden=16), 2, lr=1e-2,
                          lr_schedule="cosine", min_lr_ratio=0.1, keep_state=keep)
 
-    site = SiteClient("s0", synthetic_site(0, 32, 0.5), make, batch_size=16,  # 2 batches per epoch
-                      trainer_kwargs={"accelerator": "cpu"}, planned_epochs=4)
+    site = SiteClient("s0", synthetic_site(0, 32, 0.5), make,  # 2 batches per epoch
+                      TrainingSettings(batch_size=16, trainer={"accelerator": "cpu"}, planned_epochs=4),
+                      part=ProximalTerm())
     w = make().net.state_dict()
     for r in (1, 2):
-        w = site.train(w, r, 2).weights
+        w = site.train(w, r, 2, {"prox_mu": 0.0}).weights  # FedProx with mu 0 is FedAvg: moments may stay
     assert steps == ([0, 2, 4, 6] if keep else [0, 2, 0, 2])
     assert rates == pytest.approx([1e-2 * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * e / 4))) for e in range(4)])
     if keep:  # what the site keeps after 2 rounds x 2 epochs x 2 batches: every parameter's 8 steps
@@ -112,5 +123,5 @@ def test_site_optimizer_moments_reset_or_carry_over_between_rounds(keep):
     # made FedProx collapse at Dirichlet 0.1)
     kept = site.module.optimizer_state
     steps.clear()
-    site.train(w, 3, 2, config={"prox_mu": 0.01})
+    site.train(w, 3, 2, {"prox_mu": 0.01})
     assert steps == [0, 2] and site.module.optimizer_state is kept

@@ -4,20 +4,22 @@ import pytest
 import torch
 
 from fedmed.data.datamodule import make_loader
-from fedmed.federated import InProcessSite, Orchestrator, SiteClient, make_strategy
+from fedmed.federated import FederationSettings, InProcessSite, Orchestrator, SiteClient, TrainingSettings
+from fedmed.federated.attack import Attack
 from fedmed.models.metrics import evaluate
+from tests.helpers import strategy as make_strategy
 from tests.test_orchestrator import factory, synthetic_site
 
 TEST = synthetic_site(99, 400, 0.5).train
 
 
 def federation(strategy: str, attack: str | None) -> float:
-    clients = [SiteClient(f"s{k}", synthetic_site(k, 60, 0.5), factory, batch_size=16,
-                          trainer_kwargs={"accelerator": "cpu"}, seed=5, site_index=k,
-                          attack=attack if k == 4 else None, attack_scale=10.0) for k in range(5)]
+    clients = [SiteClient(f"s{k}", synthetic_site(k, 60, 0.5), factory,
+                          TrainingSettings(batch_size=16, trainer={"accelerator": "cpu"}, seed=5), site_index=k,
+                          attack=Attack(attack, 10.0) if attack and k == 4 else None) for k in range(5)]
     torch.manual_seed(0)
-    orch = Orchestrator([InProcessSite(c) for c in clients], make_strategy(strategy, krum_f=1, trim_beta=0.2),
-                        rounds=3, local_epochs=1, select="last")
+    orch = Orchestrator([InProcessSite(c) for c in clients], make_strategy(strategy),
+                        FederationSettings(rounds=3, local_epochs=1, select="last"))
     weights = orch.run(factory().net.state_dict()).final_weights
     net = factory().net
     net.load_state_dict(weights)

@@ -13,11 +13,19 @@ from torch import nn
 from fedmed.config import compose
 from fedmed.data.datamodule import ArrayDataset, SiteData
 from fedmed.errors import FedmedError
-from fedmed.federated import SiteClient
-from fedmed.models import create_model
+from fedmed.federated import SiteClient, TrainingSettings
+from fedmed.models import CompactCNN, SmallInputDenseNet
 from fedmed.models.classifier import Classifier
-from fedmed.privacy.audit import candidates, lira_attack, loss_attack
-from fedmed.privacy.dp import DPConfig, PrivacyBudgetExhausted, calibrate_noise, dp_compatible, epsilon_of
+from fedmed.privacy.audit import attack_metrics, candidates, lira_attack, loss_attack
+from fedmed.privacy.dp import (
+    DPConfig,
+    PrivacyBudgetExhausted,
+    SitePrivacy,
+    calibrate_noise,
+    describe,
+    dp_compatible,
+    epsilon_of,
+)
 from tests.conftest import PNEUMONIA, needs
 
 
@@ -49,11 +57,11 @@ def test_noise_calibration_spends_the_target():
 
 
 def test_dp_replaces_batchnorm_visibly():
-    net, changes = dp_compatible(create_model("cnn", in_channels=1, num_classes=2))
+    net, changes = dp_compatible(CompactCNN(in_channels=1, num_classes=2))
     assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in net.modules())
     assert sum(isinstance(m, nn.GroupNorm) for m in net.modules()) == 3
     assert sum("BatchNorm2d -> GroupNorm" in c for c in changes) == 3
-    dense, changes = dp_compatible(create_model("densenet", in_channels=1, num_classes=2))
+    dense, changes = dp_compatible(SmallInputDenseNet(in_channels=1, num_classes=2))
     assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in dense.modules()) and changes
 
 
@@ -80,7 +88,7 @@ def pneumonia_small():
 
 
 def _dp_module():
-    net, _ = dp_compatible(create_model("cnn", in_channels=1, num_classes=2))
+    net, _ = dp_compatible(CompactCNN(in_channels=1, num_classes=2))
     return Classifier(net, 2, lr=2e-3)
 
 
@@ -89,8 +97,8 @@ def test_dp_sgd_trains_and_stops_at_its_budget(pneumonia_small):
     x, y, xt, yt = pneumonia_small
     data = SiteData(ArrayDataset(x[:1000], y[:1000]), ArrayDataset(xt, yt))
     cfg = DPConfig.from_config({"epsilon": 20.0, "delta": 1e-4})
-    client = SiteClient("h", data, _dp_module, batch_size=100, trainer_kwargs={"accelerator": "cpu"}, seed=1,
-                        privacy=cfg, planned_epochs=4)
+    client = SiteClient("h", data, _dp_module, TrainingSettings(batch_size=100, trainer={"accelerator": "cpu"}, seed=1,
+                                                                privacy=cfg, planned_epochs=4))
     w = client.get_weights()
     for r in (1, 2):
         res = client.train(w, r, 2)
@@ -104,7 +112,7 @@ def test_dp_sgd_trains_and_stops_at_its_budget(pneumonia_small):
         client.train(w, 3, 1)
     assert client.dp.epsilon <= 20.0  # the refused round spent nothing
     # a resumed federation restores each site's accountant with the rest of its state
-    again = SiteClient("h", data, _dp_module, batch_size=100, seed=1, privacy=cfg, planned_epochs=4)
+    again = SiteClient("h", data, _dp_module, TrainingSettings(batch_size=100, seed=1, privacy=cfg, planned_epochs=4))
     again.load_state_dict(client.state_dict())
     assert again.dp.epsilon == client.dp.epsilon and again.dp.noise_multiplier == client.dp.noise_multiplier
 
@@ -121,7 +129,7 @@ def test_audit_finds_an_overfit_model_and_not_a_random_one(pneumonia_small):
 
     def train(idx: np.ndarray, seed: int, epochs: int = 60) -> nn.Module:
         torch.manual_seed(seed)
-        net = create_model("cnn", in_channels=1, num_classes=2, dropout=0.0)
+        net = CompactCNN(in_channels=1, num_classes=2, dropout=0.0)
         opt = torch.optim.Adam(net.parameters(), lr=3e-3)
         xi, yi = cx[idx], cy[idx]
         for _ in range(epochs):
@@ -134,7 +142,7 @@ def test_audit_finds_an_overfit_model_and_not_a_random_one(pneumonia_small):
 
     overfit = train(np.arange(120), 0)  # memorises its 120 members
     torch.manual_seed(1)
-    untrained = create_model("cnn", in_channels=1, num_classes=2).eval()
+    untrained = CompactCNN(in_channels=1, num_classes=2).eval()
     assert loss_attack(overfit, cx, cy, is_member).auc > 0.8
     assert abs(loss_attack(untrained, cx, cy, is_member).auc - 0.5) < 0.08
     online, offline = lira_attack(overfit, cx, cy, is_member, train, shadows=4, seed=0)  # shadows trained like the target
@@ -146,12 +154,12 @@ def test_settings_that_cannot_work_are_refused_before_training(isolated):
     from fedmed.tasks import fit
 
     for overrides, match in (
-        (["privacy.epsilon=1", "federation.strategy=fedprox"], "fedprox"),
-        (["privacy.epsilon=1", "federation.strategy=scaffold"], "scaffold"),
+        (["privacy.epsilon=1", "strategy=fedprox"], "fedprox"),
+        (["privacy.epsilon=1", "strategy=scaffold"], "scaffold"),
         (["privacy.secure_aggregation=true", "federation.compression=int8"], "choose one"),
-        (["privacy.secure_aggregation=true", "federation.strategy=median"], "secure_aggregation"),
+        (["privacy.secure_aggregation=true", "strategy=median"], "secure_aggregation"),
         (["privacy.audit=shadow"], "privacy.audit"),
-        (["federation.strategy=fedbn", "model.net.norm=group"], "BatchNorm"),
+        (["strategy=fedbn", "model.net.norm=group"], "BatchNorm"),
         (["model.optimizer.name=rmsprop"], "model.optimizer.name='rmsprop'"),
         (["model.net.norm=layer"], "model.net .*norm must be one of"),
     ):
@@ -188,3 +196,78 @@ def test_fit_with_dp_and_secure_aggregation_records_privacy_and_audits(isolated,
     audits = client.search_runs(parent.info.experiment_id, "tags.role = 'audit'")
     assert audits and audits[0].data.tags["mlflow.parentRunId"] == parent.info.run_id
     assert "mia_loss_auc" in audits[0].data.metrics
+
+
+def _gdp_mu(history: list) -> float:
+    """mu of the CLT approximation (Bu et al. 2020) for Poisson-subsampled Gaussian steps, composed over history."""
+    return math.sqrt(sum(q * q * steps * math.expm1(sigma**-2) for sigma, q, steps in history))
+
+
+def test_gdp_epsilon_composes_the_whole_history():
+    history = [(1.2, 0.05, 100), (1.2, 0.05, 100), (2.0, 0.05, 50)]
+    exact = exact_gaussian_epsilon(_gdp_mu(history), 1e-5)
+    assert epsilon_of(history, 1e-5, "gdp") == pytest.approx(exact, rel=1e-4)
+    assert epsilon_of(history[:2], 1e-5, "gdp") == pytest.approx(epsilon_of([(1.2, 0.05, 200)], 1e-5, "gdp"), rel=1e-9)
+    assert epsilon_of([(1e4, 0.01, 10)], 1e-5, "gdp") == 0.0  # so little spent that delta alone covers it
+
+
+def test_a_gdp_report_counts_every_round_before_the_next():
+    cfg = DPConfig.from_config({"noise_multiplier": 1.0, "accountant": "gdp"})
+    site = SitePrivacy(cfg, num_samples=1000, batch_size=50, planned_epochs=4)  # q = 1/20, 20 steps an epoch
+    for _ in range(3 * site.steps_per_epoch):  # three epochs trained
+        site._record_step(None)
+    spent = exact_gaussian_epsilon(_gdp_mu([(1.0, 0.05, 60)]), 1e-5)
+    assert site.epsilon == pytest.approx(spent, rel=1e-4)
+    # the prediction for one more epoch is for all 80 steps, not for the 20 of that epoch alone
+    assert site.check_budget(1, "a") == pytest.approx(exact_gaussian_epsilon(_gdp_mu([(1.0, 0.05, 80)]), 1e-5), rel=1e-4)
+    assert "gdp accountant (an approximation, not an upper bound)" in describe(cfg)
+
+
+def test_gdp_neither_calibrates_noise_nor_enforces_a_budget():
+    """GDP (a central-limit approximation) can under-state epsilon: it may only report, never decide."""
+    for privacy in ({"epsilon": 8.0, "accountant": "gdp"}, {"noise_multiplier": 1.0, "budget": 3.0, "accountant": "gdp"}):
+        with pytest.raises(FedmedError, match=r"^privacy\.accountant=gdp .*rdp or prv"):
+            DPConfig.from_config(privacy)
+    with pytest.raises(FedmedError, match="privacy.accountant"):
+        calibrate_noise(8.0, 1e-5, 0.1, 40, "gdp")
+    cfg = DPConfig(noise_multiplier=1.0, budget=3.0, accountant="gdp")  # built around from_config
+    with pytest.raises(FedmedError, match="privacy.accountant"):
+        SitePrivacy(cfg, num_samples=1000, batch_size=50, planned_epochs=4).check_budget(1, "a")
+
+
+def test_the_budget_check_counts_every_round():
+    """A round that alone stays well inside the budget is refused once the run as a whole would pass it."""
+    cfg = DPConfig.from_config({"noise_multiplier": 1.0, "budget": 3.0})
+    site = SitePrivacy(cfg, num_samples=1000, batch_size=50, planned_epochs=10)
+    epochs = 0
+    while epochs < 50:
+        try:
+            site.check_budget(1, "a")
+        except PrivacyBudgetExhausted:
+            break
+        for _ in range(site.steps_per_epoch):
+            site._record_step(None)
+        epochs += 1
+    assert 1 < epochs < 50 and site.epsilon <= 3.0
+    assert epsilon_of([(1.0, 0.05, (epochs + 1) * 20)], 1e-5, "rdp") > 3.0  # the refused epoch would have passed it
+
+
+def test_attack_metrics_rank_raw_scores_like_scikit_learn():
+    """Large raw scores (LiRA likelihood ratios, logit gaps) keep their order: nothing squashes them into ties."""
+    from sklearn.metrics import roc_auc_score, roc_curve
+
+    rng = np.random.default_rng(0)
+    non = rng.normal(0.0, 1.0, 1000)
+    non[:2] = [55.0, 50.0]  # two confident false positives
+    members = np.r_[np.linspace(60.0, 80.0, 20), rng.normal(1.0, 1.0, 980)]  # 20 members above them all
+    scores, is_member = np.r_[members, non], np.r_[np.ones(1000), np.zeros(1000)]
+    fpr, tpr, _ = roc_curve(is_member, scores)
+    ref_low = float(tpr[fpr <= 0.001].max())
+    assert ref_low == pytest.approx(0.02)
+    res = attack_metrics("raw", scores, is_member)
+    assert res.tpr_at_01pct == pytest.approx(ref_low)
+    assert res.tpr_at_1pct == pytest.approx(float(tpr[fpr <= 0.01].max()))
+    assert res.auc == pytest.approx(roc_auc_score(is_member, scores), abs=1e-12)
+    # ties count half, as in scikit-learn
+    tied = np.round(scores)
+    assert attack_metrics("tied", tied, is_member).auc == pytest.approx(roc_auc_score(is_member, tied), abs=1e-12)

@@ -18,7 +18,7 @@ ROUNDS = 4
 
 def _cmd(isolated, ckpt_dir, *extra):
     return [sys.executable, "-m", "fedmed.cli", "fit", "experiment=smoke", f"federation.rounds={ROUNDS}",
-            "explain.every_n_rounds=0", "logger.log_model=false", "federation.strategy=fedadam",
+            "explain.every_n_rounds=0", "logger.log_model=false", "strategy=fedadam",
             f"federation.checkpoint_dir={ckpt_dir}", *isolated, *extra]
 
 

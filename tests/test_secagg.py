@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from fedmed.errors import FedmedError
-from fedmed.federated import InProcessSite, Orchestrator, Strategy, fedavg, make_strategy
+from fedmed.federated import FederationSettings, InProcessSite, Orchestrator, Strategy, fedavg
 from fedmed.privacy import secagg as sa
+from tests.helpers import strategy as make_strategy
 from tests.test_orchestrator import clients, factory
 
 
@@ -95,7 +96,7 @@ def test_federation_under_secure_aggregation_matches_plain_fedavg():
     for secure in (False, True):
         a, b, c = clients((40, 60, 30))
         sites = [InProcessSite(a), InProcessSite(b), DropsAfterMasking(c)]
-        orch = Orchestrator(sites, Strategy(), rounds=2, select="last", secure_aggregation=secure)
+        orch = Orchestrator(sites, Strategy(), FederationSettings(rounds=2, select="last", secure_aggregation=secure))
         runs[secure] = orch.run(initial)
     plain, secure = runs[False], runs[True]
     for k, v in plain.final_weights.items():
@@ -110,6 +111,44 @@ def test_secure_aggregation_refuses_what_needs_single_updates():
     sites = [InProcessSite(c) for c in clients((20, 20, 20))]
     for name in ("median", "trimmed_mean"):
         with pytest.raises(FedmedError, match="secure_aggregation"):
-            Orchestrator(sites, make_strategy(name), rounds=1, secure_aggregation=True)
+            Orchestrator(sites, make_strategy(name), FederationSettings(rounds=1, secure_aggregation=True))
     with pytest.raises(FedmedError, match="at least 2"):
-        Orchestrator(sites[:1], Strategy(), rounds=1, secure_aggregation=True)
+        Orchestrator(sites[:1], Strategy(), FederationSettings(rounds=1, secure_aggregation=True))
+
+
+def _ring_sum(vectors):
+    total = np.zeros(len(vectors[0]), dtype=np.uint64)
+    for v in vectors:
+        total = total + sa.to_ring(v)
+    return total
+
+
+def test_a_sum_that_would_wrap_the_ring_is_refused_at_the_site():
+    """Four sites at 0.6 * 2^62 each fit the ring alone, but their sum (2.4 * 2^62 > 2^63) wraps to the wrong sign."""
+    big = 0.6 * 2.0**62 / 2.0**sa.FRAC_BITS
+    vectors = [np.array([big, -big, 1.0, 10.0]) for _ in range(4)]
+    wrapped = sa.from_ring(_ring_sum(vectors))
+    assert wrapped[0] < 0 < wrapped[1]  # what an unchecked sum gives: the mean has the wrong sign
+    names = [f"site{k}" for k in range(4)]
+    keys = {n: sa.MaskingKey() for n in names}
+    peers = {n: keys[n].public for n in names}
+    for n in names:
+        with pytest.raises(FedmedError, match=r"privacy\.secure_aggregation.*4 sites"):
+            sa.mask(vectors[0], keys[n], n, peers, 1)
+    # the same value is fine when only two sites add up
+    two = {n: peers[n] for n in names[:2]}
+    masked = [sa.mask(vectors[0], keys[n], n, two, 1) for n in names[:2]]
+    assert np.array_equal(sa.unmask_sum(masked, []), 2 * sa.from_ring(sa.to_ring(vectors[0])))
+
+
+def test_the_largest_contribution_allowed_still_sums_exactly():
+    limit = sa.contribution_limit(4)
+    assert limit * 4 <= 2.0**63
+    edge = np.nextafter(limit, 0) / 2.0**sa.FRAC_BITS  # the largest value a site of four may send
+    vectors = [np.array([edge, -edge, 2.0**-sa.FRAC_BITS, 7.0]) for _ in range(4)]
+    names = [f"site{k}" for k in range(4)]
+    keys = {n: sa.MaskingKey() for n in names}
+    peers = {n: keys[n].public for n in names}
+    total = sa.unmask_sum([sa.mask(v, keys[n], n, peers, 2) for v, n in zip(vectors, names)], [])
+    assert total[0] == 4 * sa.from_ring(sa.to_ring(vectors[0]))[0] > 0 and total[1] < 0
+    assert total[2] == 4 * 2.0**-sa.FRAC_BITS and total[3] == 28.0

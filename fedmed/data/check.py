@@ -9,8 +9,10 @@ collected with the file's name, and all problems are reported together.
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any
 
 from fedmed.data.datamodule import Pipeline, _root_fedmed_error
 from fedmed.data.manifest import Manifest
@@ -19,6 +21,16 @@ from fedmed.errors import FedmedError, ManifestError
 
 @dataclass
 class CheckReport:
+    """What :func:`check_dataset` found.
+
+    Args:
+        dataset: the dataset's name.
+        counts: per split, the number of images of each class name.
+        shapes: the number of images of each preprocessed shape.
+        problems: one line per problem, naming the file or manifest.
+        checked: samples decoded and preprocessed.
+    """
+
     dataset: str
     counts: dict[str, Counter] = field(default_factory=dict)  # split -> class name -> images
     shapes: Counter = field(default_factory=Counter)           # preprocessed shape -> images
@@ -30,7 +42,7 @@ class CheckReport:
         return not self.problems
 
 
-def check_dataset(pipe: Pipeline, splits=("train", "val", "test"), manifests: list[Manifest] = (),
+def check_dataset(pipe: Pipeline, splits: Sequence[str] = ("train", "val", "test"), manifests: Sequence[Manifest] = (),
                   workers: int = 2, progress: bool = False) -> CheckReport:
     """Decode and preprocess every sample of ``splits``; check ``manifests`` against the data."""
     src = pipe.source
@@ -38,7 +50,7 @@ def check_dataset(pipe: Pipeline, splits=("train", "val", "test"), manifests: li
     report.problems += list(getattr(src, "problems", []))
     transform = pipe.deterministic()
 
-    def one(item):
+    def one(item: dict[str, Any]) -> tuple[dict[str, Any], tuple[int, ...] | None, str | None]:
         if not 0 <= item["label"] < src.num_classes:
             return item, None, f"{item.get('path', item['id'])}: label {item['label']} outside 0..{src.num_classes - 1}"
         try:
@@ -62,7 +74,7 @@ def check_dataset(pipe: Pipeline, splits=("train", "val", "test"), manifests: li
                 from tqdm import tqdm
 
                 results = tqdm(results, total=len(items), desc=f"checking {split}", leave=False)
-            for item, shape, problem in results:
+            for _item, shape, problem in results:
                 report.checked += 1
                 if problem:
                     report.problems.append(problem)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -21,7 +20,9 @@ from torch.utils.data import DataLoader, Dataset, default_collate
 from fedmed.data.file_source import LoadFiled
 from fedmed.data.manifest import Manifest
 from fedmed.data.medmnist_source import md5sum
-from fedmed.data.transforms import Preprocessing, augmentation_transforms, deterministic_transforms
+from fedmed.data.preprocessing import Preprocessing
+from fedmed.data.source import DataSource, Rows
+from fedmed.data.transforms import augmentation_transforms, deterministic_transforms
 from fedmed.errors import FedmedError, ManifestError
 
 log = logging.getLogger("fedmed")
@@ -37,7 +38,13 @@ def to_tensor(images: np.ndarray) -> torch.Tensor:
 
 
 class ArrayDataset(Dataset):
-    """(image, label) pairs held as tensors: x (N,C,H,W[,D]) float32, y (N,) int64."""
+    """(image, label) pairs held as tensors: x (N,C,H,W[,D]) float32, y (N,) int64.
+
+    Args:
+        x: the images.
+        y: the labels.
+        ids: the sample ids (default ``"0"``, ``"1"``, ...).
+    """
 
     def __init__(self, x: torch.Tensor, y: torch.Tensor, ids: list[str] | None = None):
         if len(x) != len(y):
@@ -58,6 +65,11 @@ class AugmentedDataset(ArrayDataset):
     zoom run on the whole batch in :meth:`collate` (:class:`fedmed.data.transforms.BatchRandAffine`),
     which :func:`make_loader` uses. :meth:`reseed` makes both a function of a seed (the site
     client reseeds each round), so runs with the same seed see the same augmented images.
+
+    Args:
+        base: the cached tensors.
+        augment: per-image MONAI transform (a ``Compose``), or None.
+        batch_augment: batched rotation/zoom, or None.
     """
 
     def __init__(self, base: ArrayDataset, augment, batch_augment=None):
@@ -109,7 +121,7 @@ class Pipeline:
         workers: threads (memory) or processes (disk) that compute the cache.
     """
 
-    source: Any
+    source: DataSource
     pre: Preprocessing
     spatial_dims: int = 2
     cache: str = "memory"
@@ -131,10 +143,11 @@ class Pipeline:
 
         return cls(source if source is not None else instantiate(data_cfg.source),
                    Preprocessing.from_config(data_cfg.get("transforms")), int(data_cfg.get("spatial_dims", 2)),
-                   str(data_cfg.get("cache", "memory")), data_cfg.get("cache_dir"), int(data_cfg.get("cache_workers", 2)))
+                   str(data_cfg.get("cache", "memory")), data_cfg.get("cache_dir"),
+                   int(data_cfg.get("cache_workers", 2)))
 
     # -- datasets -------------------------------------------------------------------------
-    def dataset(self, split: str, rows=None, train: bool = False) -> ArrayDataset:
+    def dataset(self, split: str, rows: Rows = None, train: bool = False) -> ArrayDataset:
         """Rows of one split, preprocessed (and, for ``train``, with augmentation if configured)."""
         base = self._materialize(self.source.items(split, rows))
         augment, batch = augmentation_transforms(self.pre.augment, self.spatial_dims) if train else (None, None)
@@ -173,7 +186,8 @@ class Pipeline:
                     raise ManifestError(f"manifest of site {manifest.site} names {item['image']!r}, "
                                         f"which {src.identity['file']} does not have")
                 if where[0] == "test":
-                    raise ManifestError(f"manifest of site {manifest.site} puts test sample {item['image']} in {section}")
+                    raise ManifestError(f"manifest of site {manifest.site} puts test sample {item['image']} "
+                                        f"in {section}")
                 if where[0] != split:
                     raise ManifestError(f"manifest of site {manifest.site} puts {where[0]} sample {item['image']} "
                                         f"in {section}")
@@ -207,21 +221,21 @@ class Pipeline:
         return ArrayDataset(x, y, [it["id"] for it in items])
 
     def _run_cache(self, items: list[dict], transform) -> list[torch.Tensor]:
+        import sys
+
         from monai.data import CacheDataset, PersistentDataset
         from monai.data.utils import pickle_hashing
-
-        import sys
 
         from_files = isinstance(transform.transforms[0], LoadFiled)
         progress = len(items) >= 1000 and from_files and sys.stderr.isatty()
         if self.cache == "memory" or not from_files:  # arrays in memory: nothing to save on disk
-            ds = CacheDataset(items, transform, cache_rate=1.0, num_workers=self.workers, progress=progress,
-                              copy_cache=False)
-            return [ds[i]["image"] for i in range(len(ds))]
+            cached = CacheDataset(items, transform, cache_rate=1.0, num_workers=self.workers, progress=progress,
+                                  copy_cache=False)
+            return [cached[i]["image"] for i in range(len(cached))]
         cache_dir = Path(self.cache_dir or ".cache") / self.source.name
         cache_dir.mkdir(parents=True, exist_ok=True)
-        ds = PersistentDataset(items, transform, cache_dir=cache_dir, hash_transform=pickle_hashing)
-        loader = DataLoader(ds, batch_size=None, num_workers=self.workers, collate_fn=lambda d: d)
+        persistent = PersistentDataset(items, transform, cache_dir=cache_dir, hash_transform=pickle_hashing)
+        loader = DataLoader(persistent, batch_size=None, num_workers=self.workers, collate_fn=lambda d: d)
         return [d["image"] for d in _progress(loader, len(items), progress, f"caching {self.source.name}")]
 
 
@@ -234,7 +248,7 @@ def _progress(it, total: int, show: bool, desc: str):
 
 
 def _root_fedmed_error(exc: BaseException) -> FedmedError | None:
-    seen = exc
+    seen: BaseException | None = exc
     while seen is not None:
         if isinstance(seen, FedmedError):
             return seen
@@ -244,7 +258,12 @@ def _root_fedmed_error(exc: BaseException) -> FedmedError | None:
 
 @dataclass
 class SiteData:
-    """The training and validation data of one site."""
+    """The training and validation data of one site.
+
+    Args:
+        train: the training set (augmented, if configured).
+        val: the validation set.
+    """
 
     train: ArrayDataset
     val: ArrayDataset

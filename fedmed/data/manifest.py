@@ -28,6 +28,19 @@ SECTIONS = ("training", "validation")
 
 @dataclass
 class Manifest:
+    """The samples one site holds (the JSON layout above).
+
+    Args:
+        dataset: the dataset's name.
+        site: the site's name.
+        source: identity of the data it was written for: ``{"file", "md5"}``.
+        partition: the partition settings (:func:`fedmed.data.sites.partition_spec`).
+        num_classes: number of classes.
+        class_names: class names in label order.
+        training: ``{"image": sample id, "label": int}`` per training sample.
+        validation: the same for validation samples.
+    """
+
     dataset: str
     site: str
     source: dict[str, str]

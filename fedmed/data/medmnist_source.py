@@ -6,12 +6,12 @@ import hashlib
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
+from fedmed.data.source import SPLITS, Rows, check_split
 from fedmed.errors import DataNotFoundError, FedmedError
-
-SPLITS = ("train", "val", "test")
 
 
 def md5sum(path: str | Path, chunk: int = 1 << 20) -> str:
@@ -90,7 +90,7 @@ class MedMNISTSource:
         return {"file": self.filename, "md5": self.expected_md5}
 
     # -- loading --------------------------------------------------------------------------
-    def ensure_file(self) -> Path:
+    def ensure_available(self) -> Path:
         """Make sure the npz exists and matches medmnist's md5; return its path."""
         path = self.path
         if not path.exists():
@@ -129,7 +129,7 @@ class MedMNISTSource:
     @cached_property
     def arrays(self) -> dict[str, np.ndarray]:
         """All splits as arrays: ``{split}_images`` (N,H,W[,C]) uint8 and ``{split}_labels`` (N,)."""
-        path = self.ensure_file()
+        path = self.ensure_available()
         try:
             with np.load(path) as npz:
                 out = {}
@@ -145,11 +145,11 @@ class MedMNISTSource:
         return out
 
     def images(self, split: str) -> np.ndarray:
-        self._check_split(split)
+        check_split(split)
         return self.arrays[f"{split}_images"]
 
     def labels(self, split: str) -> np.ndarray:
-        self._check_split(split)
+        check_split(split)
         return self.arrays[f"{split}_labels"]
 
     def sample_id(self, split: str, index: int) -> str:
@@ -169,25 +169,16 @@ class MedMNISTSource:
     def column(self, split: str, name: str) -> np.ndarray:
         raise FedmedError(f"{self.name} (MedMNIST) has no metadata column {name!r}; use partition=iid or dirichlet")
 
-    def items(self, split: str, rows=None) -> list[dict]:
+    def items(self, split: str, rows: Rows = None) -> list[dict[str, Any]]:
         """MONAI data dicts ``{"image": channel-first float32 array (0..255), "label", "id"}``."""
-        rows = np.arange(len(self.labels(split))) if rows is None else np.asarray(rows, dtype=np.int64)
-        images = self.images(split)[rows]
-        if images.ndim == 4 and self.spatial_dims == 2:  # (N,H,W,C) -> (N,C,H,W)
-            images = images.transpose(0, 3, 1, 2)
-        else:  # (N,H,W) / (N,D,H,W): add the channel axis
-            images = images[:, None]
-        labels = self.labels(split)[rows]
+        index = np.arange(len(self.labels(split))) if rows is None else np.asarray(rows, dtype=np.int64)
+        images = self.images(split)[index]
+        # (N,H,W,C) -> (N,C,H,W); (N,H,W) / (N,D,H,W): add the channel axis
+        images = images.transpose(0, 3, 1, 2) if images.ndim == 4 and self.spatial_dims == 2 else images[:, None]
+        labels = self.labels(split)[index]
         return [{"image": images[k].astype(np.float32), "label": int(labels[k]), "id": self.sample_id(split, int(r))}
-                for k, r in enumerate(rows)]
+                for k, r in enumerate(index)]
 
-    def loader(self):
+    def loader(self) -> None:
         """Items already hold arrays: nothing to read."""
         return None
-
-    ensure_available = ensure_file
-
-    @staticmethod
-    def _check_split(split: str) -> None:
-        if split not in SPLITS:
-            raise FedmedError(f"split={split!r} is not one of {SPLITS}")

@@ -114,7 +114,8 @@ def skew_from_counts(counts: np.ndarray) -> float:
     return float(0.5 * np.abs(site_dist - pooled).sum(1).mean())
 
 
-def partition_by_group(groups: Mapping[str, np.ndarray], site_groups: Sequence[Sequence[str]]) -> dict[str, list[np.ndarray]]:
+def partition_by_group(groups: Mapping[str, np.ndarray],
+                       site_groups: Sequence[Sequence[str]]) -> dict[str, list[np.ndarray]]:
     """Natural partition: site k holds every sample whose group (e.g. acquisition source) is in ``site_groups[k]``.
 
     Args:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
-from typing import Any
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -26,7 +26,7 @@ def partition_spec(sites: Sequence[str], method: str, alpha: float | None, seed:
     return spec
 
 
-def natural_groups(source, sites: Sequence[str], column: str, groups: Mapping | None) -> list[list[str]]:
+def natural_groups(source, sites: Sequence[str], column: str | None, groups: Mapping | None) -> list[list[str]]:
     """The column values each site holds: ``groups[site]``, or (without ``groups``) the value named like the site."""
     if not column:
         raise FedmedError("partition.method=natural needs partition.column (a metadata column, e.g. source)")
@@ -53,7 +53,7 @@ def build_manifests(source, sites: Sequence[str], method: str, alpha: float | No
     if method == "natural":
         parts = partition_by_group({s: source.column(s, column) for s in labels},
                                    natural_groups(source, sites, column, groups))
-        empty = [site for site, p in zip(sites, parts["train"]) if len(p) < max(min_samples, 1)]
+        empty = [site for site, p in zip(sites, parts["train"], strict=True) if len(p) < max(min_samples, 1)]
         if empty:
             raise FedmedError(f"natural partition: sites {empty} get fewer than {min_samples} training samples")
     else:
@@ -79,21 +79,21 @@ def ensure_manifests(source, sites: Sequence[str], paths: Sequence[str | Path], 
     An existing manifest is never overwritten: if it was made with other settings, the error
     names the file and the difference.
     """
-    paths = [Path(p) for p in paths]
+    files = [Path(p) for p in paths]
     spec = partition_spec(sites, method, alpha, seed, min_samples, column, groups)
-    if all(p.exists() for p in paths):
-        for p in paths:
+    if all(p.exists() for p in files):
+        for p in files:
             m = read_manifest(p)
             if m.partition != spec:
                 raise ManifestError(f"{p} was written for partition {m.partition}, this run asks for {spec}; "
                                     "move it away or change the partition settings")
-        return paths
+        return files
     manifests = build_manifests(source, sites, method, alpha, seed, min_samples, column, groups)
-    for m, p in zip(manifests, paths):
+    for m, p in zip(manifests, files, strict=False):
         if not p.exists():
             write_manifest(m, p)
-    log.info("wrote %d site manifests to %s", len(paths), paths[0].parent)
-    return paths
+    log.info("wrote %d site manifests to %s", len(files), files[0].parent)
+    return files
 
 
 def site_class_counts(manifests: Sequence[Manifest], section: str = "training") -> np.ndarray:
@@ -109,7 +109,7 @@ def describe_partition(manifests: Sequence[Manifest]) -> str:
     skew = skew_from_counts(counts)
     names = manifests[0].class_names
     lines = [f"partition: {len(manifests)} sites, label skew (mean TV distance to pooled) {skew:.3f}"]
-    for m, row in zip(manifests, counts):
-        mix = ", ".join(f"{n}={c}" for n, c in zip(names, row.tolist()))
+    for m, row in zip(manifests, counts, strict=True):
+        mix = ", ".join(f"{n}={c}" for n, c in zip(names, row.tolist(), strict=False))
         lines.append(f"  {m.site}: {int(row.sum())} train / {len(m.validation)} val ({mix})")
     return "\n".join(lines)

@@ -1,4 +1,5 @@
-"""Preprocessing as MONAI dictionary transforms, configured per dataset (``data.transforms``).
+"""Preprocessing as MONAI dictionary transforms, configured per dataset (``data.transforms``,
+read into :class:`~fedmed.data.preprocessing.Preprocessing`).
 
 Two chains act on ``{"image": ..., "label": ...}`` items:
 
@@ -13,7 +14,6 @@ Two chains act on ``{"image": ..., "label": ...}`` items:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
@@ -37,82 +37,17 @@ from monai.transforms import (
     ScaleIntensityRangePercentilesd,
 )
 
+from fedmed.data.preprocessing import Augmentation, Preprocessing
 from fedmed.errors import FedmedError
-
-INTENSITY = ("uint8", "minmax", "percentile", "none")
-DENOISE = (None, "gaussian", "median")
-CONTRAST = (None, "histeq", "gamma")
-
-
-@dataclass
-class Augmentation:
-    """Random training-time augmentation; every probability 0 (the default) switches that step off."""
-
-    flip_prob: float = 0.0          # horizontal (last axis) flip
-    rotate_degrees: float = 0.0     # rotation uniform in +-degrees (in-plane; about every axis in 3D) ...
-    zoom: float = 0.0               # ... and zoom uniform in [1 - zoom, 1 + zoom], size kept,
-    affine_prob: float = 0.0        # applied together (one resampling) with this probability
-    brightness: float = 0.0         # intensity scaled by a factor uniform in [1 - b, 1 + b]
-    brightness_prob: float = 0.0
-    contrast_gamma: float = 0.0     # gamma uniform in [1 - g, 1 + g]
-    contrast_prob: float = 0.0
-    cutout_holes: int = 0           # coarse dropout: holes of cutout_size**dims pixels set to 0
-    cutout_size: int = 8
-    cutout_prob: float = 0.0
-
-    @property
-    def enabled(self) -> bool:
-        return any(p > 0 for p in (self.flip_prob, self.affine_prob, self.brightness_prob,
-                                   self.contrast_prob, self.cutout_prob))
-
-
-@dataclass
-class Preprocessing:
-    """The ``data.transforms`` config of a dataset. Unknown keys are an error that names them."""
-
-    channels: int = 1                   # 1 (greyscale: RGB is converted by luminance) or 3 (grey is repeated)
-    size: int | None = None             # resize every spatial axis to this; null keeps the source size
-    orientation: str | None = None      # e.g. RAS: reorient NIfTI volumes (uses their affine)
-    slice_axis: int | None = None       # take one 2D slice of a 3D volume along this spatial axis (2 = axial in RAS)
-    slice_index: Any = "center"         # "center", an index, or a fraction in (0, 1) of the axis length
-    intensity: str = "uint8"            # uint8 (x / 255) | minmax (per image to [0, 1]) | percentile (0.5-99.5 %) | none
-    zscore: bool = False                # then subtract the image mean and divide by its std, per channel
-    denoise: str | None = None          # null | gaussian | median
-    denoise_sigma: float = 0.5          # gaussian sigma in pixels
-    denoise_radius: int = 1             # median filter radius in pixels
-    contrast: str | None = None         # null | histeq (histogram equalisation) | gamma
-    gamma: float = 1.0                  # for contrast=gamma; < 1 brightens dark tissue
-    augment: Augmentation = field(default_factory=Augmentation)
-
-    @classmethod
-    def from_config(cls, cfg: Any, where: str = "data.transforms") -> Preprocessing:
-        raw = dict(cfg or {})
-        aug = dict(raw.pop("augment", None) or {})
-        _check_keys(raw, cls, where)
-        _check_keys(aug, Augmentation, f"{where}.augment")
-        pre = cls(**raw, augment=Augmentation(**aug))
-        for key, value, allowed in (("intensity", pre.intensity, INTENSITY), ("denoise", pre.denoise, DENOISE),
-                                    ("contrast", pre.contrast, CONTRAST)):
-            if value not in allowed:
-                raise FedmedError(f"{where}.{key}={value!r} is not one of {allowed}")
-        if pre.channels not in (1, 3):
-            raise FedmedError(f"{where}.channels={pre.channels} must be 1 or 3")
-        return pre
-
-
-def _check_keys(raw: dict, cls: type, where: str) -> None:
-    import difflib
-
-    known = [f.name for f in fields(cls) if f.name != "augment"] + (["augment"] if cls is Preprocessing else [])
-    for key in raw:
-        if key not in known:
-            close = difflib.get_close_matches(key, known, n=1)
-            hint = f" Did you mean {close[0]!r}?" if close else ""
-            raise FedmedError(f"unknown key {where}.{key}.{hint} Known: {', '.join(known)}")
 
 
 class ToChannelsd(MapTransform):
-    """Make a channel-first image have 1 or 3 channels: RGB(A) -> luminance, grey -> repeated."""
+    """Make a channel-first image have 1 or 3 channels: RGB(A) -> luminance, grey -> repeated.
+
+    Args:
+        keys: the item keys to convert.
+        channels: 1 or 3.
+    """
 
     def __init__(self, keys, channels: int):
         super().__init__(keys)
@@ -139,7 +74,13 @@ class ToChannelsd(MapTransform):
 
 
 class Sliced(MapTransform):
-    """Take one 2D slice of a channel-first 3D volume: ``(C, X, Y, Z)`` -> ``(C, ., .)``."""
+    """Take one 2D slice of a channel-first 3D volume: ``(C, X, Y, Z)`` -> ``(C, ., .)``.
+
+    Args:
+        keys: the item keys to slice.
+        axis: spatial axis (0, 1 or 2) across which the slice is taken.
+        index: ``"center"``, an index, or a fraction in (0, 1) of the axis length.
+    """
 
     def __init__(self, keys, axis: int, index: Any = "center"):
         super().__init__(keys)
@@ -205,6 +146,12 @@ class BatchRandAffine:
     This draws each image's rotation (+-``rotate_degrees``, about every axis in 3D) and isotropic
     zoom (1 +- ``zoom``) with probability ``prob`` and resamples the chosen images together through
     MONAI's ``AffineTransform`` (bilinear, zero padding). :meth:`set_random_state` seeds it.
+
+    Args:
+        prob: probability that an image is transformed.
+        rotate_degrees: rotation angles are uniform in +- this.
+        zoom: zoom factors are uniform in [1 - zoom, 1 + zoom].
+        spatial_dims: 2 for images, 3 for volumes.
     """
 
     def __init__(self, prob: float, rotate_degrees: float, zoom: float, spatial_dims: int):
@@ -232,7 +179,8 @@ class BatchRandAffine:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, *spatial)
         chosen = (torch.rand(len(x), generator=self.gen) < self.prob).nonzero().flatten()
-        rotation, scale = self._rotation(len(chosen)), 1 + (torch.rand(len(chosen), generator=self.gen) * 2 - 1) * self.zoom
+        rotation = self._rotation(len(chosen))  # drawn before the zoom factors
+        scale = 1 + (torch.rand(len(chosen), generator=self.gen) * 2 - 1) * self.zoom
         if len(chosen) == 0:
             return x
         theta = torch.cat([rotation * scale[:, None, None], torch.zeros(len(chosen), self.dims, 1)], dim=2)
@@ -249,7 +197,7 @@ def augmentation_transforms(aug: Augmentation, spatial_dims: int) -> tuple[Compo
     if not aug.enabled:
         return None, None
     k = ["image"]
-    steps = []
+    steps: list[MapTransform] = []
     if aug.flip_prob > 0:
         steps.append(RandFlipd(k, prob=aug.flip_prob, spatial_axis=spatial_dims - 1))
     batch = None

@@ -17,6 +17,10 @@ from torch import nn
 CAM_METHODS = ("gradcam", "gradcam++", "hirescam", "xgradcam", "layercam", "eigencam", "scorecam")
 ATTRIBUTION_METHODS = ("saliency", "inputxgradient", "integratedgradients", "gradientshap")
 METHODS = CAM_METHODS + ATTRIBUTION_METHODS
+#: Integrated Gradients' path steps (Gauss-Legendre). Completeness (attributions summing to
+#: f(x) - f(baseline)) on the compact CNN, worst image of a batch: 24 steps miss by up to 16%,
+#: 64 by up to 7%, 128 by under 2% (pooled over a batch: 2.7%, 1.1%, 0.35%).
+IG_STEPS = 128
 
 
 def _cam_class(name: str):
@@ -112,9 +116,17 @@ def _explain_batch(net: nn.Module, x: torch.Tensor, method: str, targets: torch.
     elif method == "inputxgradient":
         attr = ca.InputXGradient(net).attribute(x, target=t)
     elif method == "integratedgradients":
-        attr = ca.IntegratedGradients(net).attribute(x, target=t, baselines=torch.zeros_like(x), n_steps=24,
-                                                      internal_batch_size=len(x) * 8)
+        attr = integrated_gradients(net, x, t)
     else:  # gradientshap: expected gradients against a zero and a mean-intensity baseline
         baselines = torch.stack([torch.zeros_like(x[0]), x.mean(0).detach()])
         attr = ca.GradientShap(net).attribute(x, baselines=baselines, target=t, n_samples=8, stdevs=0.05)
     return attr.detach().clamp(min=0).sum(1)  # positive evidence, summed over channels
+
+
+def integrated_gradients(net: nn.Module, x: torch.Tensor, targets: torch.Tensor, n_steps: int = IG_STEPS
+                         ) -> torch.Tensor:
+    """Raw Integrated Gradients (Captum) of the ``targets`` logits from a zero baseline, shaped like ``x``."""
+    import captum.attr as ca
+
+    return ca.IntegratedGradients(net).attribute(x, target=targets.long(), baselines=torch.zeros_like(x),
+                                                 n_steps=n_steps, internal_batch_size=len(x) * 8)

@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from fedmed.federated.aggregation import BN_MEAN, BN_VAR
+from fedmed.aggregation import BN_MEAN, BN_VAR
 
 CODECS = ("none", "fp16", "int8", "topk")
 

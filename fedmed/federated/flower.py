@@ -1,10 +1,10 @@
 """Sites on other machines, through Flower (``flwr``, its gRPC transport, TLS).
 
 Flower carries the calls; fedmed keeps one implementation of everything else. The server side
-is the same :class:`~fedmed.federated.server.Orchestrator` as in-process (sampling, failures,
+is the same :class:`~fedmed.federated.orchestrator.Orchestrator` as in-process (sampling, failures,
 strategies, secure aggregation, checkpoints), with :class:`FlowerSite` as its transport: each
 connected Flower node is one site. The site side is the same
-:class:`~fedmed.federated.client.SiteClient`, wrapped as a Flower ``Client`` by
+:class:`~fedmed.federated.site.SiteClient`, wrapped as a Flower ``Client`` by
 :class:`FlowerSiteApp`.
 
 Every request and answer travels as one blob: ``torch.save`` of plain containers and tensors,
@@ -30,7 +30,9 @@ import numpy as np
 import torch
 
 from fedmed.errors import FedmedError
-from fedmed.federated.client import EvalResult, FitResult, SiteClient
+from fedmed.federated.messages import EvalResult, FitResult
+from fedmed.federated.site import SiteClient
+from fedmed.privacy.dp import PrivacyBudgetExhausted
 
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")  # no phoning home from hospitals
 
@@ -177,7 +179,10 @@ class FlowerSite:
 
     def _check(self, out: Mapping) -> Any:
         if "error" in out:
-            raise RemoteSiteError(self.name, out.get("kind", "Error"), out["error"])
+            kind = out.get("kind", "Error")
+            if kind == PrivacyBudgetExhausted.__name__:  # the one remote error the round loop acts on
+                raise PrivacyBudgetExhausted(f"at site {self.name}: {out['error']}")
+            raise RemoteSiteError(self.name, kind, out["error"])
         return out["ok"]
 
     def call(self, op: str, **kw) -> Any:

@@ -1,12 +1,37 @@
-"""How the server reaches a site. In-process here; a network transport offers the same two calls."""
+"""How the server reaches a site: the :class:`SiteTransport` interface, and the in-process one."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any, Protocol, runtime_checkable
 
+import numpy as np
 import torch
 
-from fedmed.federated.client import EvalResult, FitResult, SiteClient, clone_state
+from fedmed.federated.messages import EvalResult, FitResult, clone_state
+from fedmed.federated.site import SiteClient
+
+
+@runtime_checkable
+class SiteTransport(Protocol):
+    """What the orchestrator needs of a site, wherever it runs."""
+
+    name: str
+    #: the site runs elsewhere (its own process or machine): the orchestrator may call several at once
+    parallel: bool
+
+    def fit(self, weights: Mapping[str, torch.Tensor], round_idx: int, epochs: int,
+            instructions: Mapping[str, Any] | None = None) -> FitResult: ...
+
+    def evaluate(self, weights: Mapping[str, torch.Tensor], round_idx: int, explain: bool = False) -> EvalResult: ...
+
+    def public_key(self) -> bytes: ...
+
+    def dropout_correction(self, dropped: Mapping[str, bytes], round_idx: int, length: int) -> np.ndarray: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None: ...
 
 
 class InProcessSite:
@@ -16,25 +41,28 @@ class InProcessSite:
         client: the site's :class:`SiteClient`.
     """
 
+    parallel = False
+
     def __init__(self, client: SiteClient):
         self.client = client
         self.name = client.name
 
-    def fit(self, weights: Mapping[str, torch.Tensor], round_idx: int, epochs: int, config=None) -> FitResult:
-        result = self.client.train(clone_state(weights), round_idx, epochs, config)
+    def fit(self, weights: Mapping[str, torch.Tensor], round_idx: int, epochs: int,
+            instructions: Mapping[str, Any] | None = None) -> FitResult:
+        result = self.client.train(clone_state(weights), round_idx, epochs, instructions)
         result.weights = clone_state(result.weights)
         return result
 
     def public_key(self) -> bytes:
         return self.client.public_key()
 
-    def dropout_correction(self, dropped, round_idx: int, length: int):
+    def dropout_correction(self, dropped: Mapping[str, bytes], round_idx: int, length: int) -> np.ndarray:
         return self.client.dropout_correction(dict(dropped), round_idx, length)
 
-    def state_dict(self):
+    def state_dict(self) -> dict[str, Any]:
         return self.client.state_dict()
 
-    def load_state_dict(self, state) -> None:
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.client.load_state_dict(state)
 
     def evaluate(self, weights: Mapping[str, torch.Tensor], round_idx: int, explain: bool = False) -> EvalResult:

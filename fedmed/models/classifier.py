@@ -1,8 +1,10 @@
-"""The one LightningModule: any registered network + Adam + cross-entropy + torchmetrics."""
+"""The one LightningModule: any network + Adam + cross-entropy + torchmetrics."""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
+from typing import Protocol
 
 import lightning as L
 import torch
@@ -10,9 +12,19 @@ from torch import nn
 
 from fedmed.models.metrics import compute_metrics, make_metrics
 
-
 LR_SCHEDULES = ("constant", "cosine")
 OPTIMIZERS = ("adam", "sgd")
+
+
+class TrainingHook(Protocol):
+    """What a federated strategy may change in a site's training (its site part)."""
+
+    @property
+    def keeps_optimizer_state(self) -> bool: ...
+
+    def extra_loss(self, net: nn.Module) -> torch.Tensor | None: ...
+
+    def make_optimizer(self, params: Iterable[nn.Parameter], weight_decay: float) -> torch.optim.Optimizer | None: ...
 
 
 class Classifier(L.LightningModule):
@@ -39,8 +51,8 @@ class Classifier(L.LightningModule):
         keep_state: each fit resumes the optimizer state (moments, step counts) that the last fit
             ended with, kept in :attr:`optimizer_state`; the learning rate still comes from the
             schedule. A federated site's Adam then goes on across rounds instead of restarting with
-            full-size bias-corrected steps. Not with DP-SGD, SCAFFOLD's plain SGD or FedProx's
-            proximal term (they start fresh: kept moments made FedProx collapse at Dirichlet 0.1).
+            full-size bias-corrected steps. Not with DP-SGD, nor when the :attr:`hook` says no
+            (SCAFFOLD's plain SGD, FedProx's proximal term start fresh).
     """
 
     def __init__(
@@ -76,10 +88,8 @@ class Classifier(L.LightningModule):
         self.schedule: tuple[int, int] = (0, 1)  # (first epoch of this fit, epochs of the whole run)
         self.val_metrics = make_metrics(num_classes)
         self.last_val: dict[str, float] = {}
-        # set by the site client for one round of federated training:
-        self.prox_mu: float = 0.0  # FedProx: loss + mu/2 ||w - prox_ref||^2
-        self.prox_ref: list[torch.Tensor] | None = None
-        self.sgd_lr: float | None = None  # plain SGD at this rate instead of Adam (SCAFFOLD)
+        # set by the site's trainer for one fit:
+        self.hook: TrainingHook | None = None  # the strategy's site part: extra loss, own optimizer
         self.wrap_optimizer = None  # DP-SGD: turns the optimizer into Opacus' DPOptimizer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -105,9 +115,9 @@ class Classifier(L.LightningModule):
             logits = logits + self.logit_adjust * self.log_prior.to(logits.device)
         loss = self.loss_fn(logits, y)
         self.log("train_loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(y))
-        if self.prox_mu > 0 and self.prox_ref is not None:
-            prox = sum(((p - r) ** 2).sum() for p, r in zip(self.net.parameters(), self.prox_ref))
-            loss = loss + 0.5 * self.prox_mu * prox
+        extra = self.hook.extra_loss(self.net) if self.hook is not None else None
+        if extra is not None:
+            loss = loss + extra
         return loss
 
     def validation_step(self, batch, batch_idx):
@@ -124,8 +134,9 @@ class Classifier(L.LightningModule):
 
     @property
     def keeps_state(self) -> bool:
-        """Whether this fit resumes (and keeps) the optimizer state: not under DP-SGD, SCAFFOLD or FedProx."""
-        return self.keep_state and self.sgd_lr is None and self.wrap_optimizer is None and self.prox_mu == 0
+        """Whether this fit resumes (and keeps) the optimizer state: not under DP-SGD, nor when the hook says no."""
+        hook_keeps = self.hook is None or self.hook.keeps_optimizer_state
+        return self.keep_state and self.wrap_optimizer is None and hook_keeps
 
     def on_train_end(self):
         if self.keeps_state:
@@ -140,11 +151,10 @@ class Classifier(L.LightningModule):
         return self.min_lr_ratio + (1.0 - self.min_lr_ratio) * cos
 
     def configure_optimizers(self):
-        if self.sgd_lr is not None:
-            opt = torch.optim.SGD(self.parameters(), lr=self.sgd_lr, weight_decay=self.weight_decay)
-        elif self.optimizer_name == "sgd":
+        opt = self.hook.make_optimizer(self.parameters(), self.weight_decay) if self.hook is not None else None
+        if opt is None and self.optimizer_name == "sgd":
             opt = torch.optim.SGD(self.parameters(), lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay)
-        else:
+        elif opt is None:
             opt = torch.optim.Adam(self.parameters(), lr=self.lr, weight_decay=self.weight_decay)
         if self.keeps_state and self.optimizer_state is not None:
             fresh = opt.state_dict()

@@ -8,7 +8,6 @@ import torch
 from monai.networks.layers import Conv, Dropout, Norm, Pool
 from torch import nn
 
-
 NORMS = ("batch", "group")
 #: from this input side up, the ``auto`` settings stride the stem and add a fourth, wider block
 LARGE_INPUT = 96

@@ -17,6 +17,9 @@ the model trained on) and non-members (held-out images of the same distribution)
 
 Reported per attack: ROC AUC and TPR at FPR = 1% and 0.1% (the regime that matters: confidently
 identified members). With fewer than 1000 non-members, TPR@0.1%FPR is TPR at zero false positives.
+The ROC is computed on the raw scores (a threshold between every two distinct scores, ties kept
+together, as scikit-learn's ``roc_curve``): squashing them first (a sigmoid, as torchmetrics does
+with scores outside [0, 1]) turns every score above ~37 into 1.0 and ties the most confident ones.
 """
 
 from __future__ import annotations
@@ -28,7 +31,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from torch import nn
-from torchmetrics.functional.classification import binary_auroc, binary_roc
 
 log = logging.getLogger("fedmed")
 
@@ -65,20 +67,32 @@ class AttackResult:
                 f"{prefix}tpr_at_fpr_0.1pct": self.tpr_at_01pct}
 
 
+def roc(scores: np.ndarray, is_member: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(FPR, TPR) at every distinct threshold of the raw ``scores``, from (0, 0) to (1, 1); ties stay together."""
+    s = np.asarray(scores, dtype=np.float64)
+    t = np.asarray(is_member).astype(bool)
+    if np.isnan(s).any():
+        raise ValueError("attack scores contain NaN")
+    order = np.argsort(-s, kind="stable")
+    s, t = s[order], t[order]
+    last = np.r_[np.flatnonzero(s[1:] != s[:-1]), len(s) - 1]  # last index of each distinct score
+    tps = np.cumsum(t)[last]
+    fps = last + 1 - tps
+    return np.r_[0.0, fps / fps[-1]], np.r_[0.0, tps / tps[-1]]
+
+
 def attack_metrics(name: str, scores: np.ndarray, is_member: np.ndarray) -> AttackResult:
     """ROC AUC and TPR at FPR <= 1% and 0.1% of ``scores`` (higher = more likely a member)."""
-    s = torch.as_tensor(scores, dtype=torch.float64)
-    t = torch.as_tensor(is_member, dtype=torch.long)
-    if t.sum() == 0 or t.sum() == len(t):
+    members = int(np.asarray(is_member).astype(bool).sum())
+    if members == 0 or members == len(is_member):
         raise ValueError("an audit needs both members and non-members")
-    fpr, tpr, _ = binary_roc(s, t)
+    fpr, tpr = roc(scores, is_member)
+    auc = float(np.sum(np.diff(fpr) * (tpr[1:] + tpr[:-1]) / 2))  # trapezoids: a tie counts half
 
     def tpr_at(limit: float) -> float:
-        ok = fpr <= limit + 1e-12
-        return float(tpr[ok].max()) if bool(ok.any()) else 0.0
+        return float(tpr[fpr <= limit + 1e-12].max())  # (0, 0) is always on the curve
 
-    return AttackResult(name, float(binary_auroc(s, t)), tpr_at(0.01), tpr_at(0.001),
-                        int(t.sum()), int(len(t) - t.sum()))
+    return AttackResult(name, auc, tpr_at(0.01), tpr_at(0.001), members, len(is_member) - members)
 
 
 def loss_attack(net: nn.Module, x: torch.Tensor, y: torch.Tensor, is_member: np.ndarray) -> AttackResult:

@@ -3,8 +3,15 @@
 A site's model is trained with per-sample gradient clipping and Gaussian noise (Opacus
 ``GradSampleModule`` + ``DPOptimizer``) on Poisson-sampled batches (``DPDataLoader``). Each site
 keeps its own accountant across rounds, so its (epsilon, delta) is for everything its data went
-into. Before a round the site predicts what the round would spend and refuses it (raising
-:class:`PrivacyBudgetExhausted`) if that would pass its budget: the budget is never exceeded.
+into. Before a round the site predicts what the whole run would have spent after it and refuses
+the round (raising :class:`PrivacyBudgetExhausted`) if that would pass its budget: the budget is
+never exceeded.
+
+Noise is calibrated and budgets are enforced only with accountants that bound epsilon from above:
+``rdp`` (Renyi DP) and ``prv`` (Gopi et al. 2021, its upper error bound). ``gdp`` (the central-limit
+Gaussian DP approximation of Bu et al. 2020) can under-state epsilon (noise calibrated with it for
+epsilon 8 spends about 9 by a PLD accountant), so it is accepted only to report a fixed noise
+multiplier's epsilon, with no budget.
 """
 
 from __future__ import annotations
@@ -23,6 +30,8 @@ from fedmed.errors import FedmedError
 log = logging.getLogger("fedmed")
 
 ACCOUNTANTS = ("rdp", "prv", "gdp")
+#: accountants whose epsilon is an upper bound: the only ones that calibrate noise and enforce a budget
+UPPER_BOUNDS = ("rdp", "prv")
 
 
 class PrivacyBudgetExhausted(FedmedError):
@@ -72,10 +81,35 @@ def _kwargs(kind: str) -> dict:
     return {"alphas": RDP_ALPHAS} if kind == "rdp" else {}
 
 
+def require_upper_bound(kind: str, use: str) -> None:
+    """Refuse ``kind`` for ``use`` (calibrating noise, enforcing a budget) unless its epsilon is an upper bound."""
+    if kind not in UPPER_BOUNDS:
+        raise FedmedError(f"privacy.accountant={kind} is an approximation that can under-state epsilon and cannot "
+                          f"{use}; use rdp or prv")
+
+
+def gdp_epsilon(history: list, delta: float) -> float:
+    """Epsilon of the whole ``history`` under the GDP approximation (Poisson sampling).
+
+    Each entry is sqrt(T) q sqrt(exp(1/sigma^2) - 1)-GDP; GDP composes as mu = sqrt(sum mu_i^2).
+    (Opacus' own GDP accountant reads only the last entry of its history.)
+    """
+    from opacus.accountants.analysis.gdp import compute_mu_poisson, delta_eps_mu, eps_from_mu
+
+    mu = math.sqrt(sum(compute_mu_poisson(steps=t, noise_multiplier=s, sample_rate=q) ** 2 for s, q, t in history))
+    if mu == 0 or delta_eps_mu(eps=0.0, mu=mu) <= delta:
+        return 0.0
+    if delta_eps_mu(eps=500.0, mu=mu) > delta:  # beyond the range Opacus' root finder searches
+        return math.inf
+    return float(eps_from_mu(mu=mu, delta=delta))
+
+
 def epsilon_of(history: list, delta: float, kind: str) -> float:
-    """Epsilon at ``delta`` after the steps in ``history`` ([(noise_multiplier, sample_rate, steps)])."""
+    """Epsilon at ``delta`` after every step in ``history`` ([(noise_multiplier, sample_rate, steps)])."""
     if not history:
         return 0.0
+    if kind == "gdp":
+        return gdp_epsilon(history, delta)
     acc = make_accountant(kind)
     acc.history = [tuple(h) for h in history]
     return float(acc.get_epsilon(delta=delta, **_kwargs(kind)))
@@ -85,6 +119,7 @@ def calibrate_noise(epsilon: float, delta: float, sample_rate: float, steps: int
     """The smallest noise multiplier whose ``steps`` DP-SGD steps at ``sample_rate`` spend at most epsilon."""
     from opacus.accountants.utils import get_noise_multiplier
 
+    require_upper_bound(kind, "calibrate the noise to privacy.epsilon")
     return float(get_noise_multiplier(target_epsilon=epsilon, target_delta=delta, sample_rate=sample_rate,
                                       steps=steps, accountant=kind, epsilon_tolerance=0.01, **_kwargs(kind)))
 
@@ -100,7 +135,8 @@ class DPConfig:
         noise_multiplier: fixed noise multiplier instead of a target epsilon.
         max_grad_norm: per-sample gradient clipping norm C.
         budget: a site refuses any round that would take its epsilon past this (default: ``epsilon``).
-        accountant: ``rdp`` (Renyi DP), ``prv`` (PRV, tighter) or ``gdp``.
+        accountant: ``rdp`` (Renyi DP), ``prv`` (PRV, tighter) or ``gdp`` (an approximation: only
+            with ``noise_multiplier`` and no ``budget``, to report).
     """
 
     epsilon: float | None = None
@@ -132,6 +168,10 @@ class DPConfig:
         make_accountant(out.accountant)  # validates the name
         if out.budget is None:
             out.budget = out.epsilon
+        if out.epsilon is not None:
+            require_upper_bound(out.accountant, "calibrate the noise to privacy.epsilon")
+        if out.budget is not None:
+            require_upper_bound(out.accountant, "enforce privacy.budget")
         return out
 
 
@@ -172,8 +212,10 @@ class SitePrivacy:
 
     def check_budget(self, epochs: int, site: str) -> float:
         """Epsilon after ``epochs`` more local epochs; raise if that passes the budget."""
-        after = epsilon_of(self._after(epochs * self.steps_per_epoch), self.cfg.delta, self.cfg.accountant)
         budget = self.cfg.budget
+        if budget is not None:
+            require_upper_bound(self.cfg.accountant, "enforce privacy.budget")
+        after = epsilon_of(self._after(epochs * self.steps_per_epoch), self.cfg.delta, self.cfg.accountant)
         if budget is not None and after > budget * (1 + 1e-6):
             raise PrivacyBudgetExhausted(
                 f"site {site}: {epochs} more epoch(s) would spend epsilon {after:.3f} > privacy.budget={budget:g} "
@@ -235,7 +277,8 @@ def describe(cfg: DPConfig | None) -> str:
     if cfg is None:
         return "off"
     target = f"epsilon={cfg.epsilon:g}" if cfg.epsilon is not None else f"noise_multiplier={cfg.noise_multiplier:g}"
-    return f"DP-SGD {target}, delta={cfg.delta:g}, C={cfg.max_grad_norm:g}, {cfg.accountant} accountant"
+    bound = "" if cfg.accountant in UPPER_BOUNDS else " (an approximation, not an upper bound)"
+    return f"DP-SGD {target}, delta={cfg.delta:g}, C={cfg.max_grad_norm:g}, {cfg.accountant} accountant{bound}"
 
 
 __all__ = ["DPConfig", "SitePrivacy", "PrivacyBudgetExhausted", "dp_compatible", "calibrate_noise", "epsilon_of",

@@ -8,6 +8,11 @@ subtracts it. Updates are encoded as fixed-point integers modulo 2^64, so the ma
 (n_k * w_k per tensor, the pooled-BatchNorm moments, and n_k), from which it computes the
 FedAvg mean. A single masked update is uniformly distributed, whatever the site sent.
 
+Overflow: the ring holds signed sums below 2^63 in magnitude, and a wrapped sum is silently wrong
+(its sign flips). The server cannot see a masked value, so each site refuses to send a contribution
+whose fixed-point magnitude reaches 2^63 / K (K: the sites masking this round, itself included):
+then no sum of up to K contributions can wrap. A site that drops out only removes a term.
+
 Dropout: if a site that was told to mask fails before its update arrives, the survivors send
 the masks they share with it, and the server removes them from the sum.
 
@@ -28,7 +33,8 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from fedmed.federated.aggregation import BN_MEAN, BN_VAR, _cast
+from fedmed.aggregation import BN_MEAN, BN_VAR, cast_like
+from fedmed.errors import FedmedError
 
 FRAC_BITS = 24  # fixed-point resolution 2^-24 on n_k * w
 
@@ -73,11 +79,21 @@ def contribution(state: Mapping[str, torch.Tensor], num_samples: int, pooled_bn:
     return np.concatenate(parts)
 
 
-def to_ring(x: np.ndarray) -> np.ndarray:
-    """float64 -> fixed-point integers modulo 2^64 (two's complement)."""
+def contribution_limit(n_sites: int) -> float:
+    """Bound on a site's fixed-point magnitudes so that ``n_sites`` of them sum below 2^63 (never wrap)."""
+    return min(2.0**62, 2.0**63 / max(n_sites, 1))
+
+
+def to_ring(x: np.ndarray, n_sites: int = 1) -> np.ndarray:
+    """float64 -> fixed-point integers modulo 2^64 (two's complement), refused if ``n_sites`` of them could wrap."""
     scaled = np.round(x * 2.0**FRAC_BITS)
-    if not np.isfinite(scaled).all() or np.abs(scaled).max(initial=0) >= 2.0**62:
-        raise ValueError("update too large (or not finite) for the 64-bit fixed-point ring")
+    if not np.isfinite(scaled).all():
+        raise FedmedError("privacy.secure_aggregation: the update has NaN/Inf values; it is not sent")
+    peak, limit = float(np.abs(scaled).max(initial=0)), contribution_limit(n_sites)
+    if peak >= limit:
+        raise FedmedError(f"privacy.secure_aggregation: a value of {peak / 2.0**FRAC_BITS:.4g} (n_k * w) is too "
+                          f"large for the 64-bit ring summed over {n_sites} sites (limit {limit / 2.0**FRAC_BITS:.4g}); "
+                          "it is not sent")
     return scaled.astype(np.int64).view(np.uint64)
 
 
@@ -92,8 +108,12 @@ def pair_mask(key: MaskingKey, me: str, peer: str, peer_public: bytes, round_idx
 
 
 def mask(vector: np.ndarray, key: MaskingKey, me: str, peers: Mapping[str, bytes], round_idx: int) -> np.ndarray:
-    """A site's masked update: its contribution in the ring plus its pairwise masks with every other peer."""
-    out = to_ring(vector)
+    """A site's masked update: its contribution in the ring plus its pairwise masks with every other peer.
+
+    ``peers`` holds every site masking this round (this one may be among them); the contribution is
+    bounded so that the sum over all of them cannot wrap (:func:`contribution_limit`).
+    """
+    out = to_ring(vector, n_sites=len(set(peers) | {me}))
     for peer, pub in peers.items():
         if peer != me:
             out = out + pair_mask(key, me, peer, pub, round_idx, len(out))  # uint64: wraps modulo 2^64
@@ -131,4 +151,4 @@ def mean_state(total: np.ndarray, global_w: Mapping[str, torch.Tensor], pooled_b
     for k, ref in global_w.items():
         if pooled_bn and k.endswith(BN_VAR) and (mean_key := k[: -len(BN_VAR)] + BN_MEAN) in out:
             out[k] = out[k] - out[mean_key] ** 2
-    return {k: _cast(out[k], ref) for k, ref in global_w.items()}, int(round(n))
+    return {k: cast_like(out[k], ref) for k, ref in global_w.items()}, int(round(n))

@@ -13,36 +13,22 @@ from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 from rich.table import Table
 
+from fedmed.build import build_net, load_model_checkpoint
 from fedmed.data.datamodule import Pipeline
 from fedmed.errors import FedmedError
 from fedmed.explain import (
-    METHODS, deletion_insertion, explain, heatmap_grid, predict, randomized_copy, rank_correlation,
+    METHODS,
+    deletion_insertion,
+    explain,
+    heatmap_grid,
+    predict,
+    randomized_copy,
+    rank_correlation,
 )
 from fedmed.explain.sampling import stratified_sample
-from fedmed.tasks.fit import build_net
-from fedmed.tracking import Tracker
+from fedmed.tracking import RunLog, Tracker, run_status
 
 log = logging.getLogger("fedmed")
-
-
-def load_checkpoint(ref: str, tracker: Tracker, download_dir: Path) -> dict[str, Any]:
-    """Read a ``fedmed fit`` checkpoint from a path or from ``runs:/<run_id>`` in the tracking store."""
-    if ref.startswith("runs:/"):
-        run_id = ref.removeprefix("runs:/").strip("/").split("/")[0]
-        try:
-            ref = tracker.client.download_artifacts(run_id, "checkpoint/model.pt", str(download_dir))
-        except Exception as exc:  # noqa: BLE001 - unknown run, missing artifact, unreachable store
-            raise FedmedError(f"checkpoint={ref!r}: no checkpoint/model.pt in that run ({exc})") from None
-    path = Path(ref).expanduser()
-    if not path.exists():
-        raise FedmedError(f"checkpoint {path} does not exist (give checkpoint=<model.pt> or checkpoint=runs:/<run_id>)")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:  # noqa: BLE001
-        raise FedmedError(f"checkpoint {path} is not a readable torch file: {exc}") from None
-    if not isinstance(ckpt, dict) or not {"state_dict", "config"} <= set(ckpt):
-        raise FedmedError(f"checkpoint {path} is not a fedmed checkpoint (needs 'state_dict' and 'config')")
-    return ckpt
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
@@ -54,7 +40,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         raise FedmedError(f"target={cfg.target!r} must be 'predicted' or 'true'")
     tracker = Tracker(cfg.logger.tracking_uri, cfg.logger.experiment, cfg.logger.artifact_location)
     out_root = Path(cfg.output_dir)
-    ckpt = load_checkpoint(str(cfg.checkpoint), tracker, out_root / "_downloads")
+    ckpt = load_model_checkpoint(str(cfg.checkpoint), tracker, out_root / "_downloads")
     trained = OmegaConf.create(ckpt["config"])
     if trained.data.name != cfg.data.name:
         raise FedmedError(f"the checkpoint was trained on {trained.data.name!r}, but data={cfg.data.name!r}")
@@ -78,7 +64,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     tracker.log_params(run_id, OmegaConf.to_container(cfg, resolve=True))
     results: dict[str, dict[str, float]] = {}
     randomized = randomized_copy(net, cfg.seed) if cfg.faithfulness else None
-    try:
+    with run_status(RunLog(tracker, run_id)):
         idx = stratified_sample(ds.y, cfg.n, cfg.seed)
         x, y = ds.x[idx], ds.y[idx]
         for method in methods:
@@ -102,10 +88,6 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             log.info("%s: %s", method, ", ".join(f"{k}={v:.3f}" for k, v in row.items()))
         tracker.log_dict(run_id, results, "faithfulness.json")
         _print_table(cfg, results, out, run_id)
-        tracker.end_run(run_id, "FINISHED")
-    except BaseException as exc:
-        tracker.end_run(run_id, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
-        raise
     return {"run_id": run_id, "output_dir": str(out), "methods": results}
 
 

@@ -99,14 +99,14 @@ def _stack(states: Sequence[StateDict], key: str) -> torch.Tensor:
     return torch.stack([s[key].detach().to("cpu", torch.float64) for s in states])
 
 
-def _cast(value: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+def cast_like(value: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return (value if like.is_floating_point() else value.round()).to(like.dtype)
 
 
 def coordinate_median(states: Sequence[StateDict]) -> dict[str, torch.Tensor]:
     """Coordinate-wise median (Yin et al. 2018); with an even count, the mean of the two middle values."""
     check_compatible(states)
-    return {k: _cast(_stack(states, k).quantile(0.5, dim=0) if len(states) > 1 else _stack(states, k)[0], ref)
+    return {k: cast_like(_stack(states, k).quantile(0.5, dim=0) if len(states) > 1 else _stack(states, k)[0], ref)
             for k, ref in states[0].items()}
 
 
@@ -123,7 +123,7 @@ def trimmed_mean(states: Sequence[StateDict], beta: float) -> dict[str, torch.Te
         cut = max(cut, 1)
     if not 0 <= beta < 0.5 or k - 2 * cut < 1:
         raise ValueError(f"trim beta={beta} must be in [0, 0.5) and leave a value of {k} sites")
-    return {key: _cast(_stack(states, key).sort(dim=0).values[cut:k - cut].mean(0), ref) for key, ref in states[0].items()}
+    return {key: cast_like(_stack(states, key).sort(dim=0).values[cut:k - cut].mean(0), ref) for key, ref in states[0].items()}
 
 
 def flatten(state: StateDict) -> torch.Tensor:

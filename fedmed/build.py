@@ -1,0 +1,250 @@
+"""The builders every verb shares: a composed config in, fedmed's objects out.
+
+Nothing here runs training or logs anything: each function reads its part of the config,
+checks it, and returns objects (a network, a strategy, a site client, settings).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from fedmed.config import site_config
+from fedmed.data.datamodule import Pipeline, SiteData
+from fedmed.data.manifest import Manifest
+from fedmed.data.sites import ensure_manifests
+from fedmed.errors import FedmedError
+from fedmed.federated.attack import ATTACKS, Attack
+from fedmed.federated.channel import UpdateChannel
+from fedmed.federated.checkpoint import CHECKPOINT
+from fedmed.federated.compression import UpdateEncoder
+from fedmed.federated.heatmaps import ExplainSettings, SiteHeatmaps
+from fedmed.federated.orchestrator import FederationSettings, RoundRecord
+from fedmed.federated.site import SiteClient
+from fedmed.federated.strategies.base import Strategy
+from fedmed.federated.training import TrainingSettings
+from fedmed.models.classifier import LR_SCHEDULES, OPTIMIZERS, Classifier
+from fedmed.privacy.dp import DPConfig, dp_compatible
+from fedmed.tracking import RunLog
+
+log = logging.getLogger("fedmed")
+
+MODES = ("federated", "centralized", "local")
+AUDITS = ("none", "loss", "lira")
+
+
+def resolve_mode(cfg: DictConfig) -> str:
+    """``federated``, ``centralized``, or ``local`` (implied by ``site=<name>``)."""
+    mode = "local" if cfg.get("site") else cfg.mode
+    if mode not in MODES:
+        raise FedmedError(f"mode={mode!r} is not one of {MODES}")
+    if mode == "local" and not cfg.get("site"):
+        raise FedmedError("mode=local needs a site: fedmed fit site=<name>")
+    return mode
+
+
+def dp_config(cfg: DictConfig) -> DPConfig | None:
+    """The run's DP-SGD settings (``privacy.*``), or None when DP is off."""
+    p = cfg.get("privacy")
+    return DPConfig.from_config(OmegaConf.to_container(p, resolve=True)) if p is not None else None  # type: ignore[arg-type]
+
+
+def build_net(cfg: DictConfig) -> tuple[torch.nn.Module, list[str]]:
+    """The network of ``cfg.model``; with DP on, made DP-compatible (BatchNorm -> GroupNorm). Returns (net, changes)."""
+    try:
+        net = instantiate(cfg.model.net, _convert_="all")
+    except InstantiationException as exc:  # Hydra wraps the network's own ValueError: show that, with the key
+        cause = exc.__cause__ or exc
+        raise FedmedError(f"model.net ({cfg.model.net.get('_target_')}): {cause}") from exc
+    if dp_config(cfg) is None:
+        return net, []
+    return dp_compatible(net)
+
+
+def build_module(cfg: DictConfig) -> Classifier:
+    """The Lightning classifier for ``cfg.model`` on ``cfg.data``."""
+    net, _ = build_net(cfg)
+    opt = cfg.model.optimizer
+    name, schedule = opt.get("name", "adam"), opt.get("schedule", "constant")
+    for key, value, allowed in (("name", name, OPTIMIZERS), ("schedule", schedule, LR_SCHEDULES)):
+        if value not in allowed:  # the Classifier checks too, but cannot name the config key
+            raise FedmedError(f"model.optimizer.{key}={value!r} is not one of {', '.join(allowed)}")
+    return Classifier(net, cfg.data.num_classes, lr=opt.lr, weight_decay=opt.weight_decay,
+                      logit_adjust=cfg.model.get("logit_adjust", 0.0), lr_schedule=schedule,
+                      min_lr_ratio=opt.get("min_lr_ratio", 0.05), optimizer=name, momentum=opt.get("momentum", 0.9),
+                      keep_state=opt.get("keep_state", False))
+
+
+def build_strategy(cfg: DictConfig, num_sites: int | None = None) -> Strategy:
+    """The ``strategy`` config node (``configs/strategy/<name>.yaml``) as an object."""
+    try:
+        strategy = instantiate(cfg.strategy, num_sites=num_sites or len(cfg.federation.sites))
+    except InstantiationException as exc:
+        cause = exc.__cause__ or exc
+        if isinstance(cause, FedmedError):
+            raise cause from None
+        raise FedmedError(f"strategy ({cfg.strategy.get('_target_')}): {cause}") from None
+    if not isinstance(strategy, Strategy):
+        raise FedmedError(f"strategy._target_={cfg.strategy.get('_target_')} is not a fedmed Strategy")
+    return strategy
+
+
+def check_settings(cfg: DictConfig, mode: str) -> Strategy | None:
+    """Refuse combinations that would not do what they say (strategy vs model, DP, secure aggregation),
+    before anything runs. Returns the federation's strategy (None for a baseline)."""
+    secure = bool(cfg.privacy.secure_aggregation)
+    if secure and cfg.federation.compression != "none":
+        raise FedmedError("privacy.secure_aggregation with federation.compression: a masked update is dense "
+                          "64-bit fixed point, so compression would buy nothing; choose one")
+    if secure and mode != "federated":
+        raise FedmedError("privacy.secure_aggregation applies to federations, not to local or centralized runs")
+    if cfg.privacy.audit not in AUDITS:
+        raise FedmedError(f"privacy.audit={cfg.privacy.audit!r} is not one of {AUDITS}")
+    attackers(cfg)
+    if mode != "federated":
+        return None
+    strategy = build_strategy(cfg)
+    name = strategy.name
+    if strategy.needs_batchnorm and cfg.model.net.get("norm", "batch") != "batch":
+        raise FedmedError(f"strategy={name} with model.net.norm={cfg.model.net.norm}: {name} keeps each site's "
+                          "BatchNorm layers local, and this model has none. Use model.net.norm=batch, or another "
+                          "strategy.")
+    if dp_config(cfg) is not None and strategy.dp_incompatible:
+        raise FedmedError(f"privacy.epsilon/noise_multiplier (DP-SGD) with strategy={name}: "
+                          f"{strategy.dp_incompatible}. Use fedavg, fedadam, fedyogi or a robust aggregator.")
+    if secure and not strategy.summable:
+        raise FedmedError(f"privacy.secure_aggregation with strategy={name}: secure aggregation shows the server "
+                          "only the sum of the updates, and this strategy needs each one")
+    return strategy
+
+
+def attackers(cfg: DictConfig) -> dict[str, str]:
+    """``federation.attackers=[hospital_d:signflip]`` -> {"hospital_d": "signflip"}."""
+    out = {}
+    for item in cfg.federation.get("attackers") or []:
+        site, sep, kind = str(item).partition(":")
+        if not sep or site not in cfg.federation.sites or kind not in ATTACKS:
+            raise FedmedError(f"federation.attackers entry {item!r} must be <site>:<{'|'.join(ATTACKS)}> with a "
+                              f"site of federation.sites {list(cfg.federation.sites)}")
+        out[site] = kind
+    return out
+
+
+def site_data(cfg: DictConfig, manifest: Manifest, site_cfg: DictConfig) -> SiteData:
+    """A site's data: its manifest, read against the site's own copy of the source."""
+    return Pipeline.from_config(cfg.data, instantiate(cfg.data.source, root=site_cfg.data_root)).site(manifest)
+
+
+def write_partition(cfg: DictConfig, source) -> None:
+    """Write the federation's site manifests unless they exist (they are never overwritten)."""
+    p = cfg.partition
+    sites = list(cfg.federation.sites)
+    ensure_manifests(source, sites, [site_config(cfg, s).manifest for s in sites], p.method, p.alpha, cfg.seed,
+                     p.min_samples, p.get("column"),
+                     OmegaConf.to_container(p.groups) if p.get("groups") else None)  # type: ignore[arg-type]
+
+
+def training_settings(cfg: DictConfig, federated: bool) -> TrainingSettings:
+    """How every site trains; ``federated`` adds the fine-tuning epochs to the planned ones."""
+    fed = cfg.federation
+    planned = fed.rounds * fed.local_epochs + (fed.finetune_epochs if federated else 0)
+    return TrainingSettings(batch_size=cfg.data.batch_size,
+                            trainer=OmegaConf.to_container(cfg.trainer, resolve=True),  # type: ignore[arg-type]
+                            seed=cfg.seed, planned_epochs=planned, privacy=dp_config(cfg))
+
+
+def site_client(cfg: DictConfig, name: str, index: int, data: SiteData, run: RunLog | None = None,
+                class_names: list[str] | None = None, strategy: Strategy | None = None) -> SiteClient:
+    """The SiteClient of ``name``; with a ``strategy`` (a federation) it gets the strategy's site part,
+    compression and its attack (if any)."""
+    fed = cfg.federation
+    federated = strategy is not None
+    attack = attackers(cfg).get(name) if federated else None
+    if attack:
+        log.warning("site %s is a test attacker: %s (x%s)", name, attack, fed.attack_scale)
+    encoder = (UpdateEncoder(fed.compression, fed.topk_fraction, fed.error_feedback)
+               if fed.compression != "none" and federated else None)
+    settings = training_settings(cfg, federated)
+    heatmaps = SiteHeatmaps(name, data.val, cfg.data.num_classes,
+                            ExplainSettings(cfg.explain.method, int(cfg.explain.n)), cfg.seed, class_names)
+    return SiteClient(name, data, lambda: build_module(cfg), settings, index,
+                      part=strategy.site_part() if strategy is not None else None,
+                      channel=UpdateChannel(name, encoder), heatmaps=heatmaps,
+                      attack=Attack(attack, float(fed.attack_scale)) if attack else None, run=run)
+
+
+def explain_rounds(rounds: int, every: int) -> set[int]:
+    """Rounds whose global model the sites explain: every ``every``-th and the last (none if ``every`` is 0)."""
+    return {r for r in range(1, rounds + 1) if r % every == 0} | {rounds} if every > 0 else set()
+
+
+def federation_settings(cfg: DictConfig) -> FederationSettings:
+    fed = cfg.federation
+    try:
+        return FederationSettings(
+            rounds=fed.rounds, local_epochs=fed.local_epochs, fraction=fed.fraction, min_sites=fed.min_sites,
+            seed=cfg.seed, select=fed.select, explain_rounds=frozenset(explain_rounds(fed.rounds,
+                                                                                       cfg.explain.every_n_rounds)),
+            site_timeout=fed.site_timeout, secure_aggregation=bool(cfg.privacy.secure_aggregation))
+    except ValueError as exc:
+        raise FedmedError(str(exc)) from None
+
+
+def find_checkpoint(cfg: DictConfig) -> Path:
+    """``resume=<dir or run id>`` -> the server checkpoint file."""
+    given = Path(str(cfg.resume)).expanduser()
+    for path in (given / CHECKPOINT, given, Path(cfg.federation.checkpoint_dir) / str(cfg.resume) / CHECKPOINT):
+        if path.is_file():
+            return path
+    raise FedmedError(f"resume={cfg.resume}: no {CHECKPOINT} there or in {cfg.federation.checkpoint_dir}/{cfg.resume}/")
+
+
+def config_diff(a: dict, b: dict, prefix: str = "") -> list[str]:
+    """``key: old -> new`` for every leaf that differs between two config dicts."""
+    out = []
+    for k in sorted(set(a) | set(b)):
+        va, vb = a.get(k), b.get(k)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            out += config_diff(va, vb, f"{prefix}{k}.")
+        elif va != vb:
+            out.append(f"{prefix}{k}: {va!r} -> {vb!r}")
+    return out
+
+
+def dp_records_from_history(history: list[RoundRecord]) -> dict[str, dict[str, float]]:
+    """Each site's last DP report (its fit metrics ``dp_*``): what a server learns from remote sites too."""
+    out: dict[str, dict[str, float]] = {}
+    for h in history:
+        for site, m in h.site_metrics.items():
+            if "dp_epsilon" in m:
+                out[site] = {"epsilon": m["dp_epsilon"], "delta": m["dp_delta"],
+                             "noise_multiplier": m["dp_noise_multiplier"], "dp_steps": int(m["dp_steps"])}
+    return out
+
+
+def load_model_checkpoint(ref: str, tracker, download_dir: Path) -> dict[str, Any]:
+    """Read a ``fedmed fit`` model checkpoint from a path or from ``runs:/<run_id>`` in the tracking
+    store, with ``torch.load(weights_only=True)``: a file from elsewhere cannot run code here."""
+    if ref.startswith("runs:/"):
+        run_id = ref.removeprefix("runs:/").strip("/").split("/")[0]
+        try:
+            ref = tracker.client.download_artifacts(run_id, "checkpoint/model.pt", str(download_dir))
+        except Exception as exc:  # noqa: BLE001 - unknown run, missing artifact, unreachable store
+            raise FedmedError(f"checkpoint={ref!r}: no checkpoint/model.pt in that run ({exc})") from None
+    path = Path(ref).expanduser()
+    if not path.exists():
+        raise FedmedError(f"checkpoint {path} does not exist (give checkpoint=<model.pt> or checkpoint=runs:/<run_id>)")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise FedmedError(f"checkpoint {path} is not a fedmed checkpoint that can be read safely: {first}") from None
+    if not isinstance(ckpt, dict) or not {"state_dict", "config"} <= set(ckpt):
+        raise FedmedError(f"checkpoint {path} is not a fedmed checkpoint (needs 'state_dict' and 'config')")
+    return ckpt

@@ -1,0 +1,54 @@
+"""Lightning callbacks of a site's trainer: progress lines and best-on-validation selection."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+
+import lightning as L
+import torch
+
+from fedmed.federated.messages import clone_state
+
+log = logging.getLogger("fedmed")
+
+
+class EpochProgress(L.Callback):
+    """One log line per local epoch, and (for baselines) per-epoch metrics to the site's MLflow run."""
+
+    def __init__(self, site: str, label: str, on_epoch: Callable[[int, dict[str, float]], None] | None = None):
+        self.site, self.label, self.on_epoch = site, label, on_epoch
+        self._t0 = 0.0
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        self._t0 = time.perf_counter()
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        # Lightning runs the epoch's validation before this hook, and reduces train_loss just
+        # before it: here both are in callback_metrics (in on_validation_epoch_end neither is yet).
+        m = {k: float(v) for k, v in trainer.callback_metrics.items() if v.ndim == 0}
+        extra = f" val_loss={m['val_loss']:.4f} val_acc={m.get('val_acc', float('nan')):.4f}" if "val_loss" in m else ""
+        log.info(
+            "  [%s] %s epoch %d/%d train_loss=%.4f%s (%.1fs)",
+            self.site, self.label, trainer.current_epoch + 1, trainer.max_epochs,
+            m.get("train_loss", float("nan")), extra, time.perf_counter() - self._t0,
+        )
+        if self.on_epoch:
+            self.on_epoch(trainer.current_epoch + 1, m)
+
+
+class BestOnValidation(L.Callback):
+    """Keeps (in memory) the weights of the epoch with the lowest validation loss."""
+
+    def __init__(self) -> None:
+        self.best_loss, self.best_epoch = float("inf"), 0
+        self.best_state: dict[str, torch.Tensor] | None = None
+
+    def on_train_epoch_end(self, trainer, pl_module):  # after the epoch's validation, with its metrics reduced
+        if "val_loss" not in trainer.callback_metrics:
+            return
+        loss = float(trainer.callback_metrics["val_loss"])
+        if loss < self.best_loss:
+            self.best_loss, self.best_epoch = loss, trainer.current_epoch + 1
+            self.best_state = clone_state(pl_module.net.state_dict())

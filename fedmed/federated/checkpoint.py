@@ -1,0 +1,50 @@
+"""The server's checkpoint after every round: written atomically, read without running any code."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from fedmed.errors import FedmedError
+
+CHECKPOINT = "server.pt"
+
+
+def save_checkpoint(path: Path, state: dict) -> None:
+    """Write atomically: a kill during the write leaves the previous checkpoint intact."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    tmp.replace(path)
+
+
+def _safe_globals() -> list[Any]:
+    """What a server checkpoint holds besides tensors and plain containers: the records of its
+    rounds and sites, and numpy's RNG state. Nothing else may be unpickled."""
+    from fedmed.federated.messages import EvalResult
+    from fedmed.federated.orchestrator import RoundRecord
+
+    reconstruct = getattr(np, "_core", np.core).multiarray._reconstruct  # type: ignore[attr-defined]
+    return [RoundRecord, EvalResult, np.ndarray, np.dtype, reconstruct, type(np.dtype(np.uint32))]
+
+
+def load_checkpoint(path: Path) -> dict:
+    """Read a server checkpoint with ``torch.load(weights_only=True)`` and an allow-list: a file
+    from elsewhere cannot run code here."""
+    if not path.exists():
+        raise FedmedError(f"no federation checkpoint at {path}")
+    try:
+        with torch.serialization.safe_globals(_safe_globals()):
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - a foreign or damaged file
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise FedmedError(f"{path} is not a fedmed server checkpoint that can be read safely: {first}") from None
+    if not isinstance(state, dict) or "round" not in state:
+        raise FedmedError(f"{path} is not a fedmed server checkpoint (no 'round')")
+    return state

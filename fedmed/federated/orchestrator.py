@@ -1,0 +1,324 @@
+"""The orchestrator: the server's round loop. It sees only weights, sample counts and metrics."""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from fedmed.aggregation import state_nbytes
+from fedmed.errors import BudgetSpent, FederationError, FedmedError
+from fedmed.federated.calls import SiteTimeout, call_with_timeout, concurrently
+from fedmed.federated.checkpoint import CHECKPOINT, save_checkpoint
+from fedmed.federated.messages import EvalResult, FitResult, clone_state
+from fedmed.federated.secure_round import collect_keys, unmask
+from fedmed.federated.strategies.base import Strategy
+from fedmed.federated.transport import SiteTransport
+from fedmed.federated.updates import check_masked, check_update, receive
+from fedmed.privacy.dp import PrivacyBudgetExhausted
+from fedmed.privacy.secagg import vector_length
+from fedmed.tracking import RunLog
+
+log = logging.getLogger("fedmed")
+
+SELECTIONS = ("best_val_loss", "last")
+
+
+@dataclass(frozen=True)
+class FederationSettings:
+    """How the round loop runs.
+
+    Args:
+        rounds: number of rounds.
+        local_epochs: local epochs per round.
+        fraction: share of sites sampled per round.
+        min_sites: sample at least this many sites, and need this many successful updates.
+        seed: seeds site sampling.
+        select: ``best_val_loss`` keeps the global model with the lowest sample-weighted site
+            validation loss (federated evaluation; the test split is never used), ``last`` the final one.
+        explain_rounds: rounds at which sites also explain the new global model (numbers come back).
+        site_timeout: seconds a site may take to train (None: no limit).
+        secure_aggregation: sites send masked contributions; the server only learns their sum
+            (:mod:`fedmed.privacy.secagg`). Needs a strategy whose aggregate is ``summable``.
+    """
+
+    rounds: int
+    local_epochs: int = 1
+    fraction: float = 1.0
+    min_sites: int = 1
+    seed: int = 0
+    select: str = "best_val_loss"
+    explain_rounds: frozenset[int] = frozenset()
+    site_timeout: float | None = None
+    secure_aggregation: bool = False
+
+    def __post_init__(self) -> None:
+        if self.rounds < 1 or self.local_epochs < 1:
+            raise ValueError(f"rounds and local_epochs must be >= 1, got {self.rounds}, {self.local_epochs}")
+        if not 0 < self.fraction <= 1:
+            raise ValueError(f"federation.fraction must be in (0, 1], got {self.fraction}")
+        if self.select not in SELECTIONS:
+            raise ValueError(f"federation.select must be one of {SELECTIONS}, got {self.select!r}")
+
+
+@dataclass
+class RoundRecord:
+    round: int
+    sites: list[str]
+    metrics: dict[str, float]
+    bytes_up: int
+    bytes_down: int
+    seconds: float
+    site_metrics: dict[str, dict[str, float]] = field(default_factory=dict)  # what each site reported
+
+
+@dataclass
+class FederationResult:
+    """Final and selected global weights, and the per-round history."""
+
+    final_weights: dict[str, torch.Tensor]
+    weights: dict[str, torch.Tensor]  # the selected global model (see ``select``)
+    round: int  # the round it comes from
+    history: list[RoundRecord] = field(default_factory=list)
+    site_eval: dict[str, EvalResult] = field(default_factory=dict)  # selected model, per site
+
+
+def weighted_metrics(results: Sequence[EvalResult]) -> dict[str, float]:
+    """Sample-weighted mean of each scalar metric over the sites where it is defined (not NaN).
+
+    A metric that no site defines (e.g. AUROC when every site's validation data holds one class)
+    is NaN.
+    """
+    keys = set.intersection(*(set(r.metrics) for r in results))
+    out = {}
+    for k in sorted(keys):
+        have = [r for r in results if not math.isnan(r.metrics[k])]
+        total = sum(r.num_samples for r in have)
+        out[k] = sum(r.metrics[k] * r.num_samples for r in have) / total if total else float("nan")
+    return out
+
+
+def site_consistency(results: Sequence[EvalResult]) -> float:
+    """Mean pairwise correlation of the sites' coarse per-class mean heatmaps (NaN with < 2 sites)."""
+    from fedmed.explain.faithfulness import map_correlation
+
+    maps = [r.xai_summary for r in results if r.xai_summary is not None]
+    pairs = [map_correlation(a, b) for i, a in enumerate(maps) for b in maps[i + 1 :]]
+    pairs = [p for p in pairs if not math.isnan(p)]
+    return sum(pairs) / len(pairs) if pairs else float("nan")
+
+
+Best = tuple[float, int, dict[str, torch.Tensor], dict[str, EvalResult]]
+
+
+class Orchestrator:
+    """Runs rounds of: sample sites -> send global weights -> local training -> aggregate -> evaluate.
+
+    A site that raises, exceeds ``site_timeout`` or returns a malformed update (wrong keys,
+    shapes or dtypes, NaN/Inf, no samples) is left out of that round with a log line and an
+    MLflow tag naming it and the reason; the round goes on if at least ``min_sites`` succeeded,
+    else :class:`FederationError`. After every round the server state (global weights, best
+    model so far, strategy state, sites' own state, RNG state, history) is checkpointed to
+    ``checkpoint_dir/server.pt``; ``run(..., resume=state)`` continues after its last round and
+    ends with the same weights as an uninterrupted run.
+
+    Args:
+        sites: the sites, each a :class:`~fedmed.federated.transport.SiteTransport`.
+        strategy: a :class:`~fedmed.federated.strategies.base.Strategy`.
+        settings: the round loop's :class:`FederationSettings`.
+        run: the federation's MLflow run (per-round metrics, exclusion tags).
+        checkpoint_dir: where the server checkpoints after every round (None: nowhere).
+        extra_state: saved with every checkpoint (e.g. the MLflow run ids and the config).
+    """
+
+    def __init__(self, sites: Sequence[SiteTransport], strategy: Strategy, settings: FederationSettings,
+                 run: RunLog | None = None, checkpoint_dir: str | Path | None = None,
+                 extra_state: Mapping[str, Any] | None = None):
+        if settings.secure_aggregation and not strategy.summable:
+            raise FedmedError(f"privacy.secure_aggregation needs a strategy that aggregates only the sum of the "
+                              f"updates (fedavg, fedprox, fedbn, fedadam, fedyogi); strategy={strategy.name} "
+                              "needs each update")
+        if settings.secure_aggregation and len(sites) < 2:
+            raise FedmedError("privacy.secure_aggregation needs at least 2 sites (a sum of one update is the update)")
+        if settings.min_sites > len(sites):
+            raise ValueError(f"federation.min_sites={settings.min_sites} but only {len(sites)} sites")
+        self.sites, self.strategy, self.settings = list(sites), strategy, settings
+        self.run_log = run or RunLog()
+        self.checkpoint = Path(checkpoint_dir) / CHECKPOINT if checkpoint_dir else None
+        self.extra_state = dict(extra_state or {})
+        self._stray: dict[str, threading.Thread] = {}  # sites still running a timed-out round
+
+    def sample(self, round_idx: int) -> list[SiteTransport]:
+        s = self.settings
+        k = max(s.min_sites, math.ceil(s.fraction * len(self.sites)))
+        if k >= len(self.sites):
+            return list(self.sites)
+        rng = np.random.default_rng([s.seed, round_idx])
+        return [self.sites[i] for i in sorted(rng.choice(len(self.sites), size=k, replace=False))]
+
+    def _exclude(self, r: int, site: str, reason: str) -> None:
+        log.warning("round %d/%d: site %s excluded: %s", r, self.settings.rounds, site, reason)
+        if self.run_log.tracker is not None and self.run_log.run_id is not None:
+            self.run_log.tracker.set_tags(self.run_log.run_id, {f"excluded.round_{r:03d}.{site}": reason[:250]})
+
+    def _busy(self, name: str) -> bool:
+        t = self._stray.get(name)
+        return t is not None and t.is_alive()
+
+    def _train_round(self, r: int, chosen: list[SiteTransport], global_w) -> tuple[list[FitResult], dict[str, bytes]]:
+        s = self.settings
+        instructions = self.strategy.configure_fit(global_w)
+        peers: dict[str, bytes] = {}
+        length = 0
+        if s.secure_aggregation:
+            peers = collect_keys(chosen, lambda name, why: self._exclude(r, name, why))
+            chosen = [c for c in chosen if c.name in peers]
+            instructions = {**instructions, "secagg": {"round": r, "peers": peers,
+                                                       "pooled_bn": self.strategy.bn_stats == "pooled"}}
+            length = vector_length(global_w)
+        fits: list[FitResult] = []
+        out_of_budget: list[str] = []
+        busy = {c.name for c in chosen if self._busy(c.name)}
+        for name in sorted(busy):
+            self._exclude(r, name, "still busy with the round it timed out in")
+        ready = [c for c in chosen if c.name not in busy]
+
+        def train(site: SiteTransport) -> object:
+            result = call_with_timeout(lambda: site.fit(global_w, r, s.local_epochs, instructions), s.site_timeout)
+            return receive(result, global_w)
+
+        for site, (result, exc) in zip(ready, concurrently(train, ready), strict=True):  # in site order
+            if exc is not None:  # a failing site must not end the federation
+                if isinstance(exc, SiteTimeout):
+                    self._stray[site.name] = exc.thread
+                if isinstance(exc, PrivacyBudgetExhausted):
+                    out_of_budget.append(site.name)
+                self._exclude(r, site.name, f"{type(exc).__name__}: {exc}")
+                continue
+            problem = check_masked(length, result) if s.secure_aggregation else check_update(global_w, result)
+            if problem:
+                self._exclude(r, site.name, f"malformed update: {problem}")
+                continue
+            assert isinstance(result, FitResult)
+            fits.append(result)
+        if len(fits) < s.min_sites and out_of_budget:
+            raise BudgetSpent(f"round {r}: sites {', '.join(out_of_budget)} have spent their privacy budget; "
+                              f"{len(fits)} site(s) could train (federation.min_sites={s.min_sites})")
+        if len(fits) < s.min_sites:
+            raise FederationError(
+                f"round {r}: only {len(fits)} of {len(chosen)} sites returned a usable update "
+                f"(federation.min_sites={s.min_sites}); the federation stops"
+                + (f", its state after round {r - 1} is in {self.checkpoint}" if self.checkpoint and r > 1 else ""))
+        return fits, peers
+
+    def _evaluate_round(self, r: int, global_w, explain: bool) -> dict[str, EvalResult]:
+        evals = {}
+        ready = [s for s in self.sites if not self._busy(s.name)]  # a site still training a timed-out round
+        for site, (ev, exc) in zip(ready, concurrently(lambda s: s.evaluate(global_w, r, explain=explain), ready),
+                                   strict=True):
+            if exc is None and ev is not None:
+                evals[site.name] = ev
+            else:
+                self._exclude(r, site.name, f"evaluation failed: {type(exc).__name__}: {exc}")
+        if not evals:
+            raise FederationError(f"round {r}: no site could evaluate the global model")
+        return evals
+
+    def _evaluate(self, r: int, global_w, fits: list[FitResult], sampled: int, bytes_up: int, bytes_down: int,
+                  t0: float) -> tuple[RoundRecord, dict[str, EvalResult]]:
+        """Evaluate the new global model at every site; log and return the round's record."""
+        rounds = self.settings.rounds
+        explain = r in self.settings.explain_rounds
+        evals = self._evaluate_round(r, global_w, explain)
+        metrics = {f"val_{k}": v for k, v in weighted_metrics(list(evals.values())).items()}
+        if explain:
+            metrics["xai_site_consistency"] = site_consistency(list(evals.values()))
+        n_train = sum(f.num_samples for f in fits)
+        metrics["train_loss"] = sum(f.metrics.get("train_loss", 0.0) * f.num_samples for f in fits) / n_train
+        metrics.update({"comm_bytes_up": bytes_up, "comm_bytes_down": bytes_down, "sites_trained": len(fits),
+                        "sites_failed": sampled - len(fits)})
+        if any("dp_epsilon" in f.metrics for f in fits):
+            metrics["dp_epsilon_max"] = max(f.metrics.get("dp_epsilon", 0.0) for f in fits)
+        record = RoundRecord(r, [f.site for f in fits], metrics, bytes_up, bytes_down, time.perf_counter() - t0,
+                             {f.site: dict(f.metrics) for f in fits})
+        metrics["round_seconds"] = record.seconds
+        self.run_log.log_metrics(metrics, step=r)
+        log.info("round %d/%d: val_loss=%.4f val_acc=%.4f val_auroc=%.4f | sent %.2f MB | %.1fs", r, rounds,
+                 metrics["val_loss"], metrics["val_acc"], metrics["val_auroc"], (bytes_up + bytes_down) / 2**20,
+                 record.seconds)
+        if explain:
+            log.info("round %d/%d: explained at every site: deletion AUC %.3f, insertion AUC %.3f, "
+                     "cross-site heatmap consistency %.3f", r, rounds, metrics["val_xai_deletion_auc"],
+                     metrics["val_xai_insertion_auc"], metrics["xai_site_consistency"])
+        return record, evals
+
+    def state(self, r: int, global_w, best: Best | None, history: list[RoundRecord]) -> dict[str, Any]:
+        return {
+            "round": r, "global": global_w, "best": best, "history": history,
+            "strategy": self.strategy.state_dict(),
+            "sites": {s.name: s.state_dict() for s in self.sites},
+            "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
+            **self.extra_state,
+        }
+
+    def _restore(self, resume: Mapping[str, Any]) -> tuple[int, dict[str, torch.Tensor], Best | None,
+                                                             list[RoundRecord]]:
+        self.strategy.load_state_dict(resume["strategy"])
+        for s in self.sites:
+            if s.name in resume.get("sites", {}):
+                s.load_state_dict(resume["sites"][s.name])
+        torch.set_rng_state(resume["rng"]["torch"])
+        np.random.set_state(resume["rng"]["numpy"])
+        random.setstate(resume["rng"]["python"])
+        first = int(resume["round"]) + 1
+        log.info("resuming after round %d/%d", first - 1, self.settings.rounds)
+        return first, clone_state(resume["global"]), resume["best"], list(resume["history"])
+
+    def run(self, initial: Mapping[str, torch.Tensor], resume: Mapping[str, Any] | None = None) -> FederationResult:
+        s = self.settings
+        global_w, best, history, first = clone_state(initial), None, [], 1
+        if resume is not None:
+            first, global_w, best, history = self._restore(resume)
+        for r in range(first, s.rounds + 1):
+            t0 = time.perf_counter()
+            chosen = self.sample(r)
+            log.info("round %d/%d: training at %s", r, s.rounds, ", ".join(c.name for c in chosen))
+            payload = state_nbytes(global_w)
+            try:
+                fits, peers = self._train_round(r, chosen, global_w)
+            except BudgetSpent as exc:
+                if best is None:
+                    raise
+                log.warning("%s: the federation ends after round %d", exc, r - 1)
+                if self.run_log.tracker is not None and self.run_log.run_id is not None:
+                    self.run_log.tracker.set_tags(self.run_log.run_id,
+                                                  {"stopped_early": f"privacy budget spent before round {r}"})
+                break
+            bytes_down = payload * len(chosen)
+            bytes_up = sum(f.wire_bytes for f in fits)
+            if s.secure_aggregation:
+                fits_in = [unmask(r, fits, peers, global_w, self.sites, self.strategy.bn_stats == "pooled",
+                                  s.min_sites, lambda name, why, r=r: self._exclude(r, name, why))]
+            else:
+                fits_in = fits
+            global_w = self.strategy.aggregate_fit(global_w, fits_in)
+            record, evals = self._evaluate(r, global_w, fits, len(chosen), bytes_up, bytes_down, t0)
+            history.append(record)
+            if best is None or s.select == "last" or record.metrics["val_loss"] < best[0]:
+                best = (record.metrics["val_loss"], r, clone_state(global_w), evals)
+            if self.checkpoint:
+                save_checkpoint(self.checkpoint, self.state(r, global_w, best, history))
+        assert best is not None
+        _, best_round, best_w, best_evals = best
+        if self.run_log.tracker is not None and self.run_log.run_id is not None:
+            self.run_log.tracker.set_tags(self.run_log.run_id, {"selected_round": best_round})
+        return FederationResult(global_w, best_w, best_round, history, best_evals)

@@ -1,0 +1,141 @@
+"""The site client: one hospital's data, its own Lightning trainer, its own MLflow run.
+
+Its verbs follow MONAI's ``ClientAlgo`` (initialize / train / get_weights / evaluate /
+finalize). It talks to the server only through weights and metrics, so a network transport
+(Flower) carries the same calls. It is made of parts: :class:`~.training.LocalTraining` (the
+trainer, with the strategy's :class:`~.strategies.base.SitePart`), the
+:class:`~.channel.UpdateChannel` (compression, secure-aggregation masking), and the optional
+:class:`~.heatmaps.SiteHeatmaps` and :class:`~.attack.Attack`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+
+from fedmed.data.datamodule import SiteData, make_loader
+from fedmed.federated.attack import Attack
+from fedmed.federated.channel import UpdateChannel
+from fedmed.federated.heatmaps import ExplainSettings, SiteHeatmaps
+from fedmed.federated.messages import EvalResult, FitResult, StateDict
+from fedmed.federated.strategies.base import SitePart
+from fedmed.federated.training import LocalTraining, TrainingSettings
+from fedmed.models.classifier import Classifier
+from fedmed.models.metrics import evaluate
+from fedmed.tracking import RunLog
+
+
+class SiteClient:
+    """One site of a federation.
+
+    Args:
+        name: site name (``configs/site/<name>.yaml``).
+        data: the site's train/val data, loaded from its manifest.
+        module_factory: builds a fresh :class:`Classifier` (same architecture at every site).
+        settings: how the run trains (batch size, trainer arguments, seed, planned epochs, DP).
+        site_index: this site's position in the federation (mixes into its seeds).
+        part: the strategy's site part (default: plain local training).
+        channel: how updates leave the site (default: raw weights).
+        heatmaps: explanations during :meth:`evaluate` (default: Grad-CAM of 16 validation images).
+        attack: robustness testing only: this site poisons its updates.
+        run: this site's own MLflow run (default: none).
+    """
+
+    def __init__(self, name: str, data: SiteData, module_factory: Callable[[], Classifier],
+                 settings: TrainingSettings | None = None, site_index: int = 0, part: SitePart | None = None,
+                 channel: UpdateChannel | None = None, heatmaps: SiteHeatmaps | None = None,
+                 attack: Attack | None = None, run: RunLog | None = None):
+        self.name, self.data = name, data
+        self.settings = settings or TrainingSettings()
+        self.training = LocalTraining(name, data, module_factory(), self.settings, site_index)
+        self.part = part or SitePart()
+        self.channel = channel or UpdateChannel(name)
+        self.heatmaps = heatmaps or SiteHeatmaps(name, data.val, self.module.num_classes, ExplainSettings(),
+                                                 self.settings.seed)
+        self.attack = attack
+        self.run = run or RunLog()
+
+    @property
+    def module(self) -> Classifier:
+        return self.training.module
+
+    @property
+    def dp(self):
+        """This site's DP-SGD state (:class:`fedmed.privacy.dp.SitePrivacy`), or None."""
+        return self.training.dp
+
+    # -- ClientAlgo-style verbs ---------------------------------------------------------------
+    def initialize(self) -> dict[str, int]:
+        return {"num_train": len(self.data.train), "num_val": len(self.data.val)}
+
+    def get_weights(self) -> dict[str, torch.Tensor]:
+        return self.training.weights()
+
+    def set_weights(self, weights: StateDict) -> None:
+        self.training.load(weights)
+
+    def train(self, weights: StateDict, round_idx: int, epochs: int, instructions: Mapping[str, Any] | None = None,
+              send: bool = True) -> FitResult:
+        """Start from ``weights``, train ``epochs`` local epochs, return the new weights and n_k.
+
+        ``instructions`` are the strategy's for this round (:meth:`Strategy.configure_fit`), and
+        ``secagg`` (peers' public keys: send a masked contribution). With ``send=False``
+        (personalisation) the weights come back as they are, never compressed or masked.
+        """
+        instructions = dict(instructions or {})
+        self.part.configure(instructions)
+        out = self.training.fit_round(weights, round_idx, epochs, self.part, self.attack)
+        new = self.attack.update(out.start, out.weights) if self.attack else out.weights
+        self.run.log_metrics(out.metrics, step=round_idx)
+        result = FitResult(self.name, new, len(self.data.train), out.metrics, out.extras)
+        return self.channel.package(result, out.start, instructions) if send else result
+
+    def public_key(self) -> bytes:
+        return self.channel.public_key()
+
+    def dropout_correction(self, dropped: Mapping[str, bytes], round_idx: int, length: int):
+        return self.channel.dropout_correction(dropped, round_idx, length)
+
+    def evaluate(self, weights: StateDict, round_idx: int, log_metrics: bool = True, explain: bool = False) -> EvalResult:
+        """Evaluate ``weights`` on this site's validation data; log to the site's run as ``val_*`` (step = round).
+
+        With ``explain=True`` the site also draws heatmaps of a fixed sample of its validation
+        images into its own run (``heatmaps/round_NNN.png``) and returns only numbers.
+        """
+        self.set_weights(self.part.local_weights(weights))  # FedBN: a site is evaluated with its own BN
+        loader = make_loader(self.data.val, 256, shuffle=False)
+        net = self.module.net.to(self.training.device())
+        metrics, confmat = evaluate(net, loader, self.module.num_classes)
+        summary = None
+        if explain:
+            xai, summary = self.heatmaps.explain(net, round_idx, self.run.log_figure if self.run.active else None)
+            metrics.update(xai)
+        self.module.net.cpu()
+        if log_metrics:
+            self.run.log_metrics({f"val_{k}": v for k, v in metrics.items()}, step=round_idx)
+        return EvalResult(self.name, len(self.data.val), metrics, confmat, summary)
+
+    def train_alone(self, epochs: int, select: str = "best_val_loss") -> tuple[dict[str, torch.Tensor], int]:
+        """Train continuously with validation after each epoch (local and centralized baselines)."""
+        return self.training.fit_alone(epochs, select, on_epoch=lambda e, m: self.run.log_metrics(m, step=e))
+
+    def state_dict(self) -> dict[str, Any]:
+        """What this site must keep to resume a federation: its strategy part, heatmap history,
+        optimizer moments, DP accounting and compression residuals."""
+        dp = self.training.dp
+        return {"strategy": self.part.state_dict(), "xai_prev": self.heatmaps.previous,
+                "optimizer": self.module.optimizer_state, "dp": dp.state_dict() if dp else None,
+                **self.channel.state_dict()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.part.load_state_dict(state.get("strategy") or {})
+        self.heatmaps.previous = state.get("xai_prev")
+        self.module.optimizer_state = state.get("optimizer")
+        if self.training.dp is not None and state.get("dp"):
+            self.training.dp.load_state_dict(state["dp"])
+        self.channel.load_state_dict(state)
+
+    def finalize(self, status: str = "FINISHED") -> None:
+        self.run.end(status)

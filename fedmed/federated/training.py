@@ -1,0 +1,162 @@
+"""A site's local training: its model, its Lightning trainer, DP-SGD, and the strategy's site part."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import lightning as L
+import torch
+
+from fedmed.data.datamodule import SiteData, make_loader
+from fedmed.federated.attack import Attack
+from fedmed.federated.callbacks import BestOnValidation, EpochProgress
+from fedmed.federated.messages import StateDict, clone_state
+from fedmed.federated.strategies.base import SitePart
+from fedmed.models.classifier import Classifier
+from fedmed.privacy.dp import DPConfig, SitePrivacy
+
+log = logging.getLogger("fedmed")
+
+
+@dataclass(frozen=True)
+class TrainingSettings:
+    """How every site of a run trains.
+
+    Args:
+        batch_size: training batch size.
+        trainer: extra ``lightning.Trainer`` arguments (accelerator, devices, limits...).
+        seed: base seed of the run.
+        planned_epochs: local epochs a site trains in the whole run (a DP target epsilon is
+            spread over them, and a cosine learning rate decays over them).
+        privacy: DP-SGD settings (None: off).
+    """
+
+    batch_size: int = 64
+    trainer: Mapping[str, Any] = field(default_factory=dict)
+    seed: int = 0
+    planned_epochs: int = 1
+    privacy: DPConfig | None = None
+
+
+@dataclass
+class RoundOutput:
+    """One round of local training: where it started, where it ended, what it measured, what the strategy adds."""
+
+    start: dict[str, torch.Tensor]
+    weights: dict[str, torch.Tensor]
+    metrics: dict[str, float]
+    extras: dict[str, Any]
+
+
+def site_seed(seed: int, round_idx: int, site_index: int) -> int:
+    """Seed for one site's work in one round: independent of which other sites ran, or in what order."""
+    return (seed * 1_000_003 + round_idx * 1_009 + site_index) % (2**31 - 1)
+
+
+class LocalTraining:
+    """Trains one site's model on its own data.
+
+    Args:
+        name: the site's name (for log lines).
+        data: the site's train/val data.
+        module: the site's :class:`Classifier`.
+        settings: the run's :class:`TrainingSettings`.
+        site_index: this site's position in the federation (mixes into its seeds).
+    """
+
+    def __init__(self, name: str, data: SiteData, module: Classifier, settings: TrainingSettings,
+                 site_index: int = 0):
+        self.name, self.data, self.module, self.settings = name, data, module, settings
+        self.site_index = site_index
+        self.module.set_label_prior(data.train.y)  # for a logit-adjusted loss: this site's own label mix
+        self.dp: SitePrivacy | None = None
+        if settings.privacy is not None:
+            self.dp = SitePrivacy(settings.privacy, len(data.train), settings.batch_size, settings.planned_epochs)
+            log.info("  [%s] DP-SGD: noise multiplier %.3f, clip %.2f, sample rate %.4f, delta %g", name,
+                     self.dp.noise_multiplier, settings.privacy.max_grad_norm, self.dp.sample_rate,
+                     settings.privacy.delta)
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        return clone_state(self.module.net.state_dict())
+
+    def load(self, weights: StateDict) -> None:
+        self.module.net.load_state_dict(weights, strict=True)
+
+    def fit_round(self, weights: StateDict, round_idx: int, epochs: int, part: SitePart,
+                  attack: Attack | None = None) -> RoundOutput:
+        """Train ``epochs`` local epochs from ``weights`` (the strategy's part already configured)."""
+        self.load(part.local_weights(weights))
+        seed = site_seed(self.settings.seed, round_idx, self.site_index)
+        L.seed_everything(seed, verbose=False)
+        m = self.module
+        train = attack.training_data(self.data.train, m.num_classes) if attack else self.data.train
+        loader = make_loader(train, self.settings.batch_size, shuffle=True, seed=seed)
+        part.before_training(m.net)
+        m.schedule = ((round_idx - 1) * epochs, self.settings.planned_epochs)  # the run's lr curve goes on
+        start = self.weights()
+        trainer = self._trainer(epochs, [EpochProgress(self.name, f"round {round_idx}"), *part.callbacks()],
+                                validate=False)
+        t0 = time.perf_counter()
+        self._fit(trainer, loader, epochs, seed, part)
+        metrics = {"train_loss": float(trainer.callback_metrics.get("train_loss", float("nan"))),
+                   "train_seconds": time.perf_counter() - t0}
+        if self.dp is not None:  # reported to the server with the update (and logged on this site's run)
+            rec = self.dp.record()
+            metrics.update({"dp_epsilon": rec["epsilon"], "dp_delta": rec["delta"],
+                            "dp_noise_multiplier": rec["noise_multiplier"], "dp_steps": rec["dp_steps"]})
+        new = self.weights()
+        factors = [m.lr_factor(m.schedule[0] + e) for e in range(epochs)]
+        extras = part.after_training(start, new, int(trainer.global_step), factors)
+        return RoundOutput(start, new, metrics, extras)
+
+    def fit_alone(self, epochs: int, select: str = "best_val_loss",
+                  on_epoch=None) -> tuple[dict[str, torch.Tensor], int]:
+        """Train continuously for ``epochs`` with validation after each (local and centralized baselines).
+
+        Returns:
+            (weights, epoch): the best-validation-loss epoch's weights, or the last epoch's if
+            ``select == "last"``.
+        """
+        seed = self.settings.seed
+        L.seed_everything(site_seed(seed, 0, self.site_index), verbose=False)
+        best = BestOnValidation()
+        self.module.schedule = (0, epochs)
+        trainer = self._trainer(epochs, [EpochProgress(self.name, "training", on_epoch), best], validate=True)
+        loader = make_loader(self.data.train, self.settings.batch_size, shuffle=True, seed=seed)
+        self._fit(trainer, loader, epochs, seed, None, validate=True)
+        if select == "last" or best.best_state is None:
+            return self.weights(), epochs
+        return best.best_state, best.best_epoch
+
+    def _fit(self, trainer: L.Trainer, loader, epochs: int, seed: int, part: SitePart | None,
+             validate: bool = False) -> None:
+        """``trainer.fit`` with the strategy's part and DP-SGD attached for exactly this fit."""
+        m, gsm = self.module, None
+        if self.dp is not None:
+            self.dp.check_budget(epochs, self.name)  # raises PrivacyBudgetExhausted before any training
+            gsm, loader, m.wrap_optimizer = self.dp.attach(m.net, loader, seed)
+        m.hook = part
+        try:
+            val = make_loader(self.data.val, 256, shuffle=False) if validate else None
+            trainer.fit(m, train_dataloaders=loader, val_dataloaders=val)
+        finally:
+            m.hook, m.wrap_optimizer = None, None
+            if gsm is not None:
+                self.dp.close(gsm)  # type: ignore[union-attr]
+
+    def _trainer(self, epochs: int, callbacks: Sequence[L.Callback], validate: bool) -> L.Trainer:
+        kwargs = dict(self.settings.trainer)
+        if not validate:
+            kwargs["limit_val_batches"] = 0
+        return L.Trainer(max_epochs=epochs, logger=False, enable_checkpointing=False, enable_model_summary=False,
+                         enable_progress_bar=False, num_sanity_val_steps=0, callbacks=list(callbacks), **kwargs)
+
+    def device(self) -> torch.device:
+        acc = str(self.settings.trainer.get("accelerator", "cpu"))
+        if acc in ("gpu", "cuda", "auto") and torch.cuda.is_available():
+            return torch.device("cuda")
+        return torch.device("cpu")

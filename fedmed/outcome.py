@@ -1,0 +1,204 @@
+"""What a finished training run reports, for ``fedmed fit`` and ``fedmed serve`` alike: the test
+evaluation, the membership-inference audit, the privacy record, the logged model and the summary.
+
+Members of the audit are the images the model trained on (every site's training manifest, or
+the pooled train split for a centralized model); non-members are the validation split, which no
+site trained on and which comes from the same distribution as the training split (not the test
+split: in MedMNIST it is the original test set, with another class mix, and an attack would score
+that shift instead of membership). Both are drawn balanced, ``privacy.audit_n`` each.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from fedmed.build import AUDITS, build_module, dp_config
+from fedmed.config import site_config
+from fedmed.data.datamodule import ArrayDataset, Pipeline, SiteData, make_loader
+from fedmed.data.manifest import Manifest, read_manifest
+from fedmed.data.sites import describe_partition, site_class_counts
+from fedmed.errors import FedmedError
+from fedmed.federated.messages import EvalResult
+from fedmed.federated.orchestrator import RoundRecord
+from fedmed.federated.site import SiteClient
+from fedmed.federated.training import TrainingSettings
+from fedmed.models.metrics import evaluate
+from fedmed.privacy.audit import AttackResult, candidates, lira_attack, loss_attack
+from fedmed.privacy.dp import DPConfig, describe
+from fedmed.privacy.record import format_record, privacy_record
+from fedmed.reporting import confusion_figure, partition_figure, summary_table
+from fedmed.tracking import Tracker
+
+log = logging.getLogger("fedmed")
+
+
+@dataclass
+class Trained:
+    """What a training run hands to its report.
+
+    Args:
+        mode: federated, centralized or local.
+        sites: the sites that trained (or ``pooled``).
+        weights: the selected model.
+        chosen: which one it is, e.g. ``round 4/10`` or ``epoch 7/20``.
+        seconds: training wall time.
+        site_rows: (label, site, split, evaluation) rows of the summary.
+        comm: the communication line of the summary.
+        trained_on: the training data the audit draws members from (empty where it stays at the sites).
+        epochs: the training epochs behind the selected model (LiRA trains its shadow models as long).
+        history: the federation's rounds (empty for a baseline).
+        dp_records: each site's DP accounting.
+        num_train: training images over all sites (default: the size of ``trained_on``).
+    """
+
+    mode: str
+    sites: list[str]
+    weights: dict[str, torch.Tensor]
+    chosen: str
+    seconds: float
+    site_rows: list[tuple[str, str, str, EvalResult]]
+    comm: str
+    trained_on: list[ArrayDataset]
+    epochs: int
+    history: list[RoundRecord] = field(default_factory=list)
+    dp_records: dict[str, dict[str, float]] = field(default_factory=dict)
+    num_train: int | None = None
+
+
+def log_partition(tracker: Tracker, run_id: str, manifests: dict[str, Manifest], class_names: list[str],
+                  title: str) -> None:
+    """The sites' class counts as JSON, a table and a bar chart, and the partition's summary."""
+    counts = site_class_counts(list(manifests.values()))
+    tracker.log_dict(run_id, {s: row.tolist() for s, row in zip(manifests, counts, strict=True)},
+                     "partition/class_counts.json")
+    tracker.log_text(run_id, describe_partition(list(manifests.values())), "partition/summary.txt")
+    tracker.log_table(run_id, {"site": list(manifests),
+                               **{c: counts[:, j].tolist() for j, c in enumerate(class_names)}},
+                      "partition/class_counts_table.json")
+    tracker.log_figure(run_id, partition_figure(counts, class_names, list(manifests), title),
+                       "partition/class_counts.png")
+
+
+def finish(cfg: DictConfig, pipeline: Pipeline, trained: Trained, tracker: Tracker,
+           run_id: str) -> tuple[dict[str, float], dict[str, Any]]:
+    """Evaluate the chosen model on the test split, audit it, log the model and the privacy record, print the summary.
+
+    Returns:
+        (test metrics, privacy record).
+    """
+    source, t = pipeline.source, trained
+    rounds = cfg.federation.rounds
+    # -- final evaluation on the official test split ---------------------------------
+    module = build_module(cfg)
+    module.net.load_state_dict(t.weights)
+    test = pipeline.dataset("test")
+    test_metrics, confmat = evaluate(module.net, make_loader(test, 256, False), cfg.data.num_classes)
+    tracker.log_metrics(run_id, {f"test_{k}": v for k, v in test_metrics.items()}, step=rounds)
+    tracker.log_metrics(run_id, {"fit_seconds": t.seconds}, step=0)
+    title = f"{cfg.data.name} test, {t.mode} {cfg.model.name} ({t.chosen})"
+    tracker.log_figure(run_id, confusion_figure(confmat, source.class_names, title), "confusion_matrix_test.png")
+    tracker.log_state_dict(run_id, {"state_dict": t.weights, "config": OmegaConf.to_container(cfg, resolve=True),
+                                    "class_names": source.class_names, "run_id": run_id, "epochs": t.epochs},
+                           "checkpoint/model.pt")
+    if cfg.logger.log_model:
+        tracker.log_model(run_id, module.net.cpu().eval(), test.x[:2].numpy(), "model")
+
+    # -- privacy: membership-inference audit of the final model, and the run's record ----
+    attacks = audit_model(cfg, module.net, t.trained_on, [pipeline.dataset("val")], epochs=t.epochs)
+    h = t.history
+    record = privacy_record(
+        mode=t.mode, sites=t.sites, rounds_done=len(h), bytes_up=[r.bytes_up for r in h],
+        bytes_down=[r.bytes_down for r in h], compression=cfg.federation.compression if h else "none",
+        secure_aggregation=bool(cfg.privacy.secure_aggregation), dp=t.dp_records, dp_setting=describe(dp_config(cfg)),
+        audit=attack_rows(attacks),
+        num_train=t.num_train if t.num_train is not None else sum(len(d) for d in t.trained_on))
+    tracker.log_dict(run_id, record, "privacy/record.json")
+    eps = {"dp_epsilon_max": max(d["epsilon"] for d in t.dp_records.values())} if t.dp_records else {}
+    tracker.log_metrics(run_id, {**mlflow_attack_metrics(attacks),
+                                 "privacy_update_bytes_sent": record["update_bytes_sent"], **eps}, step=rounds)
+
+    rows = [{"who": f"{label} @ {site}", "split": split, "n": e.num_samples, **e.metrics}
+            for label, site, split, e in t.site_rows]
+    rows.append({"who": f"{t.mode} model", "split": "test", "n": int(confmat.sum()), **test_metrics})
+    text = summary_table(
+        f"fedmed fit: {t.mode}, {cfg.data.name}, {cfg.model.name}, selected {t.chosen}, {t.seconds:.0f}s",
+        rows,
+        f"{t.comm}\n{format_record(record)}\n"
+        f"MLflow run {run_id}; browse it with: mlflow ui --backend-store-uri {cfg.logger.tracking_uri}",
+    )
+    tracker.log_text(run_id, text, "summary.txt")
+    return test_metrics, record
+
+
+def audit_model(cfg: DictConfig, net: torch.nn.Module, members: list[ArrayDataset], non_members: list[ArrayDataset],
+                kind: str | None = None, epochs: int | None = None) -> list[AttackResult]:
+    """Run the configured attacks (``privacy.audit``) against ``net``.
+
+    LiRA's shadow models are trained like the target: the same network, optimiser, batch size
+    and DP settings, for ``epochs`` (the epochs behind the selected model; default rounds x local
+    epochs), on a training set of the target's size: every training image outside the candidate
+    set plus a random half of the candidates.
+    """
+    p = cfg.privacy
+    kind = kind or p.audit
+    if kind not in AUDITS:
+        raise FedmedError(f"privacy.audit={kind!r} is not one of {AUDITS}")
+    if kind == "none":
+        return []
+    if not members:
+        log.info("membership audit: this process holds no training images (they stay at the sites); "
+                 "run `fedmed audit privacy checkpoint=...` at a site")
+        return []
+    mx, my = torch.cat([m.x for m in members]), torch.cat([m.y for m in members])
+    nx, ny = torch.cat([m.x for m in non_members]), torch.cat([m.y for m in non_members])
+    mi, ni = candidates(np.arange(len(mx)), np.arange(len(nx)), int(p.audit_n), cfg.seed)
+    x, y = torch.cat([mx[mi], nx[ni]]), torch.cat([my[mi], ny[ni]])
+    is_member = np.r_[np.ones(len(mi)), np.zeros(len(ni))]
+    net = net.cpu().eval()
+    results = [loss_attack(net, x, y, is_member)]
+    if kind == "lira":
+        n_epochs = epochs or cfg.federation.rounds * cfg.federation.local_epochs
+        rest = np.setdiff1d(np.arange(len(mx)), mi)  # training images that are not candidates: in every shadow
+        dp = DPConfig.from_config(OmegaConf.to_container(p))  # type: ignore[arg-type]
+        trainer_kwargs = {**OmegaConf.to_container(cfg.trainer, resolve=True), "limit_val_batches": 0}  # type: ignore[dict-item]
+        holdout = ArrayDataset(nx[:64], ny[:64])  # train_alone wants val data; selection is "last"
+
+        def train_shadow(idx: np.ndarray, seed: int) -> torch.nn.Module:
+            train = ArrayDataset(torch.cat([mx[rest], x[idx]]), torch.cat([my[rest], y[idx]]))
+            settings = TrainingSettings(cfg.data.batch_size, trainer_kwargs, seed, n_epochs, dp)
+            client = SiteClient(f"shadow{seed % 1000}", SiteData(train, holdout), lambda: build_module(cfg), settings)
+            weights, _ = client.train_alone(n_epochs, select="last")
+            client.module.net.load_state_dict(weights)
+            return client.module.net
+
+        log.info("membership audit: training %d shadow models (%d images, %d epochs each) for LiRA",
+                 p.audit_shadows, len(rest) + len(x) // 2, n_epochs)
+        results += lira_attack(net, x, y, is_member, train_shadow, int(p.audit_shadows), cfg.seed,
+                               progress=lambda s: log.info("  shadow model %d/%d done", s, p.audit_shadows))
+    for r in results:
+        log.info("membership audit, %s attack: AUC %.3f, TPR@1%%FPR %.3f, TPR@0.1%%FPR %.3f (%d vs %d)",
+                 r.name, r.auc, r.tpr_at_1pct, r.tpr_at_01pct, r.members, r.non_members)
+    return results
+
+
+def attack_rows(results: list[AttackResult]) -> list[dict[str, Any]]:
+    return [dataclasses.asdict(r) for r in results]
+
+
+def site_training_sets(cfg: DictConfig, pipeline: Pipeline, sites: list[str]) -> list[ArrayDataset]:
+    """The training data each site's manifest names (the members an audit draws from)."""
+    return [pipeline.site(read_manifest(site_config(cfg, s).manifest)).train for s in sites]
+
+
+def mlflow_attack_metrics(results: list[AttackResult]) -> dict[str, float]:
+    """``mia_loss_auc``, ``mia_lira_tpr_at_fpr_0.1pct``... for MLflow."""
+    return {k: v for r in results for k, v in r.as_dict(f"mia_{r.name.split()[0]}_").items()
+            if not (isinstance(v, float) and math.isnan(v))}
