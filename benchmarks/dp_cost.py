@@ -14,10 +14,10 @@ import time
 
 from hydra.utils import instantiate
 
-from fedmed.cli import setup_logging
+from fedmed.build import build_strategy, site_client, site_data, write_partition
 from fedmed.config import compose, site_config
 from fedmed.data.manifest import read_manifest
-from fedmed.tasks.fit import _site_client, _site_data, write_partition
+from fedmed.logs import setup_logging
 
 
 def main() -> None:
@@ -33,8 +33,8 @@ def main() -> None:
             cfg = compose("fit", [*args.overrides, *extra, "federation.rounds=100"])
             write_partition(cfg, instantiate(cfg.data.source))
             scfg = site_config(cfg, args.site)
-            data = _site_data(cfg, read_manifest(scfg.manifest), scfg)
-            client = _site_client(cfg, args.site, 0, data, None, None, federated=True)
+            data = site_data(cfg, read_manifest(scfg.manifest), scfg)
+            client = site_client(cfg, args.site, 0, data, strategy=build_strategy(cfg))
             w = client.get_weights()
             t0 = time.perf_counter()
             client.train(w, r + 1, 1, send=False)

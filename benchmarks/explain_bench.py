@@ -22,7 +22,6 @@ from pathlib import Path
 import lightning as L
 import torch
 
-from fedmed.cli import setup_logging
 from fedmed.data import MedMNISTSource, Pipeline, Preprocessing
 from fedmed.data.datamodule import ArrayDataset, make_loader
 from fedmed.explain import (
@@ -34,13 +33,14 @@ from fedmed.explain import (
     rank_correlation,
     relevance_mass,
 )
-from fedmed.models import create_model
+from fedmed.logs import setup_logging
+from fedmed.models import CompactCNN, SmallInputDenseNet
 from fedmed.models.classifier import Classifier
 
 
 def train(x, y, epochs=5, seed=0):
     L.seed_everything(seed, verbose=False)
-    module = Classifier(create_model("cnn", in_channels=1, num_classes=2), 2)
+    module = Classifier(CompactCNN(in_channels=1, num_classes=2), 2)
     L.Trainer(max_epochs=epochs, logger=False, enable_checkpointing=False, enable_progress_bar=False,
               enable_model_summary=False, accelerator="cpu").fit(module, make_loader(ArrayDataset(x, y), 64, True, seed))
     return module.net.eval()
@@ -89,8 +89,8 @@ def speed_table(methods) -> None:
     print("## Heatmaps per second (CPU, batch 64, 256 images, untrained weights: speed does not depend on them)\n")
     print("| method | CNN 28 px | DenseNet 64 px |")
     print("|---|---|---|")
-    cnn = create_model("cnn", in_channels=1, num_classes=2).eval()
-    dense = create_model("densenet", in_channels=1, num_classes=2, image_size=64).eval()
+    cnn = CompactCNN(in_channels=1, num_classes=2).eval()
+    dense = SmallInputDenseNet(in_channels=1, num_classes=2, image_size=64).eval()
     x28, x64 = torch.rand(256, 1, 28, 28), torch.rand(128, 1, 64, 64)
     for m in methods:
         print(f"| {m} | {speed(m, cnn, x28):.0f} | {speed(m, dense, x64, reps=1):.0f} |", flush=True)

@@ -16,8 +16,8 @@ import time
 
 from results import markdown_table, save_json
 
-from fedmed.cli import setup_logging
 from fedmed.config import compose
+from fedmed.logs import setup_logging
 from fedmed.tasks import fit
 
 

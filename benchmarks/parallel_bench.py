@@ -19,8 +19,8 @@ import torch
 from mlflow import MlflowClient
 from results import save_json
 
-from fedmed.cli import setup_logging
 from fedmed.config import compose
+from fedmed.logs import setup_logging
 from fedmed.tasks import fit
 
 

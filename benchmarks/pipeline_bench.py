@@ -17,9 +17,9 @@ import time
 
 import torch
 
+from fedmed.build import build_module
 from fedmed.config import compose
 from fedmed.data import Pipeline, make_loader
-from fedmed.tasks.fit import build_module
 
 
 def bench(data: str, batches: int, extra: list[str]) -> dict:

@@ -18,8 +18,8 @@ import statistics
 
 from results import ms, save_json
 
-from fedmed.cli import setup_logging
 from fedmed.config import compose
+from fedmed.logs import setup_logging
 from fedmed.tasks import fit
 
 RUNS = {

@@ -16,8 +16,8 @@ import argparse
 
 from results import markdown_table, save_json
 
-from fedmed.cli import setup_logging
 from fedmed.config import compose
+from fedmed.logs import setup_logging
 from fedmed.tasks import fit
 
 SITES = "federation.sites=[hospital_a,hospital_b,hospital_c,hospital_d]"
@@ -58,16 +58,16 @@ def main() -> None:
         record("pooled", "centralized", ["mode=centralized"], seed)
         for part in args.partitions:
             for strategy in args.strategies:
-                record(part, strategy, [*partition_overrides(part), f"federation.strategy={strategy}"], seed)
+                record(part, strategy, [*partition_overrides(part), f"strategy={strategy}"], seed)
             if args.local:
                 for s in ("hospital_a", "hospital_b", "hospital_c", "hospital_d"):
                     record(part, f"local: {s}", [*partition_overrides(part), f"site={s}"], seed)
         if args.poison:
             iid = partition_overrides("iid")
-            record("poison-iid", "fedavg, no attacker", [*iid, "federation.strategy=fedavg"], seed)
+            record("poison-iid", "fedavg, no attacker", [*iid, "strategy=fedavg"], seed)
             for strategy in ("fedavg", "median", "trimmed_mean"):  # krum needs >= 5 sites for f = 1
                 record("poison-iid", f"{strategy}, hospital_d sign-flips x10",
-                       [*iid, f"federation.strategy={strategy}", "federation.attackers=[hospital_d:signflip]"], seed)
+                       [*iid, f"strategy={strategy}", "federation.attackers=[hospital_d:signflip]"], seed)
 
     cfg = compose("fit", base)
     print(f"\n{args.data}, {cfg.model.name}, 4 sites, {cfg.federation.rounds} rounds x "

@@ -86,12 +86,12 @@ def _medmnist_info(name: str, key: str):
 def groups(verb: str = "fit") -> dict[str, list[str]]:
     """The config groups ``configs/<verb>.yaml`` uses, and their options, e.g. ``{"data": ["breastmnist", ...]}``."""
     root = config_dir()
-    defaults = OmegaConf.load(root / f"{verb}.yaml").get("defaults", [])
+    defaults = OmegaConf.to_container(OmegaConf.load(root / f"{verb}.yaml")).get("defaults", [])  # type: ignore[union-attr]
     used: dict[str, list[str]] = {}
     for d in defaults:
         if isinstance(d, str) and (root / f"{d}.yaml").is_file() and d != verb:  # an included primary config (serve: fit)
             used.update(groups(d))
-        elif isinstance(d, dict) or OmegaConf.is_dict(d):
+        elif isinstance(d, dict):
             g = next(iter(d))
             if (root / g).is_dir():
                 used[g] = sorted(p.stem for p in (root / g).glob("*.yaml"))
@@ -101,7 +101,7 @@ def groups(verb: str = "fit") -> dict[str, list[str]]:
 def _all_keys(cfg: DictConfig, prefix: str = "") -> list[str]:
     keys = []
     for k in cfg.keys():
-        path = f"{prefix}{k}"
+        path = f"{prefix}{k!s}"
         keys.append(path)
         node = cfg._get_node(k)
         if isinstance(node, DictConfig):

@@ -176,7 +176,7 @@ def run_parallel(cfg: DictConfig) -> dict[str, Any]:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
+    cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))  # type: ignore[assignment]
     cfg.federation.server = f"127.0.0.1:{port}"
     cfg.federation.parallel = 0
     if gpus:
@@ -219,8 +219,9 @@ def _worker(config_file: str, site: str) -> None:
     """Entry point of a ``federation.parallel`` worker: one site, from the server's resolved config."""
     setup_logging()
     cfg = OmegaConf.load(config_file)
-    cfg.site = site_config(cfg, site)  # type: ignore[union-attr]
-    join_federation(cfg)  # type: ignore[arg-type]
+    assert isinstance(cfg, DictConfig)
+    cfg.site = site_config(cfg, site)
+    join_federation(cfg)
 
 
 if __name__ == "__main__":

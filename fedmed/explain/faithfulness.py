@@ -67,7 +67,7 @@ def deletion_insertion(
     rank.scatter_(1, order, torch.arange(n).expand(b, n).contiguous())
     rank = rank.view(maps.shape).unsqueeze(1)  # (B,1,*S): 0 = most relevant
     fill = x.flatten(2).mean(2).view(b, x.shape[1], *([1] * (x.ndim - 2))).expand_as(x)
-    curves = {"del": [], "ins": []}
+    curves: dict[str, list[torch.Tensor]] = {"del": [], "ins": []}
     for k in range(steps + 1):
         cut = round(n * k / steps)
         top = rank < cut  # the k/steps most relevant pixels
@@ -87,10 +87,12 @@ def randomized_copy(net: nn.Module, seed: int = 0) -> nn.Module:
     clone = copy.deepcopy(net)
     torch.manual_seed(seed)
     for module in clone.modules():
-        if hasattr(module, "reset_parameters") and module is not clone:
-            module.reset_parameters()
-        if hasattr(module, "reset_running_stats"):
-            module.reset_running_stats()
+        reset = getattr(module, "reset_parameters", None)
+        if callable(reset) and module is not clone:
+            reset()
+        reset_stats = getattr(module, "reset_running_stats", None)
+        if callable(reset_stats):
+            reset_stats()
     return clone
 
 

@@ -30,7 +30,7 @@ def _safe_globals() -> list[Any]:
     from fedmed.federated.messages import EvalResult
     from fedmed.federated.orchestrator import RoundRecord
 
-    reconstruct = getattr(np, "_core", np.core).multiarray._reconstruct  # type: ignore[attr-defined]
+    reconstruct = getattr(np, "_core", np.core).multiarray._reconstruct
     return [RoundRecord, EvalResult, np.ndarray, np.dtype, reconstruct, type(np.dtype(np.uint32))]
 
 

@@ -220,6 +220,13 @@ class Orchestrator:
                 + (f", its state after round {r - 1} is in {self.checkpoint}" if self.checkpoint and r > 1 else ""))
         return fits, peers
 
+    def _unmask(self, r: int, fits: list[FitResult], peers: dict[str, bytes], global_w) -> FitResult:
+        def exclude(name: str, why: str) -> None:
+            self._exclude(r, name, why)
+
+        return unmask(r, fits, peers, global_w, self.sites, self.strategy.bn_stats == "pooled",
+                      self.settings.min_sites, exclude)
+
     def _evaluate_round(self, r: int, global_w, explain: bool) -> dict[str, EvalResult]:
         evals = {}
         ready = [s for s in self.sites if not self._busy(s.name)]  # a site still training a timed-out round
@@ -285,7 +292,9 @@ class Orchestrator:
 
     def run(self, initial: Mapping[str, torch.Tensor], resume: Mapping[str, Any] | None = None) -> FederationResult:
         s = self.settings
-        global_w, best, history, first = clone_state(initial), None, [], 1
+        global_w, first = clone_state(initial), 1
+        best: Best | None = None
+        history: list[RoundRecord] = []
         if resume is not None:
             first, global_w, best, history = self._restore(resume)
         for r in range(first, s.rounds + 1):
@@ -305,11 +314,7 @@ class Orchestrator:
                 break
             bytes_down = payload * len(chosen)
             bytes_up = sum(f.wire_bytes for f in fits)
-            if s.secure_aggregation:
-                fits_in = [unmask(r, fits, peers, global_w, self.sites, self.strategy.bn_stats == "pooled",
-                                  s.min_sites, lambda name, why, r=r: self._exclude(r, name, why))]
-            else:
-                fits_in = fits
+            fits_in = [self._unmask(r, fits, peers, global_w)] if s.secure_aggregation else fits
             global_w = self.strategy.aggregate_fit(global_w, fits_in)
             record, evals = self._evaluate(r, global_w, fits, len(chosen), bytes_up, bytes_down, t0)
             history.append(record)

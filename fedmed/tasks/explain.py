@@ -61,7 +61,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     )
     out = out_root / run_id
     out.mkdir(parents=True, exist_ok=True)
-    tracker.log_params(run_id, OmegaConf.to_container(cfg, resolve=True))
+    tracker.log_params(run_id, OmegaConf.to_container(cfg, resolve=True))  # type: ignore[arg-type]
     results: dict[str, dict[str, float]] = {}
     randomized = randomized_copy(net, cfg.seed) if cfg.faithfulness else None
     with run_status(RunLog(tracker, run_id)):
@@ -77,6 +77,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                   heatmap_grid(x, maps, y, pred_all[idx], conf_all[idx], names, title))
             if cfg.faithfulness:
                 d, i = deletion_insertion(net, x, maps, targets, seed=cfg.seed)
+                assert randomized is not None
                 rho = rank_correlation(maps, explain(randomized, x, method, targets))
                 row.update(deletion_auc=float(d.mean()), insertion_auc=float(i.mean()),
                            sanity_rank_corr=float(rho.mean()))

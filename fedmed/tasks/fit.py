@@ -64,7 +64,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         tracker.reopen(run_id)
     else:
         run_id = tracker.start_run(_run_name(cfg, mode, sites), _run_tags(cfg, mode, sites, strategy))
-        tracker.log_params(run_id, config)
+        tracker.log_params(run_id, config)  # type: ignore[arg-type]
         tracker.log_text(run_id, OmegaConf.to_yaml(cfg), "config.yaml")
     checkpoint_dir = Path(cfg.federation.checkpoint_dir) / run_id
     if mode == "federated":
