@@ -149,6 +149,8 @@ def walk(node: yaml.MappingNode, prefix: str, lines: list[str], table: Table) ->
             walk(value, key + ".", lines, table)
         elif isinstance(value, yaml.SequenceNode):
             table.rows.append(Row(key, "list", flow(value), meaning))
+        elif key_node.value == "_target_":  # Hydra: the class instantiated with the keys beside it
+            table.rows.append(Row(key, "class", value.value, meaning or "the class built from the keys beside it"))
         else:
             table.rows.append(Row(key, scalar_type(value), value.value, meaning))
 
@@ -183,13 +185,13 @@ def read_table(path: Path) -> Table:
 
 
 def text_cell(s: str) -> str:
-    """Comment text for a table cell: code spans kept, HTML and table pipes escaped."""
+    """Comment text for Markdown: code spans kept; HTML, table pipes, emphasis and link brackets escaped."""
     out = []
     for i, part in enumerate(re.split(r"(`[^`]*`)", s)):
         if i % 2:
             out.append(part)
         else:
-            out.append(html.escape(part, quote=False).replace("|", "\\|").replace("*", "\\*"))
+            out.append(re.sub(r"([|*\[\]_])", r"\\\1", html.escape(part, quote=False)))
     return "".join(out)
 
 

@@ -22,7 +22,7 @@ from fedmed.data.sites import ensure_manifests
 from fedmed.errors import FedmedError
 from fedmed.federated.attack import ATTACKS, Attack
 from fedmed.federated.channel import UpdateChannel
-from fedmed.federated.checkpoint import CHECKPOINT
+from fedmed.federated.checkpoint import CHECKPOINT, unsafe_reason
 from fedmed.federated.compression import UpdateEncoder
 from fedmed.federated.heatmaps import ExplainSettings, SiteHeatmaps
 from fedmed.federated.orchestrator import FederationSettings, RoundRecord
@@ -31,12 +31,11 @@ from fedmed.federated.strategies.base import Strategy
 from fedmed.federated.training import TrainingSettings
 from fedmed.models.classifier import LR_SCHEDULES, OPTIMIZERS, Classifier
 from fedmed.privacy.dp import DPConfig, dp_compatible
+from fedmed.schema import AUDITS, MODES
 from fedmed.tracking import RunLog
 
 log = logging.getLogger("fedmed")
 
-MODES = ("federated", "centralized", "local")
-AUDITS = ("none", "loss", "lira")
 
 
 def resolve_mode(cfg: DictConfig) -> str:
@@ -243,8 +242,8 @@ def load_model_checkpoint(ref: str, tracker, download_dir: Path) -> dict[str, An
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise FedmedError(f"checkpoint {path} is not a fedmed checkpoint that can be read safely: {first}") from None
+        raise FedmedError(f"checkpoint {path} is not a fedmed checkpoint that can be read safely: "
+                          f"{unsafe_reason(exc)}") from None
     if not isinstance(ckpt, dict) or not {"state_dict", "config"} <= set(ckpt):
         raise FedmedError(f"checkpoint {path} is not a fedmed checkpoint (needs 'state_dict' and 'config')")
     return ckpt

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import signal
 import sys
+import threading
 
 from fedmed import __version__
-from fedmed.errors import FedmedError
+from fedmed.errors import FedmedError, Terminated
 from fedmed.logs import setup_logging
 
 VERBS = {
@@ -96,7 +98,13 @@ def _verb_help(verb: str) -> str:
     return "\n".join(lines)
 
 
+def _terminate(signum, frame) -> None:
+    raise Terminated()
+
+
 def main(argv: list[str] | None = None) -> int:
+    if threading.current_thread() is threading.main_thread():  # a scheduler's stop: KILLED runs, exit 143
+        signal.signal(signal.SIGTERM, _terminate)
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(USAGE.format(verbs=_verbs_text()))
@@ -128,6 +136,9 @@ def main(argv: list[str] | None = None) -> int:
         if bad:
             raise FedmedError(f"expected key=value overrides, got {bad}. See `fedmed {verb} --help`.")
         cfg = compose(config_name(verb), overrides)
+        from fedmed.schema import validate
+
+        validate(cfg, config_name(verb))
         if show_cfg:
             print(OmegaConf.to_yaml(cfg))
             return 0
@@ -141,8 +152,11 @@ def main(argv: list[str] | None = None) -> int:
     except FedmedError as exc:
         print(f"fedmed {verb}: error: {exc}", file=sys.stderr)
         return 1
+    except Terminated:
+        print(f"fedmed {verb}: terminated (SIGTERM); its MLflow runs are marked KILLED", file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
-        print(f"fedmed {verb}: interrupted", file=sys.stderr)
+        print(f"fedmed {verb}: interrupted; its MLflow runs are marked KILLED", file=sys.stderr)
         return 130
 
 

@@ -19,3 +19,7 @@ class FederationError(FedmedError):
 
 class BudgetSpent(FederationError):
     """Too few sites have privacy budget left for another round: the federation ends after the last one."""
+
+
+class Terminated(KeyboardInterrupt):
+    """The process was asked to stop (SIGTERM): runs end as KILLED and the exit status is 143."""

@@ -13,7 +13,7 @@ def quiet_libraries() -> None:
     Opacus logs every layer it changes (fedmed logs the changes itself). Silence those and a few
     harmless warnings."""
     for name in ("lightning.pytorch.utilities.rank_zero", "lightning.pytorch.accelerators.cuda", "lightning.fabric",
-                 "opacus"):
+                 "opacus", "mlflow.store.db.utils", "alembic.runtime.migration"):
         logging.getLogger(name).setLevel(logging.WARNING)
     for pattern in (".*does not have many workers.*", ".*number of training batches.*smaller than the logging interval.*",
                     ".*defined a `validation_step` but have no `val_dataloader`.*",

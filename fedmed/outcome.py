@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from fedmed.build import AUDITS, build_module, dp_config
+from fedmed.build import build_module, dp_config
 from fedmed.config import site_config
 from fedmed.data.datamodule import ArrayDataset, Pipeline, SiteData, make_loader
 from fedmed.data.manifest import Manifest, read_manifest
@@ -35,6 +35,7 @@ from fedmed.privacy.audit import AttackResult, candidates, lira_attack, loss_att
 from fedmed.privacy.dp import DPConfig, describe
 from fedmed.privacy.record import format_record, privacy_record
 from fedmed.reporting import confusion_figure, partition_figure, summary_table
+from fedmed.schema import AUDITS
 from fedmed.tracking import Tracker
 
 log = logging.getLogger("fedmed")

@@ -149,6 +149,6 @@ def test_the_largest_contribution_allowed_still_sums_exactly():
     names = [f"site{k}" for k in range(4)]
     keys = {n: sa.MaskingKey() for n in names}
     peers = {n: keys[n].public for n in names}
-    total = sa.unmask_sum([sa.mask(v, keys[n], n, peers, 2) for v, n in zip(vectors, names)], [])
+    total = sa.unmask_sum([sa.mask(v, keys[n], n, peers, 2) for v, n in zip(vectors, names, strict=True)], [])
     assert total[0] == 4 * sa.from_ring(sa.to_ring(vectors[0]))[0] > 0 and total[1] < 0
     assert total[2] == 4 * 2.0**-sa.FRAC_BITS and total[3] == 28.0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,15 @@ def _safe_globals() -> list[Any]:
     return [RoundRecord, EvalResult, np.ndarray, np.dtype, reconstruct, type(np.dtype(np.uint32))]
 
 
+def unsafe_reason(exc: Exception) -> str:
+    """Why ``torch.load(weights_only=True)`` refused a file, in a few words."""
+    found = re.search(r"GLOBAL ([\w.]+)", str(exc))
+    if found:
+        return f"it holds {found.group(1)}, which loading would run or build (only tensors and plain values are read)"
+    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    return first[:200]
+
+
 def load_checkpoint(path: Path) -> dict:
     """Read a server checkpoint with ``torch.load(weights_only=True)`` and an allow-list: a file
     from elsewhere cannot run code here."""
@@ -43,8 +53,8 @@ def load_checkpoint(path: Path) -> dict:
         with torch.serialization.safe_globals(_safe_globals()):
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - a foreign or damaged file
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise FedmedError(f"{path} is not a fedmed server checkpoint that can be read safely: {first}") from None
+        raise FedmedError(f"{path} is not a fedmed server checkpoint that can be read safely: {unsafe_reason(exc)}"
+                          ) from None
     if not isinstance(state, dict) or "round" not in state:
         raise FedmedError(f"{path} is not a fedmed server checkpoint (no 'round')")
     return state

@@ -92,8 +92,8 @@ def to_ring(x: np.ndarray, n_sites: int = 1) -> np.ndarray:
     peak, limit = float(np.abs(scaled).max(initial=0)), contribution_limit(n_sites)
     if peak >= limit:
         raise FedmedError(f"privacy.secure_aggregation: a value of {peak / 2.0**FRAC_BITS:.4g} (n_k * w) is too "
-                          f"large for the 64-bit ring summed over {n_sites} sites (limit {limit / 2.0**FRAC_BITS:.4g}); "
-                          "it is not sent")
+                          f"large for the 64-bit ring summed over {n_sites} sites "
+                          f"(limit {limit / 2.0**FRAC_BITS:.4g}); it is not sent")
     return scaled.astype(np.int64).view(np.uint64)
 
 

@@ -27,6 +27,7 @@ from fedmed.federated.strategies.base import Strategy
 from fedmed.outcome import Trained, finish, log_partition
 from fedmed.privacy.dp import describe
 from fedmed.reporting import fmt_bytes
+from fedmed.schema import validate
 from fedmed.tracking import RunLog, Tracker, run_status
 
 log = logging.getLogger("fedmed")
@@ -34,12 +35,15 @@ log = logging.getLogger("fedmed")
 
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Run ``fedmed fit``; returns the test metrics, per-site metrics and the MLflow run id."""
+    validate(cfg, "fit")
     if cfg.get("site") and cfg.federation.get("server"):  # one hospital joining a federation over the network
         return deploy.join_federation(cfg)
     mode = build.resolve_mode(cfg)
     strategy = build.check_settings(cfg, mode)
     if mode == "federated" and cfg.federation.get("parallel") and not cfg.get("resume"):
         return deploy.run_parallel(cfg)
+    config = OmegaConf.to_container(cfg, resolve=True)
+    resume = _resume_state(cfg, mode, config) if cfg.get("resume") else None  # before any data is read
     dp = build.dp_config(cfg)
     if dp is not None:
         _, changes = build.build_net(cfg)
@@ -57,8 +61,6 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         log.info(describe_partition(list(manifests.values())))
 
     tracker = Tracker(cfg.logger.tracking_uri, cfg.logger.experiment, cfg.logger.artifact_location)
-    config = OmegaConf.to_container(cfg, resolve=True)
-    resume = _resume_state(cfg, mode, config) if cfg.get("resume") else None
     if resume:
         run_id = resume["run_id"]
         tracker.reopen(run_id)
@@ -66,6 +68,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         run_id = tracker.start_run(_run_name(cfg, mode, sites), _run_tags(cfg, mode, sites, strategy))
         tracker.log_params(run_id, config)  # type: ignore[arg-type]
         tracker.log_text(run_id, OmegaConf.to_yaml(cfg), "config.yaml")
+    log.info("MLflow run %s%s", run_id, " (if it stops, continue it with resume=" + run_id + ")"
+             if mode == "federated" else "")
     checkpoint_dir = Path(cfg.federation.checkpoint_dir) / run_id
     if mode == "federated":
         tracker.set_tags(run_id, {"checkpoint_dir": str(checkpoint_dir)})

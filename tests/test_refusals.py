@@ -1,0 +1,114 @@
+"""Input that would do harm or waste work is refused first: files that would run code, wrong config
+values, a stop request. Each refusal is one line that names the key or file, and comes in seconds."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from mlflow import MlflowClient
+
+from fedmed.cli import main
+from tests.conftest import PNEUMONIA, needs
+
+
+class RunsCode:
+    """Unpickling this calls ``Path.touch(marker)``: what a hostile .pt would do with os.system."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def one_line(err: str) -> str:
+    lines = [line for line in err.strip().splitlines() if line.strip()]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+def test_a_model_checkpoint_that_would_run_code_is_refused(tmp_path, isolated, capsys):
+    marker = tmp_path / "ran"
+    bad = tmp_path / "model.pt"
+    torch.save({"state_dict": {}, "config": {}, "payload": RunsCode(marker)}, bad)
+    for verb in (["explain"], ["audit", "privacy"]):
+        assert main([*verb, *isolated, f"checkpoint={bad}"]) == 1
+        line = one_line(capsys.readouterr().err)
+        assert str(bad) in line and "safely" in line
+    assert not marker.exists()
+
+
+def test_a_server_checkpoint_that_would_run_code_is_refused(tmp_path, isolated, capsys):
+    marker = tmp_path / "ran"
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    torch.save({"round": 1, "config": {}, "payload": RunsCode(marker)}, folder / "server.pt")
+    t0 = time.perf_counter()
+    assert main(["fit", *isolated, f"resume={folder}"]) == 1
+    line = one_line(capsys.readouterr().err)
+    assert "server.pt" in line and "safely" in line and not marker.exists()
+    assert time.perf_counter() - t0 < 30  # before any data is read
+
+
+@pytest.mark.parametrize("override,names", [
+    ("federation.rounds=abc", "federation.rounds='abc': expected an integer >= 1"),
+    ("federation.fraction=0", "federation.fraction=0: expected a number in (0, 1]"),
+    ("privacy.delta=2", "privacy.delta=2: expected a number in (0, 1)"),
+    ("model.optimizer.lr=-1", "model.optimizer.lr=-1"),
+    ("data.batch_size=0.5", "data.batch_size=0.5"),
+    ("trainer.deterministic=maybe", "trainer.deterministic='maybe': expected true or false"),
+    ("strategy=fedprox strategy.mu=-0.1", "strategy.mu must be >= 0"),
+    ("strategy=fedprox strategy.mu=abc", "strategy.mu='abc': expected float"),
+    ("strategy=krum", "needs at least 5 sites"),
+    ("+strategy.lr=0.1", "strategy.lr: fedavg has no such parameter"),
+])
+def test_wrong_config_values_are_one_line_before_any_work(tmp_path, isolated, capsys, override, names):
+    t0 = time.perf_counter()
+    assert main(["fit", *isolated, *override.split()]) == 1
+    line = one_line(capsys.readouterr().err)
+    assert names in line, line
+    assert time.perf_counter() - t0 < 20
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "data_manifests").exists()  # nothing written
+
+
+def test_a_missing_data_folder_is_named_and_not_created(tmp_path, isolated, monkeypatch, capsys):
+    missing = tmp_path / "nonexistent"
+    monkeypatch.setenv("FEDMED_DATA_DIR", str(missing))
+    assert main(["fit", *isolated]) == 1
+    assert "FEDMED_DATA_DIR" in one_line(capsys.readouterr().err)
+    assert not missing.exists()
+
+
+def test_a_missing_resume_is_refused_before_data_is_read(tmp_path, isolated, capsys):
+    t0 = time.perf_counter()
+    assert main(["fit", *isolated, f"resume={tmp_path / 'nowhere'}"]) == 1
+    assert "no server.pt" in one_line(capsys.readouterr().err)
+    assert time.perf_counter() - t0 < 20 and not (tmp_path / "data_manifests").exists()
+
+
+@needs(PNEUMONIA)
+def test_sigterm_ends_runs_as_killed_with_exit_status_143(tmp_path, isolated):
+    """A scheduler's stop is not a success: exit 143, the runs KILLED, the run id printed at the start."""
+    cmd = [sys.executable, "-m", "fedmed.cli", "fit", "experiment=smoke", "federation.rounds=50",
+           "explain.every_n_rounds=0", "privacy.audit=none", f"federation.checkpoint_dir={tmp_path / 'ckpt'}",
+           *isolated]
+    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=dict(os.environ))
+    deadline = time.time() + 300
+    while time.time() < deadline and not list((tmp_path / "ckpt").glob("*/server.pt")):
+        time.sleep(0.1)
+    assert p.poll() is None, "the run ended before it could be stopped"
+    p.send_signal(signal.SIGTERM)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 143, err[-2000:]
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("fedmed").experiment_id])
+    assert runs and {r.info.status for r in runs} == {"KILLED"}
+    parent = next(r for r in runs if "mlflow.parentRunId" not in r.data.tags)
+    assert f"resume={parent.info.run_id}" in err.split("round 1/")[0]  # said before the first round
