@@ -93,11 +93,10 @@ def main() -> None:
         for case in args.cases:
             overrides = CASES[case][0 if args.spelling == "new" else 1]
             out[case] = run_case(case, overrides, Path(tmp))
-    text = json.dumps(out, indent=1, sort_keys=True)
-    if args.out:
-        Path(args.out).write_text(text)
-    else:
-        print(text)
+            if args.out:  # after every case: a failure later keeps what was measured
+                Path(args.out).write_text(json.dumps(out, indent=1, sort_keys=True))
+    if not args.out:
+        print(json.dumps(out, indent=1, sort_keys=True))
 
 
 if __name__ == "__main__":

@@ -135,11 +135,11 @@ def defaults_entry(node: yaml.Node) -> str:
     return flow(node)
 
 
-def walk(node: yaml.MappingNode, prefix: str, lines: list[str], table: Table) -> None:
+def walk(node: yaml.MappingNode, prefix: str, lines: list[str], table: Table, top: bool = False) -> None:
     for key_node, value in node.value:
         key = f"{prefix}{key_node.value}"
         meaning = trailing_comment(lines, key_node.start_mark.line)
-        if key == "defaults" and isinstance(value, yaml.SequenceNode):
+        if top and key_node.value == "defaults" and isinstance(value, yaml.SequenceNode):  # Hydra's defaults list
             for item in value.value:
                 table.defaults.append((defaults_entry(item), trailing_comment(lines, item.start_mark.line)))
             continue
@@ -177,7 +177,7 @@ def read_table(path: Path) -> Table:
     root = yaml.compose(text, Loader=yaml.SafeLoader)
     if isinstance(root, yaml.MappingNode):
         prefix = "" if group is None or package_global else f"{group}."
-        walk(root, prefix, lines, table)
+        walk(root, prefix, lines, table, top=True)
     return table
 
 
@@ -293,7 +293,8 @@ def render(tables: list[Table]) -> str:
         out += render_table(t)
     for g in group_order(tables):
         members = [t for t in tables if group_of(t.path) == g]
-        out += [f"## `{g}`", "", f"Options: {', '.join(f'`{t.path.stem}`' for t in members if t.path.parent.name == g)}.", ""]
+        options = ", ".join(f"`{t.path.stem}`" for t in members if t.path.parent.name == g)
+        out += [f"## `{g}`", "", f"Options: {options}.", ""]
         # the group's own options first, then shared base files
         for t in sorted(members, key=lambda t: (t.path.parent.name != g, t.path.as_posix())):
             out += render_table(t)

@@ -12,15 +12,51 @@ from omegaconf import DictConfig, OmegaConf
 from fedmed.errors import FedmedError
 
 
+PACKAGE = Path(__file__).resolve().parent
+
+
 def config_dir() -> Path:
-    """``$FEDMED_CONFIG_DIR``, else ``configs/`` of the project this package was installed from, else ``./configs``."""
-    env = os.environ.get("FEDMED_CONFIG_DIR")
-    candidates = [Path(env)] if env else []
-    candidates += [Path(__file__).resolve().parent.parent / "configs", Path.cwd() / "configs"]
-    for c in candidates:
+    """fedmed's own configs: inside the installed package (``fedmed/configs``), or ``configs/`` of a source checkout."""
+    for c in (PACKAGE / "configs", PACKAGE.parent / "configs"):
         if (c / "fit.yaml").exists():
-            return c.resolve()
-    raise FedmedError(f"no fedmed configs found (looked in {', '.join(map(str, candidates))}); set FEDMED_CONFIG_DIR")
+            return c
+    raise FedmedError(f"fedmed's configs are missing from {PACKAGE}; reinstall fedmed")
+
+
+def user_config_dir() -> Path | None:
+    """``$FEDMED_CONFIG_DIR``: the user's own config folder, searched before fedmed's (e.g. ``site/<name>.yaml``)."""
+    env = os.environ.get("FEDMED_CONFIG_DIR")
+    if not env:
+        return None
+    path = Path(env).expanduser().resolve()
+    if not path.is_dir():
+        raise FedmedError(f"FEDMED_CONFIG_DIR={env} is not a folder")
+    return path
+
+
+def config_dirs() -> list[Path]:
+    """Where config files are looked up, first match wins: the user's folder, then fedmed's."""
+    user = user_config_dir()
+    return [user, config_dir()] if user else [config_dir()]
+
+
+def find_config(relative: str) -> Path | None:
+    """The first ``<dir>/<relative>`` of :func:`config_dirs` that exists."""
+    return next((d / relative for d in config_dirs() if (d / relative).is_file()), None)
+
+
+def reference_manifests() -> str:
+    """The committed manifests behind the published results (a source checkout's ``data_manifests/``), or ''."""
+    path = PACKAGE.parent / "data_manifests"
+    return str(path) if (PACKAGE.parent / "pyproject.toml").is_file() and path.is_dir() else ""
+
+
+def site_manifest(relative: str, *, _root_: DictConfig) -> str:
+    """A site's manifest: the committed reference one where it exists, else under ``paths.manifests``."""
+    ref = _root_.paths.get("reference_manifests")
+    if ref and (Path(ref) / relative).is_file():
+        return str(Path(ref) / relative)
+    return str(Path(_root_.paths.manifests) / relative)
 
 
 #: options that moved: old key -> (new key, the strategy it belongs to)
@@ -49,8 +85,12 @@ def check_renamed(overrides: list[str] | tuple[str, ...]) -> None:
 
 
 def _register_resolvers() -> None:
-    if not OmegaConf.has_resolver("fedmed_root"):
-        OmegaConf.register_new_resolver("fedmed_root", lambda: os.environ.get("FEDMED_ROOT", str(config_dir().parent)))
+    if not OmegaConf.has_resolver("fedmed_cwd"):
+        OmegaConf.register_new_resolver("fedmed_cwd", lambda: os.getcwd())
+    if not OmegaConf.has_resolver("fedmed_reference_manifests"):
+        OmegaConf.register_new_resolver("fedmed_reference_manifests", reference_manifests)
+    if not OmegaConf.has_resolver("site_manifest"):
+        OmegaConf.register_new_resolver("site_manifest", site_manifest)
     if not OmegaConf.has_resolver("len"):
         OmegaConf.register_new_resolver("len", lambda x: len(x))
     if not OmegaConf.has_resolver("or"):  # first value that is set, e.g. a dataset's own site list
@@ -93,8 +133,8 @@ def groups(verb: str = "fit") -> dict[str, list[str]]:
             used.update(groups(d))
         elif isinstance(d, dict):
             g = next(iter(d))
-            if (root / g).is_dir():
-                used[g] = sorted(p.stem for p in (root / g).glob("*.yaml"))
+            if (root / g).is_dir():  # with the options the user's own config folder adds
+                used[g] = sorted({p.stem for c in config_dirs() for p in (c / g).glob("*.yaml")})
     return used
 
 
@@ -127,7 +167,7 @@ def compose(verb: str, overrides: list[str] | tuple[str, ...] = ()) -> DictConfi
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
         try:
-            cfg = hydra_compose(config_name=verb, overrides=list(overrides))
+            cfg = hydra_compose(config_name=verb, overrides=[*_search_path(), *overrides])
         except HydraException as exc:
             raise FedmedError(_explain_override_error(exc, verb, overrides)) from None
     try:
@@ -139,6 +179,11 @@ def compose(verb: str, overrides: list[str] | tuple[str, ...] = ()) -> DictConfi
         raise FedmedError(f"`fedmed {_cmd(verb)}` needs a value for {', '.join(missing)}, e.g. `fedmed {_cmd(verb)} {missing[0]}=...` "
                           f"(`fedmed {_cmd(verb)} --help` shows examples)")
     return cfg
+
+
+def _search_path() -> list[str]:
+    user = user_config_dir()
+    return [f"hydra.searchpath=[file://{user}]"] if user else []
 
 
 def _explain_override_error(exc: Exception, verb: str, overrides) -> str:
@@ -169,15 +214,16 @@ def _compose_plain(verb: str) -> DictConfig:
 
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
-        return hydra_compose(config_name=verb)
+        return hydra_compose(config_name=verb, overrides=_search_path())
 
 
 def site_config(cfg: DictConfig, name: str, verb: str = "fit") -> DictConfig:
     """The resolved ``site`` node for site ``name`` under the run's current config."""
-    path = config_dir() / "site" / f"{name}.yaml"
-    if not path.exists():
+    path = find_config(f"site/{name}.yaml")
+    if path is None:
         known = groups(verb).get("site", [])
-        raise FedmedError(f"federation.sites names {name!r}, but {path} does not exist; sites: {known}")
+        where = " or ".join(str(d / "site") for d in config_dirs())
+        raise FedmedError(f"federation.sites names {name!r}, but there is no {name}.yaml in {where}; sites: {known}")
     node = OmegaConf.load(path)
     merged = OmegaConf.merge(OmegaConf.to_container(cfg, resolve=True), {"site": node})
     OmegaConf.resolve(merged)

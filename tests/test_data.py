@@ -2,6 +2,7 @@
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -121,3 +122,61 @@ def test_absent_file_runs_medmnist_download_or_says_where_to_put_it(tmp_path):
         assert "breastmnist.npz" in msg and src.info["url"] in msg and src.expected_md5 in msg and str(src.path) in msg
     else:  # a machine with network: the ordinary download happened and was md5-checked
         assert path.exists()
+
+
+# -- splits that share files, classes a split lacks (image folders the tests write) -------------------------
+def _image_folder(root, classes=("benign", "malignant"), test_classes=None, n=6):
+    from PIL import Image
+
+    rng = np.random.default_rng(1)
+    for split, names in (("train", classes), ("test", classes if test_classes is None else test_classes)):
+        for name in names:
+            d = root / split / name
+            d.mkdir(parents=True)
+            for i in range(n):
+                Image.fromarray(rng.integers(0, 255, (20, 20), dtype=np.uint8)).save(d / f"{split}_{name}_{i}.png")
+    return root
+
+
+def test_data_check_cli_names_files_in_two_splits_and_classes_without_val_images(tmp_path):
+    import subprocess
+    import sys
+
+    root = _image_folder(tmp_path / "ds")
+    cmd = [sys.executable, "-m", "fedmed.cli", "data", "check", "data=image_folder", f"data.source.root={root}",
+           "data.transforms.size=16", f"paths.manifests={tmp_path / 'm'}", "data.source.val_fraction=0.0",
+           "data.source.splits={train: train, val: null, test: train}"]  # the test split is the train folder
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 1 and "Traceback" not in out, out
+    lines = [" ".join(line.split()) for line in out.splitlines()]
+    shared = [line for line in lines if "problem 12 file(s) are in both train and test" in line]
+    assert len(shared) == 1 and "train_benign_0.png" in shared[0] and "and 9 more" in shared[0], out
+    assert "1 problem(s)" in out, out
+    for name in ("benign", "malignant"):  # no val folder and no share of train: a note, not a problem
+        assert f"note val has no images of class '{name}'" in lines, out
+
+
+def test_data_check_names_classes_without_train_or_test_images_and_copies_across_splits(tmp_path):
+    from fedmed.data import ImageFolderSource
+    from fedmed.data.check import check_dataset
+
+    root = _image_folder(tmp_path, test_classes=("benign",))  # no malignant test images
+
+    def source():
+        return ImageFolderSource("tiny", str(root), splits={"train": "train", "test": "test"},
+                                 class_names=["benign", "malignant", "cyst"], val_fraction=0.25)
+
+    original = source().items("train")[-1]["path"]  # a malignant image that stays in train
+    copy = root / "test" / "benign" / "copy_of_train.png"
+    copy.write_bytes(Path(original).read_bytes())
+    report = check_dataset(Pipeline(source(), Preprocessing.from_config({"size": 16})))
+    assert sorted(report.problems) == sorted([
+        "train has no images of class 'cyst': the model cannot learn it",
+        "test has no images of class 'malignant': its test metrics (AUROC, recall) cannot be measured",
+        "test has no images of class 'cyst': its test metrics (AUROC, recall) cannot be measured",
+        f"1 test file(s) have the same content as a train file: {copy} = {original}; "
+        "remove one file of each pair so that test does not repeat train",
+    ]), report.problems
+    assert report.notes == ["val has no images of class 'cyst': selection on validation cannot see it"]
+    assert not report.ok and report.counts["test"] == {"benign": 7}

@@ -190,7 +190,7 @@ def test_fit_with_dp_and_secure_aggregation_records_privacy_and_audits(isolated,
 
     # the audit verb on that run's checkpoint (a DP model with GroupNorm) logs a nested run
     rc = main(["audit", "privacy", *isolated[1:], f"checkpoint=runs:/{parent.info.run_id}", "privacy.audit=loss",
-               "privacy.audit_n=100", f"paths.root={tmp_path}"])
+               "privacy.audit_n=100", f"paths.output_dir={tmp_path}"])
     assert rc == 0
     assert "loss" in capsys.readouterr().out
     audits = client.search_runs(parent.info.experiment_id, "tags.role = 'audit'")

@@ -19,7 +19,7 @@ from fedmed.tracking import RunLog, Tracker, run_status
 def run(cfg: DictConfig) -> dict[str, Any]:
     """``fedmed audit privacy``: attack a trained model's training data, log the result under its run."""
     tracker = Tracker(cfg.logger.tracking_uri, cfg.logger.experiment, cfg.logger.artifact_location)
-    ckpt = load_model_checkpoint(str(cfg.checkpoint), tracker, Path(cfg.paths.root) / ".cache" / "audit")
+    ckpt = load_model_checkpoint(str(cfg.checkpoint), tracker, Path(cfg.paths.output_dir) / ".cache" / "audit")
     trained = OmegaConf.create(ckpt["config"])
     # the audit's own knobs come from this command line; everything about training from the checkpoint
     trained.privacy = OmegaConf.merge(trained.get("privacy") or cfg.privacy,

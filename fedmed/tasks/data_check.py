@@ -48,9 +48,11 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     console.print(f"decoded and preprocessed {report.checked} samples; model input shapes: {shapes or 'none'}")
     console.print(f"site manifests checked: {len(manifests)} "
                   f"({', '.join(m.site for m in manifests) or 'none written yet for this partition'})")
+    for note in report.notes:
+        console.print(f"  [yellow]note[/yellow] {note}", highlight=False, soft_wrap=True)
     if report.problems:
         for p in report.problems:
             console.print(f"  [red]problem[/red] {p}", highlight=False, soft_wrap=True)
         raise FedmedError(f"{len(report.problems)} problem(s) in {cfg.data.name}; see the list above")
     console.print("[green]no problems found[/green]")
-    return {"checked": report.checked, "problems": report.problems}
+    return {"checked": report.checked, "problems": report.problems, "notes": report.notes}

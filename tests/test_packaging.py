@@ -1,0 +1,48 @@
+"""fedmed as a released tool: a built wheel carries its configs and runs from any directory, writing
+only under the working directory."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+from tests.conftest import PNEUMONIA, REPO, needs
+
+
+def test_every_package_folder_is_in_the_wheel_list():
+    listed = set(tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {".".join(p.parent.relative_to(REPO).parts) for p in (REPO / "fedmed").rglob("__init__.py")}
+    assert found | {"fedmed.configs"} == listed
+
+
+def _files(root: Path) -> set[str]:
+    return {str(p.relative_to(root)) for p in root.rglob("*") if p.is_file() and "__pycache__" not in p.parts}
+
+
+@needs(PNEUMONIA)
+def test_a_built_wheel_runs_the_smoke_federation_from_another_folder(tmp_path):
+    wheels = tmp_path / "wheels"
+    subprocess.run([sys.executable, "-m", "pip", "wheel", str(REPO), "--no-deps", "--no-build-isolation", "-q",
+                    "-w", str(wheels)], check=True, capture_output=True, timeout=300)
+    site = tmp_path / "site"
+    (wheel,) = wheels.glob("fedmed-*.whl")
+    subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(site), str(wheel)],
+                   check=True, capture_output=True, timeout=300)
+    assert (site / "fedmed" / "configs" / "fit.yaml").is_file() and (site / "fedmed" / "py.typed").is_file()
+    before = _files(site)
+    work = tmp_path / "work"
+    work.mkdir()
+    env = {**os.environ, "PYTHONPATH": str(site), "FEDMED_DATA_DIR": os.environ.get("FEDMED_DATA_DIR", "")}
+    where = subprocess.run([sys.executable, "-c", "import fedmed; print(fedmed.__file__)"], cwd=work, env=env,
+                           capture_output=True, text=True, check=True).stdout.strip()
+    assert where.startswith(str(site)), where  # the wheel's copy, not the source checkout
+    proc = subprocess.run([sys.executable, "-m", "fedmed.cli", "fit", "experiment=smoke", "privacy.audit=none",
+                           "explain.every_n_rounds=0", "logger.log_model=false"], cwd=work, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (work / "mlflow.db").is_file() and (work / "mlruns").is_dir() and (work / "checkpoints").is_dir()
+    assert list((work / "manifests" / "pneumoniamnist").glob("*/hospital_a.json"))
+    assert _files(site) == before  # nothing written into the installed package
