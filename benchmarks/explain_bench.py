@@ -42,7 +42,8 @@ def train(x, y, epochs=5, seed=0):
     L.seed_everything(seed, verbose=False)
     module = Classifier(CompactCNN(in_channels=1, num_classes=2), 2)
     L.Trainer(max_epochs=epochs, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-              enable_model_summary=False, accelerator="cpu").fit(module, make_loader(ArrayDataset(x, y), 64, True, seed))
+              enable_model_summary=False, accelerator="cpu").fit(module,
+                                                                  make_loader(ArrayDataset(x, y), 64, True, seed))
     return module.net.eval()
 
 
@@ -107,7 +108,8 @@ def faithfulness_tables(args) -> None:
     x, y = te.x[idx], te.y[idx]
     with torch.no_grad():
         pred = net(x).argmax(-1)
-    print(f"\n## Faithfulness on PneumoniaMNIST test (n={len(x)}; CNN test ACC on these {float((pred == y).float().mean()):.3f})\n")
+    acc = float((pred == y).float().mean())
+    print(f"\n## Faithfulness on PneumoniaMNIST test (n={len(x)}; CNN test ACC on these {acc:.3f})\n")
     print("| method | deletion AUC (lower better) | insertion AUC (higher better) | sanity rank corr (lower better) |")
     print("|---|---|---|---|")
     for m in args.methods:

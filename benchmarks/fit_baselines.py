@@ -42,7 +42,8 @@ def main() -> None:
             rows.setdefault(label, []).append({**res["test"], "seconds": time.perf_counter() - t0, "seed": seed,
                                                "val": res["sites"]})
 
-    print(f"\n{cfg.data.name}, {cfg.model.name}, partition {cfg.partition.dirname.replace(f'seed{args.seeds[-1]}', 'seed*')}, "
+    partition = cfg.partition.dirname.replace(f"seed{args.seeds[-1]}", "seed*")
+    print(f"\n{cfg.data.name}, {cfg.model.name}, partition {partition}, "
           f"{cfg.federation.rounds} rounds x {cfg.federation.local_epochs} local epochs; seeds {args.seeds}\n")
     print(markdown_table(rows))
     save_json(args.name or f"fit_baselines_{cfg.data.name}", rows)

@@ -61,7 +61,8 @@ def main() -> None:
         vals = [f(r) for r in rs]
         return "-" if any(v is None for v in vals) else ms(vals)
 
-    print("\n| run | test ACC | test AUROC | loss-attack AUC | LiRA-offline AUC | LiRA-offline TPR@0.1%FPR | max site epsilon "
+    print("\n| run | test ACC | test AUROC | loss-attack AUC | LiRA-offline AUC | LiRA-offline TPR@0.1%FPR "
+          "| max site epsilon "
           "| update KB / site / round | s / round |")
     print("|---|---|---|---|---|---|---|---|---|")
     for label, rs in rows.items():

@@ -31,7 +31,8 @@ def check_compatible(states: Sequence[StateDict]) -> None:
         for k, t in s.items():
             if t.shape != ref[k].shape or t.dtype != ref[k].dtype:
                 raise ValueError(
-                    f"state {i} key {k!r} is {tuple(t.shape)} {t.dtype}, state 0 has {tuple(ref[k].shape)} {ref[k].dtype}"
+                    f"state {i} key {k!r} is {tuple(t.shape)} {t.dtype}, "
+                    f"state 0 has {tuple(ref[k].shape)} {ref[k].dtype}"
                 )
 
 
@@ -59,7 +60,8 @@ def weighted_average(states: Sequence[StateDict], weights: torch.Tensor) -> dict
     return out
 
 
-def fedavg(states: Sequence[StateDict], num_samples: Sequence[float], bn_stats: str = "pooled") -> dict[str, torch.Tensor]:
+def fedavg(states: Sequence[StateDict], num_samples: Sequence[float],
+           bn_stats: str = "pooled") -> dict[str, torch.Tensor]:
     """FedAvg (McMahan et al. 2017): the sample-weighted mean of the sites' states.
 
     Args:
@@ -88,7 +90,8 @@ def fedavg(states: Sequence[StateDict], num_samples: Sequence[float], bn_stats: 
             means = torch.stack([s[mean_key].to(torch.float64) for s in states])  # (K, C)
             pooled_mean = out[mean_key].to(torch.float64)
             between = torch.tensordot(w, (means - pooled_mean) ** 2, dims=1)
-            out[key] = (torch.tensordot(w, torch.stack([s[key].to(torch.float64) for s in states]), dims=1) + between).to(
+            within = torch.tensordot(w, torch.stack([s[key].to(torch.float64) for s in states]), dims=1)
+            out[key] = (within + between).to(
                 states[0][key].dtype
             )
     return out
@@ -123,7 +126,8 @@ def trimmed_mean(states: Sequence[StateDict], beta: float) -> dict[str, torch.Te
         cut = max(cut, 1)
     if not 0 <= beta < 0.5 or k - 2 * cut < 1:
         raise ValueError(f"trim beta={beta} must be in [0, 0.5) and leave a value of {k} sites")
-    return {key: cast_like(_stack(states, key).sort(dim=0).values[cut:k - cut].mean(0), ref) for key, ref in states[0].items()}
+    return {key: cast_like(_stack(states, key).sort(dim=0).values[cut:k - cut].mean(0), ref)
+            for key, ref in states[0].items()}
 
 
 def flatten(state: StateDict) -> torch.Tensor:
@@ -142,7 +146,8 @@ def krum_scores(states: Sequence[StateDict], f: int) -> torch.Tensor:
     return d.sort(dim=1).values[:, : k - f - 2].sum(1)
 
 
-def krum(states: Sequence[StateDict], num_samples: Sequence[float], f: int, m: int = 1) -> tuple[dict[str, torch.Tensor], list[int]]:
+def krum(states: Sequence[StateDict], num_samples: Sequence[float], f: int,
+         m: int = 1) -> tuple[dict[str, torch.Tensor], list[int]]:
     """(Multi-)Krum (Blanchard et al. 2017): keep the ``m`` states with the lowest Krum scores, FedAvg them.
 
     Returns:

@@ -11,7 +11,6 @@ from omegaconf import DictConfig, OmegaConf
 
 from fedmed.errors import FedmedError
 
-
 PACKAGE = Path(__file__).resolve().parent
 
 
@@ -129,7 +128,7 @@ def groups(verb: str = "fit") -> dict[str, list[str]]:
     defaults = OmegaConf.to_container(OmegaConf.load(root / f"{verb}.yaml")).get("defaults", [])  # type: ignore[union-attr]
     used: dict[str, list[str]] = {}
     for d in defaults:
-        if isinstance(d, str) and (root / f"{d}.yaml").is_file() and d != verb:  # an included primary config (serve: fit)
+        if isinstance(d, str) and (root / f"{d}.yaml").is_file() and d != verb:  # an included primary (serve: fit)
             used.update(groups(d))
         elif isinstance(d, dict):
             g = next(iter(d))
@@ -140,7 +139,7 @@ def groups(verb: str = "fit") -> dict[str, list[str]]:
 
 def _all_keys(cfg: DictConfig, prefix: str = "") -> list[str]:
     keys = []
-    for k in cfg.keys():
+    for k in cfg:
         path = f"{prefix}{k!s}"
         keys.append(path)
         node = cfg._get_node(k)
@@ -176,7 +175,8 @@ def compose(verb: str, overrides: list[str] | tuple[str, ...] = ()) -> DictConfi
         raise FedmedError(f"config value does not resolve: {exc}") from None
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
-        raise FedmedError(f"`fedmed {_cmd(verb)}` needs a value for {', '.join(missing)}, e.g. `fedmed {_cmd(verb)} {missing[0]}=...` "
+        raise FedmedError(f"`fedmed {_cmd(verb)}` needs a value for {', '.join(missing)}, "
+                          f"e.g. `fedmed {_cmd(verb)} {missing[0]}=...` "
                           f"(`fedmed {_cmd(verb)} --help` shows examples)")
     return cfg
 
@@ -196,14 +196,16 @@ def _explain_override_error(exc: Exception, verb: str, overrides) -> str:
                 known = _all_keys(base)
                 close = difflib.get_close_matches(key, known, n=3, cutoff=0.6)
                 hint = f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
-                return f"unknown config key '{key}' in override '{ov}'.{hint} (`fedmed {_cmd(verb)} --cfg` shows every key.)"
+                return (f"unknown config key '{key}' in override '{ov}'.{hint} "
+                        f"(`fedmed {_cmd(verb)} --cfg` shows every key.)")
     found = re.search(r"Could not (?:find|load) '([^']+)/([^'/]+)'", msg)
     if found:
         group, option = found.groups()
         options = groups(verb).get(group, [])
         close = difflib.get_close_matches(option, options, n=1)
         hint = f" Did you mean {group}={close[0]}?" if close else ""
-        return f"no option {option!r} for config group '{group}' (configs/{group}/{option}.yaml); options: {', '.join(options)}.{hint}"
+        return (f"no option {option!r} for config group '{group}' (configs/{group}/{option}.yaml); "
+                f"options: {', '.join(options)}.{hint}")
     return f"bad override in {list(overrides)}: {msg.strip()}"
 
 

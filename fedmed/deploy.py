@@ -87,10 +87,13 @@ def serve_federation(cfg: DictConfig, local_data: bool = False) -> dict[str, Any
     certs, toks = certificates(cfg), tokens(cfg)
     sites = list(fed.sites)
     tracker = Tracker(cfg.logger.tracking_uri, cfg.logger.experiment, cfg.logger.artifact_location)
-    run_id = tracker.start_run(cfg.run_name or f"federated-{cfg.data.name}-{cfg.model.name}",
+    from fedmed.outcome import run_name
+
+    run_id = tracker.start_run(run_name(cfg, "federated", strategy=strategy.name),
                                {"dataset": cfg.data.name, "model": cfg.model.name, "mode": "federated",
                                 "strategy": strategy.name, "transport": "flower", "server": str(fed.server),
-                                "tls": str(certs is not None), "partition": cfg.partition.dirname})
+                                "tls": str(certs is not None), "partition": cfg.partition.dirname,
+                                "seed": str(cfg.seed)})
     tracker.log_params(run_id, OmegaConf.to_container(cfg, resolve=True))  # type: ignore[arg-type]
     server = FlowerServer(str(fed.server), certs)
     connected = []

@@ -15,7 +15,8 @@ def quiet_libraries() -> None:
     for name in ("lightning.pytorch.utilities.rank_zero", "lightning.pytorch.accelerators.cuda", "lightning.fabric",
                  "opacus", "mlflow.store.db.utils", "alembic.runtime.migration"):
         logging.getLogger(name).setLevel(logging.WARNING)
-    for pattern in (".*does not have many workers.*", ".*number of training batches.*smaller than the logging interval.*",
+    for pattern in (".*does not have many workers.*",
+                    ".*number of training batches.*smaller than the logging interval.*",
                     ".*defined a `validation_step` but have no `val_dataloader`.*",
                     ".*isinstance\\(treespec, LeafSpec\\)` is deprecated.*", ".*Full backward hook is firing.*",
                     ".*Secure RNG turned off.*", ".*Optimal order is the (largest|smallest) alpha.*"):

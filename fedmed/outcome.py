@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,7 +31,8 @@ from fedmed.federated.messages import EvalResult
 from fedmed.federated.orchestrator import RoundRecord
 from fedmed.federated.site import SiteClient
 from fedmed.federated.training import TrainingSettings
-from fedmed.models.metrics import evaluate
+from fedmed.model_export import ImageClassifier, log_pyfunc, raw_examples
+from fedmed.models.metrics import evaluate, name_classes
 from fedmed.privacy.audit import AttackResult, candidates, lira_attack, loss_attack
 from fedmed.privacy.dp import DPConfig, describe
 from fedmed.privacy.record import format_record, privacy_record
@@ -74,6 +76,26 @@ class Trained:
     num_train: int | None = None
 
 
+def run_name(cfg: DictConfig, mode: str, site: str | None = None, strategy: str | None = None,
+             start: float | None = None) -> str:
+    """The MLflow name of a training run: mode, dataset, model, the site (local baseline) or the
+    strategy (federated), the seed and the start time (local, MMDD-HHMM), e.g.
+    ``federated-pneumoniamnist-cnn-fedavg-s42-1204-0312``. ``run_name=`` overrides it."""
+    if cfg.get("run_name"):
+        return str(cfg.run_name)
+    if mode == "federated" and strategy is None:
+        from hydra.utils import get_class
+
+        strategy = str(getattr(get_class(cfg.strategy._target_), "name", cfg.strategy._target_.rsplit(".", 1)[-1]))
+    parts = [mode, cfg.data.name, cfg.model.name]
+    if mode == "local" and site:
+        parts.append(site)
+    if mode == "federated" and strategy:
+        parts.append(strategy)
+    parts += [f"s{cfg.seed}", time.strftime("%m%d-%H%M", time.localtime(start))]
+    return "-".join(str(p) for p in parts)
+
+
 def log_partition(tracker: Tracker, run_id: str, manifests: dict[str, Manifest], class_names: list[str],
                   title: str) -> None:
     """The sites' class counts as JSON, a table and a bar chart, and the partition's summary."""
@@ -102,7 +124,8 @@ def finish(cfg: DictConfig, pipeline: Pipeline, trained: Trained, tracker: Track
     module.net.load_state_dict(t.weights)
     test = pipeline.dataset("test")
     test_metrics, confmat = evaluate(module.net, make_loader(test, 256, False), cfg.data.num_classes)
-    tracker.log_metrics(run_id, {f"test_{k}": v for k, v in test_metrics.items()}, step=rounds)
+    tracker.log_metrics(run_id, {f"test_{k}": v for k, v in name_classes(test_metrics, source.class_names).items()},
+                        step=rounds)
     tracker.log_metrics(run_id, {"fit_seconds": t.seconds}, step=0)
     title = f"{cfg.data.name} test, {t.mode} {cfg.model.name} ({t.chosen})"
     tracker.log_figure(run_id, confusion_figure(confmat, source.class_names, title), "confusion_matrix_test.png")
@@ -110,7 +133,7 @@ def finish(cfg: DictConfig, pipeline: Pipeline, trained: Trained, tracker: Track
                                     "class_names": source.class_names, "run_id": run_id, "epochs": t.epochs},
                            "checkpoint/model.pt")
     if cfg.logger.log_model:
-        tracker.log_model(run_id, module.net.cpu().eval(), test.x[:2].numpy(), "model")
+        log_model(cfg, source, tracker, run_id, t.weights)
 
     # -- privacy: membership-inference audit of the final model, and the run's record ----
     attacks = audit_model(cfg, module.net, t.trained_on, [pipeline.dataset("val")], epochs=t.epochs)
@@ -134,9 +157,20 @@ def finish(cfg: DictConfig, pipeline: Pipeline, trained: Trained, tracker: Track
         rows,
         f"{t.comm}\n{format_record(record)}\n"
         f"MLflow run {run_id}; browse it with: mlflow ui --backend-store-uri {cfg.logger.tracking_uri}",
-    )
+    )  # the footer's lines are never wrapped: the command stays one line to copy
     tracker.log_text(run_id, text, "summary.txt")
     return test_metrics, record
+
+
+def log_model(cfg: DictConfig, source, tracker: Tracker, run_id: str, weights: dict[str, torch.Tensor]) -> str:
+    """Log the selected model as ``model``: an MLflow pyfunc that takes raw images and returns class
+    probabilities (:mod:`fedmed.model_export`), with two test images as its input example."""
+    net_cfg = OmegaConf.to_container(cfg.model.net, resolve=True)
+    transforms = OmegaConf.to_container(cfg.data.get("transforms") or {}, resolve=True)
+    model = ImageClassifier(net_cfg, transforms, source.class_names,  # type: ignore[arg-type]
+                            int(cfg.data.get("spatial_dims", 2)), dp_compatible=dp_config(cfg) is not None)
+    return log_pyfunc(tracker.tracking_uri, tracker.experiment_id, run_id, model, weights, raw_examples(source),
+                      resizes=bool(cfg.data.get("transforms", {}).get("size")))
 
 
 def audit_model(cfg: DictConfig, net: torch.nn.Module, members: list[ArrayDataset], non_members: list[ArrayDataset],

@@ -113,25 +113,32 @@ def fmt_bytes(n: float) -> str:
 
 
 def summary_table(title: str, rows: Sequence[dict], footer: str | None = None, console: Console | None = None) -> str:
-    """Print a table of rows ``{"who", "split", "n", "acc", "f1", "auroc"}``; return it as plain text."""
+    """Print a table of rows ``{"who", "split", "n", "acc", "balanced_acc", "f1", "auroc"}``; return it as plain text.
+
+    The footer's lines are printed as they are, never wrapped (a command in it stays one line
+    to copy, in the terminal and in the returned text).
+    """
     table = Table(title=title, title_justify="left")
     columns: tuple[tuple[str, JustifyMethod], ...] = (("who", "left"), ("evaluated on", "left"), ("n", "right"),
-                                                     ("accuracy", "right"), ("macro-F1", "right"), ("AUROC", "right"))
+                                                     ("accuracy", "right"), ("bal. acc", "right"),
+                                                     ("macro-F1", "right"), ("AUROC", "right"))
     for col, justify in columns:
         table.add_column(col, justify=justify, no_wrap=True)
     for r in rows:
-        table.add_row(r["who"], r["split"], str(r["n"]), f"{r['acc']:.4f}", f"{r['f1']:.4f}", f"{r['auroc']:.4f}")
+        balanced = r.get("balanced_acc", float("nan"))
+        table.add_row(r["who"], r["split"], str(r["n"]), f"{r['acc']:.4f}", f"{balanced:.4f}", f"{r['f1']:.4f}",
+                      f"{r['auroc']:.4f}")
     if console is None:
         console = Console()
         if not console.is_terminal:  # CI logs and pipes: wide enough that nothing is cut
             console = Console(width=120)
     console.print(table)
     if footer:
-        console.print(footer)
+        console.print(footer, soft_wrap=True, markup=False, highlight=False)
     plain = Console(width=100, record=True, file=io.StringIO())
     plain.print(table)
     if footer:
-        plain.print(footer)
+        plain.print(footer, soft_wrap=True, markup=False, highlight=False)
     return plain.export_text()
 
 

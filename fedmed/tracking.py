@@ -4,12 +4,18 @@ All calls go through an explicit :class:`mlflow.MlflowClient` and explicit run i
 site runs can be open at once (and, later, logged from other processes or machines).
 Nesting uses the ``mlflow.parentRunId`` tag (never Lightning's MLFlowLogger holding the
 parent's id: it ends the run it holds).
+
+Before anything else a :class:`Tracker` checks that the SQLite store and the artifact folder can
+be written (:func:`check_writable`), and it creates the store's tables and the experiment under an
+OS lock on ``<store>.lock``, so that several first runs on a fresh ``mlflow.db`` do not race.
 """
 
 from __future__ import annotations
 
 import io
 import json
+import logging
+import os
 import tempfile
 import time
 from collections.abc import Iterator, Mapping
@@ -17,11 +23,20 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote, urlparse
 
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param
 
+from fedmed.errors import FedmedError
+
+try:
+    import fcntl
+except ImportError:  # Windows: no flock; concurrent first runs there are not serialised
+    fcntl = None  # type: ignore[assignment]
+
 MAX_PARAM_LEN = 6000  # MLflow 3 allows long param values; keep well inside the limit
+log = logging.getLogger("fedmed")
 
 
 def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -36,6 +51,103 @@ def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def sqlite_path(tracking_uri: str) -> Path | None:
+    """The database file of a ``sqlite:///`` tracking URI (None: another kind of store, or in memory)."""
+    prefix = "sqlite:///"
+    if not tracking_uri.startswith(prefix):
+        return None
+    rest = tracking_uri[len(prefix):].split("?", 1)[0]
+    return Path(unquote(rest)).expanduser() if rest and rest != ":memory:" else None
+
+
+def local_path(location: str) -> Path | None:
+    """The folder of a local artifact location (a path or ``file:`` URI); None for remote stores (s3://...)."""
+    parsed = urlparse(location)
+    if parsed.scheme == "file":
+        return Path(unquote(parsed.path))
+    if len(parsed.scheme) > 1:  # a one-letter scheme is a Windows drive
+        return None
+    return Path(location).expanduser()
+
+
+def _why_not_writable(folder: Path) -> str | None:
+    """Why files cannot be created in ``folder`` or the folders to be made below its nearest existing
+    parent (None: they can). The check writes and removes one small probe file."""
+    existing = folder.absolute()
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        return f"{existing} is not a folder"
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".fedmed-write-check-", dir=existing)
+    except OSError as exc:
+        return f"{existing} is {_reason(exc)}"
+    os.close(fd)
+    os.unlink(probe)
+    return None
+
+
+def _reason(exc: OSError) -> str:
+    import errno
+
+    if exc.errno == errno.EROFS:
+        return "on a read-only file system"
+    if exc.errno in (errno.EACCES, errno.EPERM):
+        return "read-only for this user (permission denied)"
+    return f"not writable ({exc.strerror or exc})"
+
+
+def _check_store(db: Path) -> None:
+    why = _why_not_writable(db.parent)
+    if why is None and db.exists():
+        try:
+            with open(db, "r+b"):
+                pass
+        except OSError as exc:
+            why = f"{db} is {_reason(exc)}"
+    if why:
+        raise FedmedError(f"logger.tracking_uri: cannot write the MLflow store {db}: {why}; make it writable "
+                          "or point logger.tracking_uri at a writable place, e.g. sqlite:///<folder>/mlflow.db")
+
+
+def _check_artifacts(location: str, key: str) -> None:
+    folder = local_path(location)
+    why = _why_not_writable(folder) if folder is not None else None
+    if why:
+        raise FedmedError(f"{key}: cannot create or write the MLflow artifact folder {folder}: {why}; "
+                          "make it writable or set logger.artifact_location to a writable folder")
+
+
+def check_writable(tracking_uri: str, artifact_location: str | None = None) -> None:
+    """Refuse, before any work, a SQLite store or a local artifact folder that cannot be written.
+
+    Raises:
+        FedmedError: naming ``logger.tracking_uri`` or ``logger.artifact_location`` and the path.
+    """
+    db = sqlite_path(tracking_uri)
+    if db is not None:
+        _check_store(db)
+    if artifact_location:
+        _check_artifacts(artifact_location, "logger.artifact_location")
+
+
+@contextmanager
+def store_lock(tracking_uri: str) -> Iterator[None]:
+    """Hold an OS lock on ``<store>.lock`` beside a SQLite store (no-op for other stores): MLflow
+    creates and migrates the tables on first use, and two processes doing so at once collide."""
+    db = sqlite_path(tracking_uri)
+    if db is None or fcntl is None:
+        yield
+        return
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with open(db.with_name(db.name + ".lock"), "a") as f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
 class Tracker:
     """Logs to one MLflow experiment.
 
@@ -43,17 +155,25 @@ class Tracker:
         tracking_uri: e.g. ``sqlite:///mlflow.db`` (the default: an embedded store, nothing to start).
         experiment: experiment name.
         artifact_location: where artifacts of a *new* experiment go, e.g. ``./mlruns``.
+
+    Raises:
+        FedmedError: the store or the artifact folder cannot be written (see :func:`check_writable`).
     """
 
     def __init__(self, tracking_uri: str, experiment: str, artifact_location: str | None = None):
+        check_writable(tracking_uri, artifact_location)
         self.tracking_uri = tracking_uri
-        self.client = MlflowClient(tracking_uri=tracking_uri)
-        exp = self.client.get_experiment_by_name(experiment)
-        if exp is None:
-            loc = Path(artifact_location).expanduser().resolve().as_uri() if artifact_location else None
-            self.experiment_id = self.client.create_experiment(experiment, artifact_location=loc)
-        else:
-            self.experiment_id = exp.experiment_id
+        with store_lock(tracking_uri):
+            self.client = MlflowClient(tracking_uri=tracking_uri)
+            exp = self.client.get_experiment_by_name(experiment)
+            if exp is None:
+                loc = Path(artifact_location).expanduser().resolve().as_uri() if artifact_location else None
+                self.experiment_id = self.client.create_experiment(experiment, artifact_location=loc)
+            else:
+                self.experiment_id = exp.experiment_id
+                stored = exp.artifact_location
+                if stored and stored != _as_uri(artifact_location):
+                    _check_artifacts(stored, f"the artifact location of MLflow experiment {experiment!r}")
 
     def start_run(self, name: str, tags: Mapping[str, str] | None = None, parent_id: str | None = None) -> str:
         tags = {k: str(v) for k, v in (tags or {}).items()}
@@ -117,11 +237,15 @@ class Tracker:
 
         mlflow.set_tracking_uri(self.tracking_uri)
         with mlflow.start_run(run_id=run_id, experiment_id=self.experiment_id, log_system_metrics=False):
-            mlflow.pytorch.log_model(
-                model, name=name, input_example=input_example, pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"]
-            )
+            torch_pin = f"torch=={torch.__version__.split('+')[0]}"
+            mlflow.pytorch.log_model(model, name=name, input_example=input_example, pip_requirements=[torch_pin])
         # start_run(...) as a context ends the run; the caller decides the final status
         self.client.update_run(run_id, status="RUNNING")
+
+
+def _as_uri(location: str | None) -> str | None:
+    folder = local_path(location) if location else None
+    return folder.resolve().as_uri() if folder is not None else location
 
 
 @dataclass
@@ -169,8 +293,22 @@ def run_status(*runs: RunLog) -> Iterator[list[RunLog]]:
     try:
         yield children
     except BaseException as exc:
-        for r in [*children, *runs]:
-            r.end(exit_status(exc))
-        raise
-    for r in [*children, *runs]:
-        r.end("FINISHED")
+        _end_best_effort([*children, *runs], exit_status(exc))
+        raise  # the block's own error, never one from ending the runs
+    ending = [*children, *runs]
+    for i, r in enumerate(ending):
+        try:
+            r.end("FINISHED")
+        except BaseException:
+            _end_best_effort(ending[i + 1:], "FAILED")
+            raise
+
+
+def _end_best_effort(runs: list[RunLog], status: str) -> None:
+    """End each run as ``status``; a store that no longer takes writes costs one warning line per run."""
+    for r in runs:
+        try:
+            r.end(status)
+        except Exception as exc:  # noqa: BLE001 - the error that ended the block is the one to report
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            log.warning("could not mark MLflow run %s %s: %s", r.run_id, status, first)

@@ -96,12 +96,12 @@ def test_federation_with_compressed_updates_sends_less_and_learns(codec, ratio, 
     torch.manual_seed(0)
     initial = factory().net.state_dict()
     results = {}
-    for codec in ("none", codec):
+    for name in ("none", codec):
         cs = clients()
         for c in cs:
-            c.channel = UpdateChannel(c.name, UpdateEncoder(codec) if codec != "none" else None)
+            c.channel = UpdateChannel(c.name, UpdateEncoder(name) if name != "none" else None)
         orch = Orchestrator([InProcessSite(c) for c in cs], Strategy(), FederationSettings(rounds=3, select="last"))
-        results[codec] = orch.run(initial)
+        results[name] = orch.run(initial)
     raw, small = results["none"].history[-1], results[codec].history[-1]
     assert small.bytes_up < ratio * raw.bytes_up
     # BatchNorm statistics travel as float16 values: no negative running variance, no NaN after rounds

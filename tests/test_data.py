@@ -154,7 +154,7 @@ def test_data_check_cli_names_files_in_two_splits_and_classes_without_val_images
     assert len(shared) == 1 and "train_benign_0.png" in shared[0] and "and 9 more" in shared[0], out
     assert "1 problem(s)" in out, out
     for name in ("benign", "malignant"):  # no val folder and no share of train: a note, not a problem
-        assert f"note val has no images of class '{name}'" in lines, out
+        assert f"note val has no images of class '{name}': selection on validation cannot see it" in lines, out
 
 
 def test_data_check_names_classes_without_train_or_test_images_and_copies_across_splits(tmp_path):

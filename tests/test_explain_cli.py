@@ -1,6 +1,7 @@
 """`fedmed explain` on a checkpoint from a real (smoke) federation: files, MLflow nesting, errors."""
 
 import json
+from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
@@ -37,7 +38,7 @@ def test_explain_all_methods_from_mlflow_run(tmp_path, fitted):
     assert "gradcam/deletion_auc" in run.data.metrics
     names = {a.path for a in client.list_artifacts(res["run_id"], "heatmaps")}
     assert "heatmaps/gradcam_test.png" in names
-    got = json.loads(open(client.download_artifacts(res["run_id"], "faithfulness.json", str(tmp_path))).read())
+    got = json.loads(Path(client.download_artifacts(res["run_id"], "faithfulness.json", str(tmp_path))).read_text())
     assert set(got) == set(res["methods"])
 
 

@@ -53,7 +53,7 @@ def test_bad_sites_are_excluded_and_named(tmp_path):
     good, *bad = clients(sizes)
     torch.manual_seed(0)
     initial = factory().net.state_dict()
-    sites = [InProcessSite(good)] + [Misbehaving(c, how) for c, how in zip(bad, REASONS)]
+    sites = [InProcessSite(good)] + [Misbehaving(c, how) for c, how in zip(bad, REASONS, strict=True)]
     result = Orchestrator(sites, Strategy(), FederationSettings(rounds=1, select="last"),
                           RunLog(tracker, run_id)).run(initial)
     # the round went on with the good site alone: its update is the new global model
@@ -82,7 +82,8 @@ def test_too_few_successful_sites_fail_the_round_cleanly(tmp_path):
     with pytest.raises(FederationError, match=r"round 1: only 0 of 2 sites.*min_sites=1"):
         orch.run(factory().net.state_dict())
     a, b = clients((40, 40))
-    orch = Orchestrator([InProcessSite(a), Misbehaving(b, "raise")], Strategy(), FederationSettings(rounds=1, min_sites=2))
+    orch = Orchestrator([InProcessSite(a), Misbehaving(b, "raise")], Strategy(),
+                        FederationSettings(rounds=1, min_sites=2))
     with pytest.raises(FederationError, match="only 1 of 2"):
         orch.run(factory().net.state_dict())
 

@@ -27,7 +27,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.skipif(CHROMIUM is None, reason="Chromium is absent (Debian package 'chromium'): the UI check needs a real browser")
+@pytest.mark.skipif(CHROMIUM is None,
+                    reason="Chromium is absent (Debian package 'chromium'): the UI check needs a real browser")
 def test_site_heatmaps_visible_in_mlflow_ui(tmp_path, isolated):
     fit.run(compose("fit", [*isolated, "experiment=smoke", "logger.log_model=false"]))
     store = f"sqlite:///{tmp_path / 'mlflow.db'}"

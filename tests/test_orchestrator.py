@@ -34,7 +34,8 @@ def factory():
 
 def clients(sizes=(40, 90)):
     return [SiteClient(f"s{k}", synthetic_site(k, n, 0.3 + 0.4 * k), factory,
-                       TrainingSettings(batch_size=16, trainer={"accelerator": "cpu"}, seed=5), site_index=k) for k, n in enumerate(sizes)]
+                       TrainingSettings(batch_size=16, trainer={"accelerator": "cpu"}, seed=5), site_index=k)
+            for k, n in enumerate(sizes)]
 
 
 def test_global_model_is_fedavg_of_site_updates():

@@ -62,7 +62,7 @@ def test_ham10000_split_by_lesion_and_natural_partition_by_source():
         assert all((t[t.split == s].label == c).any() for s in ("train", "val", "test"))
     sites = ["rosendahl", "vidir_modern", "vidir_molemax", "vienna_dias"]
     manifests = build_manifests(src, sites, "natural", None, 0, column="source")
-    src_of = dict(zip(t.id, t.source))
+    src_of = dict(zip(t.id, t.source, strict=True))
     for m in manifests:
         assert {src_of[e["image"]] for e in m.training + m.validation} == {m.site}
     assert sum(len(m.training) for m in manifests) == len(src.ids("train"))
@@ -84,7 +84,8 @@ def test_real_nifti_volume_as_3d_input_and_as_axial_slice(tmp_path):
                       spatial_dims=3)
     vol = Pipeline(src, pre(orientation="RAS", size=32, intensity="percentile"), spatial_dims=3).dataset("train")
     assert vol.x.shape == (2, 1, 32, 32, 32) and float(vol.x.min()) >= 0.0 and float(vol.x.max()) <= 1.0
-    sl = Pipeline(src, pre(orientation="RAS", slice_axis=2, size=48, intensity="minmax"), spatial_dims=2).dataset("train")
+    sl = Pipeline(src, pre(orientation="RAS", slice_axis=2, size=48, intensity="minmax"),
+                  spatial_dims=2).dataset("train")
     assert sl.x.shape == (2, 1, 48, 48)
     raw = nib.load(str(NIFTI)).get_fdata()
     assert raw.shape == (91, 109, 91) and (sl.x[0] > 0.05).float().mean() > 0.2  # brain tissue in the middle slice
@@ -109,7 +110,7 @@ def test_vesselmnist3d_volumes_train_a_3d_model():
 def _folder(root, bad: bool = False):
     rng = np.random.default_rng(0)
     for split in ("train", "test"):
-        for c, name in enumerate(["benign", "malignant"]):
+        for name in ["benign", "malignant"]:
             d = root / split / name
             d.mkdir(parents=True)
             for i in range(6):

@@ -25,7 +25,7 @@ def st(*vals, n=None):
 
 def fits(states, counts=None):
     counts = counts or [1] * len(states)
-    return [FitResult(f"s{i}", s, c) for i, (s, c) in enumerate(zip(states, counts))]
+    return [FitResult(f"s{i}", s, c) for i, (s, c) in enumerate(zip(states, counts, strict=True))]
 
 
 def test_median_odd_even_and_one_site():
@@ -110,7 +110,8 @@ def test_fedbn_and_fedprox_site_instructions():
 
     state = CompactCNN(in_channels=1, num_classes=2).state_dict()
     keys = set(make_strategy("fedbn").configure_fit(state)["local_keys"])
-    assert keys == norm_keys(state) and "features.block1.norm.weight" in keys and "features.block1.norm.running_var" in keys
+    assert keys == norm_keys(state)
+    assert "features.block1.norm.weight" in keys and "features.block1.norm.running_var" in keys
     assert not any(k.startswith("head.") or k.endswith("conv.weight") for k in keys)
     assert make_strategy("fedprox", mu=0.3).configure_fit(state) == {"prox_mu": 0.3}
 
@@ -139,9 +140,10 @@ def test_every_strategy_with_one_site_and_with_identical_sites(name):
 
 def test_fednova_normalises_each_update_by_its_steps_by_hand():
     """x <- x - tau_eff * sum_k p_k (x - y_k) / tau_k, tau_eff = sum_k p_k tau_k; buffers as in FedAvg."""
-    g = {"w": torch.tensor([1.0, 2.0]), "bn.running_mean": torch.tensor([0.0]), "bn.num_batches_tracked": torch.tensor(0)}
-    a = {"w": torch.tensor([0.0, 1.0]), "bn.running_mean": torch.tensor([1.0]), "bn.num_batches_tracked": torch.tensor(2)}
-    b = {"w": torch.tensor([3.0, 6.0]), "bn.running_mean": torch.tensor([5.0]), "bn.num_batches_tracked": torch.tensor(10)}
+    def state(w, mean, batches):
+        return {"w": torch.tensor(w), "bn.running_mean": torch.tensor([mean]), "bn.num_batches_tracked": torch.tensor(batches)}
+
+    g, a, b = state([1.0, 2.0], 0.0, 0), state([0.0, 1.0], 1.0, 2), state([3.0, 6.0], 5.0, 10)
     f = fits([a, b], [10, 30])
     f[0].extras["fednova_steps"], f[1].extras["fednova_steps"] = 2, 10
     s = make_strategy("fednova")

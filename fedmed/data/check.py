@@ -154,7 +154,8 @@ _WHY = {"train": "the model cannot learn it", "test": "its test metrics (AUROC, 
 
 def missing_classes(counts: dict[str, Counter], class_names: Sequence[str]) -> tuple[list[str], list[str]]:
     """(problems, notes): a line for each class without images in a split; train and test are problems."""
-    problems, notes = [], []
+    problems: list[str] = []
+    notes: list[str] = []
     for split, n in counts.items():
         for name in class_names:
             if not n.get(name):

@@ -141,8 +141,8 @@ def deterministic_transforms(pre: Preprocessing, spatial_dims: int) -> Compose:
 class BatchRandAffine:
     """Random rotation and zoom for a whole batch at once: one draw per image, one resampling call.
 
-    MONAI's per-image ``RandAffined`` builds a sampling grid for every image (140 img/s at
-    128 px on 2 cores, 60 img/s at 28 px), which made it slower than the model step it feeds.
+    MONAI's per-image ``RandAffined`` builds a sampling grid for every image, which makes it
+    slower than the model step it feeds (``benchmarks/pipeline_bench.py`` measures both).
     This draws each image's rotation (+-``rotate_degrees``, about every axis in 3D) and isotropic
     zoom (1 +- ``zoom``) with probability ``prob`` and resamples the chosen images together through
     MONAI's ``AffineTransform`` (bilinear, zero padding). :meth:`set_random_state` seeds it.

@@ -123,7 +123,7 @@ def class_mean_maps(maps: torch.Tensor, classes: torch.Tensor, num_classes: int)
 def map_correlation(a: torch.Tensor, b: torch.Tensor) -> float:
     """Mean over classes (present in both) of the Pearson correlation of two (C, *S) class-mean maps."""
     vals = []
-    for ma, mb in zip(a.flatten(1), b.flatten(1)):
+    for ma, mb in zip(a.flatten(1), b.flatten(1), strict=True):
         if torch.isnan(ma).any() or torch.isnan(mb).any():
             continue
         ma, mb = ma - ma.mean(), mb - mb.mean()

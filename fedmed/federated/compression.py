@@ -8,7 +8,7 @@ A site sends its update delta = w_site - w_global, encoded by one codec
 | none | float32 | 4 | 0 |
 | fp16 | float16 | 2 | relative 2^-11 (finite values below 65504) |
 | int8 | int8 + one float32 scale (max abs / 127) | ~1 | scale / 2 |
-| topk | the k = ceil(fraction * numel) largest magnitudes: int32 index + float32 value | 8k / numel x 4 | the dropped values |
+| topk | the k = ceil(fraction * numel) largest magnitudes: int32 index + float32 value | 8k / numel x 4 | the dropped |
 
 Integer tensors (BatchNorm's ``num_batches_tracked``) are sent as they are. BatchNorm running
 statistics are sent as values in float16 with lossy codecs (as they are with ``none``), never as

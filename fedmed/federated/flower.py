@@ -17,6 +17,7 @@ Flower marks deprecated in favour of SuperLink/SuperNode deployments; pinned to 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hmac
 import io
@@ -209,7 +210,8 @@ class FlowerSite:
         res = self.proxy.evaluate(EvaluateIns(Parameters(tensors=[pack(req)], tensor_type=BLOB), {}), self.timeout,
                                   round_idx)
         if BLOB not in (res.metrics or {}):
-            raise RemoteSiteError(self.name, "ConnectionError", f"no evaluation ({res.status.message or 'disconnected'})")
+            why = res.status.message or "disconnected"
+            raise RemoteSiteError(self.name, "ConnectionError", f"no evaluation ({why})")
         return self._check(unpack(res.metrics[BLOB]))
 
     def public_key(self) -> bytes:
@@ -285,8 +287,6 @@ class FlowerServer:
         from flwr.common import ReconnectIns
 
         for s in sites:
-            try:
+            with contextlib.suppress(Exception):  # a site already gone
                 s.proxy.reconnect(ReconnectIns(seconds=None), 10, None)
-            except Exception:  # noqa: BLE001 - already gone
-                pass
         self.grpc.stop(grace=1)

@@ -103,11 +103,16 @@ class SiteClient:
 
         With ``explain=True`` the site also draws heatmaps of a fixed sample of its validation
         images into its own run (``heatmaps/round_NNN.png``) and returns only numbers.
+        Per-class metrics are named after the classes where the site knows them
+        (``f1_pneumonia``; else ``f1_class1``).
         """
+        from fedmed.models.metrics import name_classes
+
         self.set_weights(self.part.local_weights(weights))  # FedBN: a site is evaluated with its own BN
         loader = make_loader(self.data.val, 256, shuffle=False)
         net = self.module.net.to(self.training.device())
         metrics, confmat = evaluate(net, loader, self.module.num_classes)
+        metrics = name_classes(metrics, self.heatmaps.class_names)
         summary = None
         if explain:
             xai, summary = self.heatmaps.explain(net, round_idx, self.run.log_figure if self.run.active else None)

@@ -25,19 +25,18 @@ class CompactCNN(nn.Module):
         num_classes: number of output classes.
         spatial_dims: 2 for images, 3 for volumes.
         channels: widths of the conv blocks, one block per entry. ``"auto"`` gives three
-            (32/64/64) below 96 px and four (32/64/128/256) from 96 px up: at 128 px the three
-            blocks end on 8x8 maps that see about a quarter of the image, and the brain MRI
-            centralized test accuracy went from 0.915 to 0.981 with the fourth block (README).
+            (32/64/64) below 96 px and four (32/64/128/256) from 96 px up: at 128 px three
+            blocks end on 8x8 maps that see about a quarter of the image (the docs' Results page
+            compares both on brain MRI).
         hidden: width of the dense hidden layer.
         dropout: dropout before the last layer.
         stem_stride: stride of the first convolution. ``"auto"`` uses 2 when ``image_size`` >= 96:
-            at 128 px a stride-1 first block spends most of the step on full-resolution maps
-            (35 img/s on 2 CPU cores vs 217 with stride 2) and sees only a 22 px neighbourhood.
+            at 128 px a stride-1 first block spends most of the step on full-resolution maps and
+            sees only a 22 px neighbourhood (``benchmarks/pipeline_bench.py`` measures the step).
         image_size: input side length, used by ``stem_stride="auto"``.
         norm: ``"batch"`` (BatchNorm) or ``"group"`` (GroupNorm with ``norm_groups`` groups).
             GroupNorm normalises each image on its own, so it has no batch or running statistics
-            for sites with different label mixes to disagree on (Hsieh et al., ICML 2020); the
-            README gives what it measured here.
+            for sites with different label mixes to disagree on (Hsieh et al., ICML 2020).
         norm_groups: groups of the GroupNorm layers (capped at the channel count).
     """
 

@@ -23,7 +23,7 @@ class SmallInputDenseNet(DenseNet):
         growth_rate: features added per dense layer.
         block_config: dense layers per block.
         small_input: replace the stem as above; ``"auto"`` does so when ``image_size`` < 64
-            (at 64 px the small stem keeps full resolution and is ~10x slower on CPU).
+            (at 64 px the small stem keeps full resolution, which is much slower on CPU).
         image_size: input side length, used by ``small_input="auto"``.
         dropout: dropout inside dense layers.
     """

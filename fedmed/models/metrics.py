@@ -1,8 +1,15 @@
-"""Classification metrics (torchmetrics) and a plain evaluation loop."""
+"""Classification metrics (torchmetrics) and a plain evaluation loop.
+
+Scalar metrics keep one name each (``acc``, ``balanced_acc``, ``precision``, ``recall``, ``f1``,
+``auroc``, ``loss``); per-class ones are ``<metric>_class<i>`` here, and
+:func:`name_classes` renames them after the classes (``f1_pneumonia``) for MLflow.
+"""
 
 from __future__ import annotations
 
+import re
 import warnings
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import nn
@@ -19,7 +26,9 @@ from torchmetrics.classification import (
 
 
 def make_metrics(num_classes: int) -> MetricCollection:
-    """Accuracy, macro precision/recall/F1, per-class F1, macro AUROC and the confusion matrix.
+    """Accuracy, macro precision/recall/F1, per-class F1 and recall, macro AUROC and the confusion matrix.
+
+    :func:`flatten_metrics` adds the balanced accuracy (``balanced_acc``) from the confusion matrix.
 
     Binary tasks are treated as 2-class multiclass: macro one-vs-rest AUROC then equals the
     binary AUROC. The macro AUROC averages only the classes that have both positives and negatives
@@ -34,6 +43,7 @@ def make_metrics(num_classes: int) -> MetricCollection:
             "recall": MulticlassRecall(k, average="macro"),
             "f1": MulticlassF1Score(k, average="macro"),
             "f1_per_class": MulticlassF1Score(k, average="none"),
+            "recall_per_class": MulticlassRecall(k, average="none"),
             "auroc": MulticlassAUROC(k, average="none"),
             "confmat": MulticlassConfusionMatrix(k),
         }
@@ -48,13 +58,21 @@ def compute_metrics(metrics: MetricCollection) -> tuple[dict[str, float], torch.
 
 
 def flatten_metrics(values: dict[str, torch.Tensor]) -> tuple[dict[str, float], torch.Tensor]:
-    """Turn a computed collection into scalar floats (``f1_class<i>`` per class) and the confusion matrix."""
+    """Turn a computed collection into scalar floats (``f1_class<i>`` per class) and the confusion matrix.
+
+    ``balanced_acc`` is the mean recall over the classes present in the labels (scikit-learn's
+    ``balanced_accuracy_score``). It equals the macro ``recall`` unless a class is predicted but
+    never labelled: macro recall counts that class as 0, the balanced accuracy leaves it out.
+    """
     scalars: dict[str, float] = {}
     confmat = values["confmat"].cpu()
     support = confmat.sum(1)
     defined = (support > 0) & (support < support.sum())  # one-vs-rest AUROC needs positives and negatives
     auroc = values["auroc"].cpu()
     scalars["auroc"] = float(auroc[defined].mean()) if defined.any() else float("nan")
+    present = support > 0
+    recalls = confmat.diagonal()[present].double() / support[present].double()
+    scalars["balanced_acc"] = float(recalls.mean()) if present.any() else float("nan")
     for name, v in values.items():
         if name in ("confmat", "auroc"):
             continue
@@ -63,6 +81,39 @@ def flatten_metrics(values: dict[str, torch.Tensor]) -> tuple[dict[str, float], 
         else:
             scalars.update({f"{name.removesuffix('_per_class')}_class{i}": float(x) for i, x in enumerate(v)})
     return scalars, confmat
+
+
+def metric_key(text: str) -> str:
+    """``text`` as part of an MLflow metric name: runs of anything but ASCII letters, digits, ``_ - .``
+    become one ``_`` (MLflow also allows spaces and ``/``; they are left out so that names need no
+    quoting in ``search_runs`` filters and make no artifact-like paths)."""
+    return re.sub(r"[^A-Za-z0-9_.\-]+", "_", str(text)).strip("_") or "_"
+
+
+def class_keys(class_names: Sequence[str]) -> list[str]:
+    """One metric-name part per class (:func:`metric_key`); names that clash after cleaning keep their index."""
+    keys = [metric_key(c) for c in class_names]
+    return [k if keys.count(k) == 1 else f"{k}_{i}" for i, k in enumerate(keys)]
+
+
+_PER_CLASS = re.compile(r"^(?P<metric>.+)_class(?P<index>\d+)$")
+
+
+def name_classes(metrics: Mapping[str, float], class_names: Sequence[str] | None) -> dict[str, float]:
+    """``f1_class1`` -> ``f1_pneumonia``, ``recall_class0`` -> ``recall_normal``; other keys unchanged.
+
+    Without class names (or for an index beyond them) the key stays as it is.
+    """
+    if not class_names:
+        return dict(metrics)
+    keys = class_keys(class_names)
+    out: dict[str, float] = {}
+    for k, v in metrics.items():
+        m = _PER_CLASS.match(k)
+        if m and int(m["index"]) < len(keys):
+            k = f"{m['metric']}_{keys[int(m['index'])]}"
+        out[k] = v
+    return out
 
 
 @torch.no_grad()

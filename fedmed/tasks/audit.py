@@ -47,7 +47,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         tracker.log_dict(run_id, {"attacks": attack_rows(results)}, "privacy/audit.json")
     lines = [f"membership-inference audit of {cfg.checkpoint} ({mode} model, {trained.data.name})"]
     for r in results:
-        lines.append(f"  {r.name:<18} AUC {r.auc:.3f}   TPR@1%FPR {r.tpr_at_1pct:.3f}   TPR@0.1%FPR {r.tpr_at_01pct:.3f}"
+        lines.append(f"  {r.name:<18} AUC {r.auc:.3f}   TPR@1%FPR {r.tpr_at_1pct:.3f}   "
+                     f"TPR@0.1%FPR {r.tpr_at_01pct:.3f}"
                      f"   ({r.members} members vs {r.non_members} held out)")
     lines.append("  AUC 0.5 = the attacker cannot tell members from held-out images; TPR at low FPR is what matters.")
     print("\n".join(lines))

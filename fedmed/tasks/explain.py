@@ -117,7 +117,8 @@ def _per_class(cfg, net, ds, pred_all, conf_all, names, method, tracker, run_id,
 
 
 def _print_table(cfg, results, out: Path, run_id: str) -> None:
-    table = Table(title=f"fedmed explain: {cfg.data.name} {cfg.split}, n={cfg.n}, target={cfg.target}", title_justify="left")
+    table = Table(title=f"fedmed explain: {cfg.data.name} {cfg.split}, n={cfg.n}, target={cfg.target}",
+                  title_justify="left")
     cols = ["deletion_auc", "insertion_auc", "sanity_rank_corr", "maps_per_second"]
     table.add_column("method", no_wrap=True)
     for c in cols:

@@ -97,7 +97,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
 
 def _run_name(cfg: DictConfig, mode: str, sites: list[str]) -> str:
-    return cfg.run_name or f"{mode}-{cfg.data.name}-{cfg.model.name}" + (f"-{sites[0]}" if mode == "local" else "")
+    """``run_name=``, else e.g. ``federated-pneumoniamnist-cnn-fedavg-s42-1204-0312`` (see ``outcome.run_name``)."""
+    from fedmed.outcome import run_name
+
+    return run_name(cfg, mode, site=sites[0] if mode == "local" else None)
 
 
 def _run_tags(cfg: DictConfig, mode: str, sites: list[str], strategy: Strategy | None) -> dict[str, str]:
@@ -106,7 +109,8 @@ def _run_tags(cfg: DictConfig, mode: str, sites: list[str], strategy: Strategy |
             "partition": cfg.partition.dirname if mode != "centralized" else "pooled",
             "privacy.dp": describe(build.dp_config(cfg)),
             "privacy.secure_aggregation": str(bool(cfg.privacy.secure_aggregation)),
-            "federation.compression": cfg.federation.compression if mode == "federated" else "none"}
+            "federation.compression": cfg.federation.compression if mode == "federated" else "none",
+            "seed": str(cfg.seed)}
     if mode == "local":
         tags["site"] = sites[0]
     return tags

@@ -67,7 +67,8 @@ class SitePart:
         """Lightning callbacks for this round's training (e.g. a gradient correction)."""
         return []
 
-    def after_training(self, start: StateDict, new: StateDict, steps: int, lr_factors: Sequence[float]) -> dict[str, Any]:
+    def after_training(self, start: StateDict, new: StateDict, steps: int,
+                       lr_factors: Sequence[float]) -> dict[str, Any]:
         """What the server needs besides the weights (sent with the update).
 
         Args:
