@@ -15,8 +15,10 @@ loads wherever its pip requirements are installed.
 
 from __future__ import annotations
 
+import logging
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -60,7 +62,7 @@ class ImageClassifier(PythonModel):
     def load_context(self, context) -> None:
         self.load(torch.load(context.artifacts["weights"], map_location="cpu", weights_only=True))
 
-    def predict(self, context, model_input, params: dict[str, Any] | None = None) -> pd.DataFrame:
+    def predict(self, context, model_input: np.ndarray, params: dict[str, Any] | None = None) -> pd.DataFrame:
         """Class probabilities of raw images: one column per class name, and ``predicted``.
 
         Args:
@@ -180,7 +182,8 @@ def log_pyfunc(tracking_uri: str, experiment_id: str, run_id: str, model: ImageC
             weights = Path(tmp) / "weights.pt"
             torch.save({k: v.detach().cpu() for k, v in state_dict.items()}, weights)
             mlflow.set_tracking_uri(tracking_uri)
-            with mlflow.start_run(run_id=run_id, experiment_id=experiment_id, log_system_metrics=False):
+            with (mlflow.start_run(run_id=run_id, experiment_id=experiment_id, log_system_metrics=False),
+                  _quiet_mlflow()):
                 info = pyfunc.log_model(
                     name=name, python_model=model, artifacts={"weights": str(weights)},
                     code_paths=[str(Path(fedmed.__file__).parent)], signature=signature, input_example=example,
@@ -190,6 +193,29 @@ def log_pyfunc(tracking_uri: str, experiment_id: str, run_id: str, model: ImageC
     # start_run(...) as a context ends the run; the caller decides the final status
     MlflowClient(tracking_uri=tracking_uri).update_run(run_id, status="RUNNING")
     return info.model_uri
+
+
+class _DropMessages(logging.Filter):
+    def __init__(self, *starts: str):
+        super().__init__()
+        self.starts = starts
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.starts)
+
+
+@contextmanager
+def _quiet_mlflow() -> Iterator[None]:
+    """Leave out MLflow's notes on every pyfunc model it logs: that the model object is pickled (it
+    holds the configs and class names; the weights are an artifact) and that it checks the input
+    example."""
+    drop = _DropMessages("Passing a Python object as `python_model`", "Validating input example")
+    logger = logging.getLogger("mlflow.pyfunc")
+    logger.addFilter(drop)
+    try:
+        yield
+    finally:
+        logger.removeFilter(drop)
 
 
 def _pinned(package: str) -> str:

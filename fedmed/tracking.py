@@ -12,6 +12,7 @@ OS lock on ``<store>.lock``, so that several first runs on a fresh ``mlflow.db``
 
 from __future__ import annotations
 
+import errno
 import io
 import json
 import logging
@@ -88,8 +89,6 @@ def _why_not_writable(folder: Path) -> str | None:
 
 
 def _reason(exc: OSError) -> str:
-    import errno
-
     if exc.errno == errno.EROFS:
         return "on a read-only file system"
     if exc.errno in (errno.EACCES, errno.EPERM):

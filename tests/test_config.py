@@ -86,7 +86,7 @@ def test_key_typo_names_key_and_suggests(isolated):
 
 def test_group_typo_lists_options(isolated):
     with pytest.raises(FedmedError,
-                       match=r"no option .pneumonia. for config group .data.*breastmnist.*pneumoniamnist.*data=pneumoniamnist"):
+                       match=r"no option .pneumonia. for config group .data.*pneumoniamnist.*data=pneumoniamnist"):
         compose("fit", [*isolated, "data=pneumonia"])
 
 

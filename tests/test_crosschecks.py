@@ -295,8 +295,7 @@ def test_attack_roc_matches_scikit_learn(scale, ties):
 
 
 # -- Grad-CAM vs MONAI ---------------------------------------------------------------------------
-@pytest.mark.parametrize("seed", [0, 1])
-def test_gradcam_matches_monai(seed):
+def test_gradcam_matches_monai(seed: int = 0):
     """MONAI's default post-processing maps (min, max) to (1, 0); fedmed's maps max to 1, hence 1 - MONAI's."""
     from monai.visualize import GradCAM
 
@@ -405,8 +404,8 @@ def _cnn_with_data_statistics(seed: int) -> nn.Module:
 
 
 def test_integrated_gradients_default_steps_keep_completeness():
-    """With IG_STEPS the attributions sum to f(x) - f(0) within 2.5% on average; 24 steps miss by more than 5%."""
+    """With IG_STEPS the attributions sum to f(x) - f(0) within 2% on average; 24 steps miss by more than 5%."""
     net = _cnn_with_data_statistics(0)
     x = _blobs(8, 0)
-    assert float(_completeness_error(net, x, IG_STEPS).mean()) < 0.025
+    assert float(_completeness_error(net, x, IG_STEPS).mean()) < 0.02  # 1.6% (64 steps: 2.5%, 24: 8%)
     assert float(_completeness_error(net, x, 24).mean()) > 0.05  # the measure can tell too few steps

@@ -1,9 +1,12 @@
 """`fedmed fit` on the real PneumoniaMNIST file: the CLI, the three modes and the MLflow run tree."""
 
 import os
+import re
 import subprocess
 import sys
+from pathlib import Path
 
+import mlflow
 import torch
 from mlflow import MlflowClient
 
@@ -29,6 +32,9 @@ def test_cli_smoke_writes_the_mlflow_run_tree(tmp_path, isolated):
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "federated model" in proc.stdout and "test" in proc.stdout and "bytes sent per round" in proc.stdout
+    assert "bal. acc" in proc.stdout
+    hint = f"mlflow ui --backend-store-uri sqlite:///{tmp_path / 'mlflow.db'}"
+    assert any(line.rstrip().endswith(hint) for line in proc.stdout.splitlines()), proc.stdout[-2000:]  # never wrapped
     assert "round 1/1" in proc.stderr and "[hospital_a] round 1 epoch 1/1" in proc.stderr
 
     client, exp, runs = runs_of(tmp_path)
@@ -37,6 +43,9 @@ def test_cli_smoke_writes_the_mlflow_run_tree(tmp_path, isolated):
     assert len(parents) == 1 and len(children) == 2
     parent = parents[0]
     assert parent.info.status == "FINISHED"
+    name = parent.info.run_name  # mode, data, model, strategy, seed, start time (MMDD-HHMM)
+    assert re.fullmatch(r"federated-pneumoniamnist-cnn-fedavg-s42-\d{4}-\d{4}", name), name
+    assert parent.data.tags["seed"] == "42"
     assert {k: parent.data.tags[k] for k in ("dataset", "model", "strategy", "mode")} == {
         "dataset": "pneumoniamnist", "model": "cnn", "strategy": "fedavg", "mode": "federated"}
     assert parent.data.params["federation.rounds"] == "1" and parent.data.params["data.name"] == "pneumoniamnist"
@@ -46,10 +55,16 @@ def test_cli_smoke_writes_the_mlflow_run_tree(tmp_path, isolated):
         assert c.info.status == "FINISHED"
         hist = client.get_metric_history(c.info.run_id, "val_acc")
         assert [m.step for m in hist] == [1] and 0.0 <= hist[0].value <= 1.0
+        assert {"val_f1_pneumonia", "val_recall_normal", "val_balanced_acc"} <= set(c.data.metrics)
         assert [m.step for m in client.get_metric_history(c.info.run_id, "train_loss")] == [1]
     assert [m.step for m in client.get_metric_history(parent.info.run_id, "val_auroc")] == [1]
     assert client.get_metric_history(parent.info.run_id, "comm_bytes_up")[0].value > 0
-    assert 0.0 <= parent.data.metrics["test_acc"] <= 1.0 and "test_f1_class1" in parent.data.metrics
+    assert 0.0 <= parent.data.metrics["test_acc"] <= 1.0
+    assert {"test_f1_normal", "test_f1_pneumonia", "test_recall_normal", "test_recall_pneumonia",
+            "test_balanced_acc"} <= set(parent.data.metrics)
+    assert not [k for k in parent.data.metrics if "_class" in k]
+    summary = client.download_artifacts(parent.info.run_id, "summary.txt", str(tmp_path))
+    assert hint in Path(summary).read_text().splitlines()[-1]
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"confusion_matrix_test.png", "config.yaml", "summary.txt", "checkpoint", "partition"} <= artifacts
     # explanations: heatmap images only in each site's own run; the federation run gets numbers only
@@ -61,6 +76,13 @@ def test_cli_smoke_writes_the_mlflow_run_tree(tmp_path, isolated):
     assert "val_xai_insertion_auc" in parent.data.metrics
     models = client.search_logged_models(experiment_ids=[exp.experiment_id])
     assert [m.source_run_id for m in models] == [parent.info.run_id]
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    info = mlflow.models.get_model_info(f"runs:/{parent.info.run_id}/model")  # a pyfunc of raw images
+    assert set(info.flavors) == {"python_function"} and info.flavors["python_function"]["loader_module"] == (
+        "mlflow.pyfunc.model")
+    spec = info.signature.inputs.inputs[0]  # raw images as the npz holds them
+    assert (str(spec.type), tuple(spec.shape)) == ("uint8", (-1, 28, 28))
+    assert info.signature.outputs.input_names() == ["normal", "pneumonia", "predicted"]
 
 
 def test_local_and_centralized_baselines_share_epochs_and_evaluation(tmp_path, isolated):

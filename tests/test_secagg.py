@@ -25,8 +25,8 @@ def _mask_all(states, ns, round_idx=3):
     names = [f"site{k}" for k in range(len(states))]
     keys = {n: sa.MaskingKey() for n in names}
     peers = {n: keys[n].public for n in names}
-    vectors = [sa.contribution(s, n) for s, n in zip(states, ns)]
-    masked = [sa.mask(v, keys[n], n, peers, round_idx) for v, n in zip(vectors, names)]
+    vectors = [sa.contribution(s, n) for s, n in zip(states, ns, strict=True)]
+    masked = [sa.mask(v, keys[n], n, peers, round_idx) for v, n in zip(vectors, names, strict=True)]
     return names, keys, peers, vectors, masked
 
 

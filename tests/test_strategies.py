@@ -141,7 +141,8 @@ def test_every_strategy_with_one_site_and_with_identical_sites(name):
 def test_fednova_normalises_each_update_by_its_steps_by_hand():
     """x <- x - tau_eff * sum_k p_k (x - y_k) / tau_k, tau_eff = sum_k p_k tau_k; buffers as in FedAvg."""
     def state(w, mean, batches):
-        return {"w": torch.tensor(w), "bn.running_mean": torch.tensor([mean]), "bn.num_batches_tracked": torch.tensor(batches)}
+        return {"w": torch.tensor(w), "bn.running_mean": torch.tensor([mean]),
+                "bn.num_batches_tracked": torch.tensor(batches)}
 
     g, a, b = state([1.0, 2.0], 0.0, 0), state([0.0, 1.0], 1.0, 2), state([3.0, 6.0], 5.0, 10)
     f = fits([a, b], [10, 30])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+import io
 import os
 import re
 from pathlib import Path
@@ -16,13 +18,43 @@ CHECKPOINT = "server.pt"
 
 
 def save_checkpoint(path: Path, state: dict) -> None:
-    """Write atomically: a kill during the write leaves the previous checkpoint intact."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write atomically: a kill or a failed write leaves the previous checkpoint intact.
+
+    Raises:
+        FedmedError: the folder cannot be written (read-only, no permission, no space left); the
+            temporary file is removed.
+    """
+    buf = io.BytesIO()  # serialised first: torch's writer turns a short write into an unexplained RuntimeError
+    torch.save(state, buf)
     tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    tmp.replace(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "wb") as f:
+            f.write(buf.getbuffer())
+            f.flush()
+            os.fsync(f.fileno())
+        tmp.replace(path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise FedmedError(f"federation.checkpoint_dir: cannot write the server checkpoint {path}: {_why(exc)}; "
+                          f"{_ADVICE.get(exc.errno, _ADVICE[errno.EACCES])}") from None
+
+
+_ADVICE = {
+    errno.ENOSPC: "free space on that disk or set federation.checkpoint_dir to another one",
+    errno.EDQUOT: "free space within the quota or set federation.checkpoint_dir to another disk",
+    errno.EFBIG: "raise the file size limit (ulimit -f) or set federation.checkpoint_dir to another disk",
+    errno.EACCES: "make the folder writable or set federation.checkpoint_dir to a writable folder",
+}
+
+
+def _why(exc: OSError) -> str:
+    """What went wrong, in words a user acts on."""
+    words = {errno.ENOSPC: "no space left on the disk", errno.EDQUOT: "the disk quota is used up",
+             errno.EFBIG: "the file grew past the file size limit", errno.EROFS: "the file system is read-only",
+             errno.EACCES: "the folder is read-only for this user (permission denied)",
+             errno.EPERM: "the folder is read-only for this user (operation not permitted)"}
+    return words.get(exc.errno or 0, f"{exc.strerror or exc}")
 
 
 def _safe_globals() -> list[Any]:

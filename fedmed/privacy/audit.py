@@ -134,7 +134,8 @@ def lira_attack(net: nn.Module, x: torch.Tensor, y: torch.Tensor, is_member: np.
     # with few shadows, a global variance per side is more stable than per-example ones (Carlini et al.)
     sd_in = max(float(np.sqrt(((phis - mu_in) ** 2 * in_mask).sum() / in_mask.sum())), 1e-6)
     sd_out = max(float(np.sqrt(((phis - mu_out) ** 2 * (1 - in_mask)).sum() / (1 - in_mask).sum())), 1e-6)
-    online = (-0.5 * ((target - mu_in) / sd_in) ** 2 - np.log(sd_in)) - (-0.5 * ((target - mu_out) / sd_out) ** 2 - np.log(sd_out))
+    log_in = -0.5 * ((target - mu_in) / sd_in) ** 2 - np.log(sd_in)
+    online = log_in - (-0.5 * ((target - mu_out) / sd_out) ** 2 - np.log(sd_out))
     offline = (target - mu_out) / sd_out
     return [attack_metrics(f"lira-online ({shadows} shadows)", online, is_member),
             attack_metrics(f"lira-offline ({shadows} shadows)", offline, is_member)]

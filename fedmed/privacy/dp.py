@@ -197,9 +197,11 @@ class SitePrivacy:
         self.sample_rate = 1 / self.steps_per_epoch
         if cfg.noise_multiplier is not None:
             self.noise_multiplier = float(cfg.noise_multiplier)
-        else:
+        elif cfg.epsilon is not None:
             self.noise_multiplier = calibrate_noise(cfg.epsilon, cfg.delta, self.sample_rate,
                                                     planned_epochs * self.steps_per_epoch, cfg.accountant)
+        else:
+            raise FedmedError("set privacy.epsilon or privacy.noise_multiplier for DP-SGD")
         self.history: list[tuple[float, float, int]] = []  # (noise multiplier, sample rate, steps)
 
     @property
@@ -236,7 +238,8 @@ class SitePrivacy:
         gsm = GradSampleModule(net)  # hooks on net's layers: calling net(x) records per-sample grads
         dp_loader = DPDataLoader.from_data_loader(loader, generator=torch.Generator().manual_seed(seed))
         if abs(dp_loader.sample_rate - self.sample_rate) > 1e-12:  # the accountant must use the loader's rate
-            raise FedmedError(f"DP loader samples at q={dp_loader.sample_rate}, the accountant assumed {self.sample_rate}")
+            raise FedmedError(f"DP loader samples at q={dp_loader.sample_rate}, "
+                              f"the accountant assumed {self.sample_rate}")
 
         def wrap(optimizer: torch.optim.Optimizer) -> DPOptimizer:
             dp_opt = DPOptimizer(optimizer, noise_multiplier=self.noise_multiplier,

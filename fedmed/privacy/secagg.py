@@ -44,7 +44,8 @@ class MaskingKey:
 
     def __init__(self):
         self._private = X25519PrivateKey.generate()
-        self.public = self._private.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+        self.public = self._private.public_key().public_bytes(serialization.Encoding.Raw,
+                                                              serialization.PublicFormat.Raw)
 
     def seed_with(self, peer_public: bytes, round_idx: int) -> bytes:
         """32-byte seed shared with the peer for this round (the same at both ends)."""
@@ -148,7 +149,7 @@ def mean_state(total: np.ndarray, global_w: Mapping[str, torch.Tensor], pooled_b
     for k, numel in layout(global_w):
         out[k] = torch.from_numpy(total[pos:pos + numel] / n).reshape(global_w[k].shape)
         pos += numel
-    for k, ref in global_w.items():
+    for k in global_w:
         if pooled_bn and k.endswith(BN_VAR) and (mean_key := k[: -len(BN_VAR)] + BN_MEAN) in out:
             out[k] = out[k] - out[mean_key] ** 2
     return {k: cast_like(out[k], ref) for k, ref in global_w.items()}, int(round(n))

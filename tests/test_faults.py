@@ -1,0 +1,204 @@
+"""Storage faults: a read-only MLflow store or artifact folder, a read-only or full checkpoint folder, a store
+that stops taking writes mid-run, and two first runs on one fresh store.
+
+File permissions do not stop root, so the code under test runs in a child process which, where the tests
+run as root, has given up the capabilities that override them (CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH,
+CAP_FOWNER, dropped from its bounding set before it starts). Folders are made read-only with ``chmod``, as
+a user would find them.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import multiprocessing as mp
+import os
+import stat
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+import fedmed
+from fedmed.errors import FedmedError
+from fedmed.federated.checkpoint import load_checkpoint, save_checkpoint
+
+REPO = Path(fedmed.__file__).resolve().parents[1]  # the checkout the children import
+PR_CAPBSET_DROP = 24
+LIBC = ctypes.CDLL(None, use_errno=True)  # loaded here: the forked child only calls it
+
+
+@pytest.fixture
+def workspace(tmp_path):
+    """A folder for the child process; read-only folders it leaves are made writable again, so they can go."""
+    yield tmp_path
+    for d, _, _ in os.walk(tmp_path):
+        os.chmod(d, stat.S_IRWXU)
+
+
+def _without_permission_override() -> None:
+    """Run in the child before it starts: drop the capabilities that let root ignore file permissions."""
+    for cap in (1, 2, 3):  # CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH, CAP_FOWNER
+        if LIBC.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0) != 0:
+            raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP)")
+
+
+def child(code: str, workspace: Path, timeout: float = 240) -> subprocess.CompletedProcess:
+    """Run ``code`` in a python child to which file permissions apply; ``WS`` is the workspace path."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    script = f"from pathlib import Path\nWS = Path({str(workspace)!r})\n" + textwrap.dedent(code)
+    return subprocess.run([sys.executable, "-c", script], cwd=workspace, env=env, capture_output=True, text=True,
+                          timeout=timeout, preexec_fn=_without_permission_override if os.geteuid() == 0 else None)
+
+
+def ok(proc: subprocess.CompletedProcess) -> str:
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc.stdout
+
+
+# -- MLflow store and artifact folder ------------------------------------------------------------------------
+def test_read_only_store_and_artifact_folder_are_refused_in_seconds_naming_key_and_path(workspace):
+    out = ok(child("""
+        import sqlite3, time
+        from fedmed.errors import FedmedError
+        from fedmed.tracking import Tracker
+
+        ro = WS / "ro"
+        ro.mkdir()
+        sqlite3.connect(ro / "old.db").execute("create table t (x)").connection.commit()
+        (ro / "old.db").chmod(0o444)
+        ro.chmod(0o555)
+        cases = {"new store in a read-only folder": (f"sqlite:///{ro}/sub/mlflow.db", WS / "mlruns"),
+                 "read-only store": (f"sqlite:///{ro}/old.db", WS / "mlruns"),
+                 "read-only artifact folder": (f"sqlite:///{WS}/ok/mlflow.db", ro / "mlruns")}
+        for case, (uri, artifacts) in cases.items():
+            start = time.monotonic()
+            try:
+                Tracker(uri, "exp", str(artifacts))
+            except FedmedError as exc:
+                print(f"{case}|{time.monotonic() - start:.1f}|{exc}")
+            else:
+                print(f"{case}|accepted")
+        print("store created:", (WS / "ok").exists())
+    """, workspace))
+    lines = dict(line.split("|", 1) for line in out.splitlines() if "|" in line)
+    ro = workspace / "ro"
+    expect = {"new store in a read-only folder": ("logger.tracking_uri", f"{ro}/sub/mlflow.db"),
+              "read-only store": ("logger.tracking_uri", f"{ro}/old.db"),
+              "read-only artifact folder": ("logger.artifact_location", f"{ro}/mlruns")}
+    for case, (key, path) in expect.items():
+        assert lines[case] != "accepted", out
+        seconds, message = lines[case].split("|", 1)
+        assert float(seconds) < 5 and message.startswith(f"{key}: ") and path in message, out
+        assert "read-only" in message and "\n" not in message, out
+    assert "store created: False" in out  # refused before MLflow made anything
+
+
+def race(db: str, artifacts: str, barrier, results) -> None:
+    """One of two first runs on a fresh store: both create the Tracker at the same moment."""
+    from fedmed.tracking import Tracker
+
+    barrier.wait()
+    try:
+        tracker = Tracker(f"sqlite:///{db}", "exp", artifacts)
+        tracker.end_run(tracker.start_run("first"))
+        results.put("ok")
+    except Exception as exc:  # noqa: BLE001 - the parent reports what went wrong
+        results.put(f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+
+
+def test_two_first_runs_on_a_fresh_store_both_succeed(tmp_path):
+    ctx = mp.get_context("spawn")
+    for rep in range(3):
+        barrier, results = ctx.Barrier(2), ctx.Queue()
+        db, artifacts = str(tmp_path / f"r{rep}" / "mlflow.db"), str(tmp_path / f"r{rep}" / "mlruns")
+        procs = [ctx.Process(target=race, args=(db, artifacts, barrier, results)) for _ in range(2)]
+        for p in procs:
+            p.start()
+        outcomes = [results.get(timeout=240) for _ in procs]
+        for p in procs:
+            p.join(timeout=60)
+        assert outcomes == ["ok", "ok"], f"repetition {rep}: {outcomes}"
+        from mlflow import MlflowClient
+
+        exp = MlflowClient(f"sqlite:///{db}").get_experiment_by_name("exp")
+        assert exp is not None
+        assert len(MlflowClient(f"sqlite:///{db}").search_runs([exp.experiment_id])) == 2
+
+
+def test_store_that_stops_taking_writes_mid_run_keeps_the_original_error(workspace):
+    out = ok(child("""
+        from fedmed.tracking import RunLog, Tracker, run_status
+
+        store = WS / "store"
+        tracker = Tracker(f"sqlite:///{store}/mlflow.db", "exp", str(WS / "mlruns"))
+        run = tracker.start_run("mid-run")
+        try:
+            with run_status(RunLog(tracker, run)):
+                (store / "mlflow.db").chmod(0o444)
+                store.chmod(0o555)  # the store goes read-only after the start
+                raise ValueError("the error that stopped the run")
+        except BaseException as exc:
+            print("raised:", type(exc).__name__, exc)
+    """, workspace))
+    assert "raised: ValueError the error that stopped the run" in out, out
+
+
+# -- the server checkpoint ---------------------------------------------------------------------------------
+def test_read_only_checkpoint_folder_is_one_line_and_keeps_the_previous_checkpoint(workspace):
+    out = ok(child("""
+        from fedmed.errors import FedmedError
+        from fedmed.federated.checkpoint import load_checkpoint, save_checkpoint
+
+        folder = WS / "ck"
+        save_checkpoint(folder / "server.pt", {"round": 1})
+        folder.chmod(0o555)
+        try:
+            save_checkpoint(folder / "server.pt", {"round": 2})
+        except FedmedError as exc:
+            print("error:", exc)
+        print("left:", sorted(p.name for p in folder.iterdir()), load_checkpoint(folder / "server.pt")["round"])
+    """, workspace))
+    error = next(line for line in out.splitlines() if line.startswith("error: "))
+    assert error.startswith(f"error: federation.checkpoint_dir: cannot write the server checkpoint "
+                            f"{workspace / 'ck' / 'server.pt'}: ") and "read-only" in error, out
+    assert "left: ['server.pt'] 1" in out, out
+
+
+def test_file_size_limit_while_checkpointing_removes_the_temporary_file(workspace):
+    out = ok(child("""
+        import resource, signal
+        import torch
+        from fedmed.errors import FedmedError
+        from fedmed.federated.checkpoint import load_checkpoint, save_checkpoint
+
+        folder = WS / "ck"
+        save_checkpoint(folder / "server.pt", {"round": 1})
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG instead
+        resource.setrlimit(resource.RLIMIT_FSIZE, (64_000, resource.RLIM_INFINITY))
+        try:
+            save_checkpoint(folder / "server.pt", {"round": 2, "weights": torch.zeros(100_000)})
+        except FedmedError as exc:
+            print("error:", exc)
+        print("left:", sorted(p.name for p in folder.iterdir()), load_checkpoint(folder / "server.pt")["round"])
+    """, workspace))
+    error = next(line for line in out.splitlines() if line.startswith("error: "))
+    assert f"{workspace / 'ck' / 'server.pt'}: the file grew past the file size limit" in error, out
+    assert "left: ['server.pt'] 1" in out, out
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="no /dev/full")
+def test_full_disk_while_checkpointing_is_one_line_and_keeps_the_previous_checkpoint(tmp_path):
+    path = tmp_path / "server.pt"
+    save_checkpoint(path, {"round": 1})
+    (tmp_path / "server.tmp").symlink_to("/dev/full")  # every write to the temporary file: ENOSPC
+    with pytest.raises(FedmedError) as info:
+        save_checkpoint(path, {"round": 2, "weights": torch.zeros(10_000)})
+    message = str(info.value)
+    assert message.startswith(f"federation.checkpoint_dir: cannot write the server checkpoint {path}: "
+                              "no space left on the disk; ") and "\n" not in message
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["server.pt"]
+    assert load_checkpoint(path)["round"] == 1
+
