@@ -98,7 +98,8 @@ class SiteClient:
     def dropout_correction(self, dropped: Mapping[str, bytes], round_idx: int, length: int):
         return self.channel.dropout_correction(dropped, round_idx, length)
 
-    def evaluate(self, weights: StateDict, round_idx: int, log_metrics: bool = True, explain: bool = False) -> EvalResult:
+    def evaluate(self, weights: StateDict, round_idx: int, log_metrics: bool = True,
+                 explain: bool = False) -> EvalResult:
         """Evaluate ``weights`` on this site's validation data; log to the site's run as ``val_*`` (step = round).
 
         With ``explain=True`` the site also draws heatmaps of a fixed sample of its validation
