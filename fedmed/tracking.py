@@ -109,12 +109,12 @@ def _check_store(db: Path) -> None:
                           "or point logger.tracking_uri at a writable place, e.g. sqlite:///<folder>/mlflow.db")
 
 
-def _check_artifacts(location: str, key: str) -> None:
+def _check_artifacts(location: str, key: str, instead: str) -> None:
     folder = local_path(location)
     why = _why_not_writable(folder) if folder is not None else None
     if why:
         raise FedmedError(f"{key}: cannot create or write the MLflow artifact folder {folder}: {why}; "
-                          "make it writable or set logger.artifact_location to a writable folder")
+                          f"make it writable or {instead}")
 
 
 def check_writable(tracking_uri: str, artifact_location: str | None = None) -> None:
@@ -127,7 +127,8 @@ def check_writable(tracking_uri: str, artifact_location: str | None = None) -> N
     if db is not None:
         _check_store(db)
     if artifact_location:
-        _check_artifacts(artifact_location, "logger.artifact_location")
+        _check_artifacts(artifact_location, "logger.artifact_location",
+                         "set logger.artifact_location to a writable folder")
 
 
 @contextmanager
@@ -172,7 +173,8 @@ class Tracker:
                 self.experiment_id = exp.experiment_id
                 stored = exp.artifact_location
                 if stored and stored != _as_uri(artifact_location):
-                    _check_artifacts(stored, f"the artifact location of MLflow experiment {experiment!r}")
+                    _check_artifacts(stored, f"logger.experiment={experiment} keeps its artifacts elsewhere",
+                                     "log to a new experiment (logger.experiment=...)")
 
     def start_run(self, name: str, tags: Mapping[str, str] | None = None, parent_id: str | None = None) -> str:
         tags = {k: str(v) for k, v in (tags or {}).items()}
@@ -309,5 +311,12 @@ def _end_best_effort(runs: list[RunLog], status: str) -> None:
         try:
             r.end(status)
         except Exception as exc:  # noqa: BLE001 - the error that ended the block is the one to report
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-            log.warning("could not mark MLflow run %s %s: %s", r.run_id, status, first)
+            log.warning("could not mark MLflow run %s %s: %s", r.run_id, status, _root_cause(exc))
+
+
+def _root_cause(exc: BaseException) -> str:
+    """``Type: first line`` of the innermost cause (MLflow wraps the database's own error twice)."""
+    while exc.__cause__ is not None:
+        exc = exc.__cause__
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__

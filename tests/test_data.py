@@ -29,7 +29,8 @@ def test_site_trains_only_on_its_manifest(pneumonia, tmp_path):
     assert data.train.ids == [e["image"] for e in manifests[0].training]
     i = int(data.train.ids[0].split("/")[1])
     np.testing.assert_allclose(data.train.x[0, 0].numpy(), pneumonia.images("train")[i] / 255.0, rtol=1e-6)
-    assert data.train.x.shape[1:] == (1, 28, 28) and 0.0 <= float(data.train.x.min()) <= float(data.train.x.max()) <= 1.0
+    assert data.train.x.shape[1:] == (1, 28, 28)
+    assert 0.0 <= float(data.train.x.min()) <= float(data.train.x.max()) <= 1.0
     # same settings -> the existing files are reused; different settings -> refused, file untouched
     before = paths[0].read_text()
     assert ensure_manifests(pneumonia, sites, paths, "dirichlet", 0.5, 42) == paths

@@ -10,12 +10,12 @@ a user would find them.
 from __future__ import annotations
 
 import ctypes
-import multiprocessing as mp
 import os
 import stat
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -96,40 +96,54 @@ def test_read_only_store_and_artifact_folder_are_refused_in_seconds_naming_key_a
     assert "store created: False" in out  # refused before MLflow made anything
 
 
-def race(db: str, artifacts: str, barrier, results) -> None:
-    """One of two first runs on a fresh store: both create the Tracker at the same moment."""
-    from fedmed.tracking import Tracker
+RACER = """
+import sys, time
+from fedmed.tracking import Tracker
 
-    barrier.wait()
+me, reps = sys.argv[1], int(sys.argv[2])
+for rep in range(reps):
+    (WS / f"ready-{rep}-{me}").touch()
+    while not (WS / f"go-{rep}").exists():  # both processes start the run at the same moment
+        time.sleep(0.001)
     try:
-        tracker = Tracker(f"sqlite:///{db}", "exp", artifacts)
+        tracker = Tracker(f"sqlite:///{WS}/r{rep}/mlflow.db", "exp", str(WS / f"r{rep}" / "mlruns"))
         tracker.end_run(tracker.start_run("first"))
-        results.put("ok")
-    except Exception as exc:  # noqa: BLE001 - the parent reports what went wrong
-        results.put(f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+        print(f"{rep}|ok", flush=True)
+    except Exception as exc:
+        print(f"{rep}|{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}", flush=True)
+"""
 
 
 def test_two_first_runs_on_a_fresh_store_both_succeed(tmp_path):
-    ctx = mp.get_context("spawn")
-    for rep in range(3):
-        barrier, results = ctx.Barrier(2), ctx.Queue()
-        db, artifacts = str(tmp_path / f"r{rep}" / "mlflow.db"), str(tmp_path / f"r{rep}" / "mlruns")
-        procs = [ctx.Process(target=race, args=(db, artifacts, barrier, results)) for _ in range(2)]
+    reps = 3
+    script = f"from pathlib import Path\nWS = Path({str(tmp_path)!r})\n{RACER}"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    procs = [subprocess.Popen([sys.executable, "-c", script, str(k), str(reps)], cwd=tmp_path, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for k in range(2)]
+    try:
+        for rep in range(reps):
+            deadline = time.monotonic() + 240
+            while not all((tmp_path / f"ready-{rep}-{k}").exists() for k in range(2)):
+                assert time.monotonic() < deadline and all(p.poll() is None for p in procs), "a racer stopped"
+                time.sleep(0.01)
+            (tmp_path / f"go-{rep}").touch()
+        outs = [p.communicate(timeout=240) for p in procs]
+    finally:
         for p in procs:
-            p.start()
-        outcomes = [results.get(timeout=240) for _ in procs]
-        for p in procs:
-            p.join(timeout=60)
-        assert outcomes == ["ok", "ok"], f"repetition {rep}: {outcomes}"
-        from mlflow import MlflowClient
+            if p.poll() is None:
+                p.kill()
+    for (out, err), p in zip(outs, procs, strict=True):
+        assert p.returncode == 0 and out.split() == [f"{rep}|ok" for rep in range(reps)], out + err
+    from mlflow import MlflowClient
 
-        exp = MlflowClient(f"sqlite:///{db}").get_experiment_by_name("exp")
-        assert exp is not None
-        assert len(MlflowClient(f"sqlite:///{db}").search_runs([exp.experiment_id])) == 2
+    for rep in range(reps):
+        client = MlflowClient(f"sqlite:///{tmp_path}/r{rep}/mlflow.db")
+        exp = client.get_experiment_by_name("exp")
+        assert exp is not None and len(client.search_runs([exp.experiment_id])) == 2
 
 
 def test_store_that_stops_taking_writes_mid_run_keeps_the_original_error(workspace):
-    out = ok(child("""
+    proc = child("""
         from fedmed.tracking import RunLog, Tracker, run_status
 
         store = WS / "store"
@@ -142,51 +156,60 @@ def test_store_that_stops_taking_writes_mid_run_keeps_the_original_error(workspa
                 raise ValueError("the error that stopped the run")
         except BaseException as exc:
             print("raised:", type(exc).__name__, exc)
-    """, workspace))
+    """, workspace)
+    out = ok(proc)
     assert "raised: ValueError the error that stopped the run" in out, out
+    warnings = [line for line in proc.stderr.splitlines() if "could not mark MLflow run" in line]
+    assert len(warnings) == 1 and "FAILED: OperationalError: " in warnings[0], proc.stderr
 
 
 # -- the server checkpoint ---------------------------------------------------------------------------------
-def test_read_only_checkpoint_folder_is_one_line_and_keeps_the_previous_checkpoint(workspace):
-    out = ok(child("""
-        from fedmed.errors import FedmedError
-        from fedmed.federated.checkpoint import load_checkpoint, save_checkpoint
-
-        folder = WS / "ck"
-        save_checkpoint(folder / "server.pt", {"round": 1})
-        folder.chmod(0o555)
-        try:
-            save_checkpoint(folder / "server.pt", {"round": 2})
-        except FedmedError as exc:
-            print("error:", exc)
-        print("left:", sorted(p.name for p in folder.iterdir()), load_checkpoint(folder / "server.pt")["round"])
-    """, workspace))
-    error = next(line for line in out.splitlines() if line.startswith("error: "))
-    assert error.startswith(f"error: federation.checkpoint_dir: cannot write the server checkpoint "
-                            f"{workspace / 'ck' / 'server.pt'}: ") and "read-only" in error, out
-    assert "left: ['server.pt'] 1" in out, out
-
-
-def test_file_size_limit_while_checkpointing_removes_the_temporary_file(workspace):
+@pytest.fixture(scope="module")
+def checkpoint_faults(tmp_path_factory):
+    """One child (torch loads once) meets a read-only checkpoint folder, then the file size limit."""
+    workspace = tmp_path_factory.mktemp("checkpoints")
     out = ok(child("""
         import resource, signal
         import torch
         from fedmed.errors import FedmedError
         from fedmed.federated.checkpoint import load_checkpoint, save_checkpoint
 
-        folder = WS / "ck"
-        save_checkpoint(folder / "server.pt", {"round": 1})
+        def attempt(case, folder, state):
+            try:
+                save_checkpoint(folder / "server.pt", state)
+            except FedmedError as exc:
+                print(f"{case}|error|{exc}")
+            except Exception as exc:  # not the one-line error: shown, so that the test says what happened
+                print(f"{case}|error|{type(exc).__name__}: {str(exc).splitlines()[0]}")
+            left = sorted(p.name for p in folder.iterdir())
+            print(f"{case}|left|{left} round {load_checkpoint(folder / 'server.pt')['round']}")
+
+        ro, big = WS / "ro", WS / "big"
+        save_checkpoint(ro / "server.pt", {"round": 1})
+        save_checkpoint(big / "server.pt", {"round": 1})
+        ro.chmod(0o555)
+        attempt("read-only", ro, {"round": 2})
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG instead
         resource.setrlimit(resource.RLIMIT_FSIZE, (64_000, resource.RLIM_INFINITY))
-        try:
-            save_checkpoint(folder / "server.pt", {"round": 2, "weights": torch.zeros(100_000)})
-        except FedmedError as exc:
-            print("error:", exc)
-        print("left:", sorted(p.name for p in folder.iterdir()), load_checkpoint(folder / "server.pt")["round"])
+        attempt("size limit", big, {"round": 2, "weights": torch.zeros(100_000)})
     """, workspace))
-    error = next(line for line in out.splitlines() if line.startswith("error: "))
-    assert f"{workspace / 'ck' / 'server.pt'}: the file grew past the file size limit" in error, out
-    assert "left: ['server.pt'] 1" in out, out
+    (workspace / "ro").chmod(stat.S_IRWXU)
+    return workspace, {tuple(line.split("|")[:2]): line.split("|", 2)[2] for line in out.splitlines() if "|" in line}
+
+
+def test_read_only_checkpoint_folder_is_one_line_and_keeps_the_previous_checkpoint(checkpoint_faults):
+    workspace, seen = checkpoint_faults
+    error = seen.get(("read-only", "error"), "")
+    assert error.startswith(f"federation.checkpoint_dir: cannot write the server checkpoint "
+                            f"{workspace / 'ro' / 'server.pt'}: ") and "read-only" in error, seen
+    assert seen[("read-only", "left")] == "['server.pt'] round 1", seen
+
+
+def test_file_size_limit_while_checkpointing_removes_the_temporary_file(checkpoint_faults):
+    workspace, seen = checkpoint_faults
+    error = seen.get(("size limit", "error"), "")
+    assert f"{workspace / 'big' / 'server.pt'}: the file grew past the file size limit; " in error, seen
+    assert seen[("size limit", "left")] == "['server.pt'] round 1", seen
 
 
 @pytest.mark.skipif(not Path("/dev/full").exists(), reason="no /dev/full")

@@ -183,7 +183,8 @@ def test_federated_mean_skips_sites_where_a_metric_is_undefined():
     from fedmed.federated.messages import EvalResult
     from fedmed.federated.orchestrator import weighted_metrics
 
-    sites = [EvalResult("a", 100, {"auroc": 0.9, "loss": 0.2}), EvalResult("b", 300, {"auroc": float("nan"), "loss": 0.4})]
+    sites = [EvalResult("a", 100, {"auroc": 0.9, "loss": 0.2}),
+             EvalResult("b", 300, {"auroc": float("nan"), "loss": 0.4})]
     out = weighted_metrics(sites)
     assert out["auroc"] == pytest.approx(0.9) and out["loss"] == pytest.approx(0.35)
     assert math.isnan(weighted_metrics(sites[1:])["auroc"])

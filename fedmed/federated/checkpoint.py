@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import io
 import os
@@ -35,26 +36,24 @@ def save_checkpoint(path: Path, state: dict) -> None:
             os.fsync(f.fileno())
         tmp.replace(path)
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise FedmedError(f"federation.checkpoint_dir: cannot write the server checkpoint {path}: {_why(exc)}; "
-                          f"{_ADVICE.get(exc.errno, _ADVICE[errno.EACCES])}") from None
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        why, todo = _FAULTS.get(exc.errno or 0, (exc.strerror or str(exc), _WRITABLE))
+        raise FedmedError(f"federation.checkpoint_dir: cannot write the server checkpoint {path}: {why}; "
+                          f"{todo}") from None
 
 
-_ADVICE = {
-    errno.ENOSPC: "free space on that disk or set federation.checkpoint_dir to another one",
-    errno.EDQUOT: "free space within the quota or set federation.checkpoint_dir to another disk",
-    errno.EFBIG: "raise the file size limit (ulimit -f) or set federation.checkpoint_dir to another disk",
-    errno.EACCES: "make the folder writable or set federation.checkpoint_dir to a writable folder",
+_WRITABLE = "make the folder writable or set federation.checkpoint_dir to a writable folder"
+_ELSEWHERE = "set federation.checkpoint_dir to another disk"
+#: errno -> (what went wrong, what to do), in words a user acts on
+_FAULTS = {
+    errno.ENOSPC: ("no space left on the disk", f"free space there or {_ELSEWHERE}"),
+    errno.EDQUOT: ("the disk quota is used up", f"free space within the quota or {_ELSEWHERE}"),
+    errno.EFBIG: ("the file grew past the file size limit", f"raise the limit (ulimit -f) or {_ELSEWHERE}"),
+    errno.EROFS: ("the file system is read-only", _WRITABLE),
+    errno.EACCES: ("the folder is read-only for this user (permission denied)", _WRITABLE),
+    errno.EPERM: ("the folder is read-only for this user (operation not permitted)", _WRITABLE),
 }
-
-
-def _why(exc: OSError) -> str:
-    """What went wrong, in words a user acts on."""
-    words = {errno.ENOSPC: "no space left on the disk", errno.EDQUOT: "the disk quota is used up",
-             errno.EFBIG: "the file grew past the file size limit", errno.EROFS: "the file system is read-only",
-             errno.EACCES: "the folder is read-only for this user (permission denied)",
-             errno.EPERM: "the folder is read-only for this user (operation not permitted)"}
-    return words.get(exc.errno or 0, f"{exc.strerror or exc}")
 
 
 def _safe_globals() -> list[Any]:

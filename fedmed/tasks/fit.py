@@ -28,7 +28,7 @@ from fedmed.outcome import Trained, finish, log_partition
 from fedmed.privacy.dp import describe
 from fedmed.reporting import fmt_bytes
 from fedmed.schema import validate
-from fedmed.tracking import RunLog, Tracker, run_status
+from fedmed.tracking import RunLog, Tracker, check_writable, run_status
 
 log = logging.getLogger("fedmed")
 
@@ -44,6 +44,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         return deploy.run_parallel(cfg)
     config = OmegaConf.to_container(cfg, resolve=True)
     resume = _resume_state(cfg, mode, config) if cfg.get("resume") else None  # before any data is read
+    check_writable(cfg.logger.tracking_uri, cfg.logger.artifact_location)
     dp = build.dp_config(cfg)
     if dp is not None:
         _, changes = build.build_net(cfg)
