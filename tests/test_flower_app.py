@@ -1,0 +1,289 @@
+"""fedmed as a Flower App. In this process: GridSite over a Grid whose every message crosses Flower's
+serialization and is answered by a freshly built site (as each ClientApp process is), bit-equal to the
+in-process federation with secure aggregation and with SCAFFOLD + top-k; nodes naming unknown or taken
+sites are refused; site errors come back by kind. On loopback: Flower's SuperLink, two SuperNodes and
+``flwr run`` train the same global model as ``fedmed fit`` in one process."""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from flwr.app import Error, Message, RecordDict
+from flwr.common.constant import ErrorCode
+from flwr.serverapp import Grid
+from flwr.supercore.task_identity import TaskIdentity
+from mlflow import MlflowClient
+
+from fedmed.federated import FederationSettings, InProcessSite, Orchestrator, SiteClient, TrainingSettings
+from fedmed.federated import flower_app as fa
+from fedmed.federated.channel import UpdateChannel
+from fedmed.federated.compression import UpdateEncoder
+from fedmed.federated.strategies.base import Strategy
+from fedmed.privacy.dp import PrivacyBudgetExhausted
+from tests.conftest import DATA_DIR, PNEUMONIA, needs
+from tests.helpers import strategy as make_strategy
+from tests.test_flower import final_weights, free_port
+from tests.test_orchestrator import factory, synthetic_site
+from tests.test_records import over_the_wire
+
+BIN = Path(sys.executable).parent  # flower-superlink, flower-supernode, flwr of this environment
+
+
+@pytest.fixture
+def serverapp(monkeypatch):
+    """What Flower sets in a ServerApp process: its run, task and node (messages take them)."""
+    for attr, value in (("_run_id", 7), ("_task_id", 8), ("_node_id", 1)):
+        monkeypatch.setattr(TaskIdentity, attr, value)
+
+
+class LoopbackGrid(Grid):
+    """A Grid over sites in this process. Every request and reply crosses Flower's serialization, and each
+    message is answered by a site built afresh and given what its node kept, as a ClientApp process is."""
+
+    def __init__(self, nodes: dict[int, Callable[[], SiteClient]]):
+        self.nodes, self.states = nodes, {nid: RecordDict() for nid in nodes}
+        self.replies: dict[str, Message] = {}
+        self.sent: list[tuple[int, str]] = []
+        self.lock = threading.Lock()  # one site at a time: they share this process's RNG
+
+    def set_run(self, run) -> None:
+        pass
+
+    @property
+    def run(self):
+        raise NotImplementedError
+
+    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None) -> Message:
+        return Message(content, dst_node_id, message_type, ttl=ttl, group_id=group_id)
+
+    def get_node_ids(self) -> list[int]:
+        return list(self.nodes)
+
+    def push_messages(self, messages) -> list[str]:
+        ids = []
+        for msg in messages:
+            msg.metadata.__dict__["_message_id"] = msg.object_id  # what the SuperLink does on receipt
+            with self.lock:
+                self.replies[msg.metadata.message_id] = self._answer(msg)
+            ids.append(msg.metadata.message_id)
+        return ids
+
+    def pull_messages(self, message_ids) -> list[Message]:
+        return [self.replies.pop(i) for i in list(message_ids) if i in self.replies]
+
+    def send_and_receive(self, messages, *, timeout=None) -> list[Message]:
+        return self.pull_messages(self.push_messages(messages))
+
+    def _answer(self, msg: Message) -> Message:
+        nid, kind = msg.metadata.dst_node_id, msg.metadata.message_type
+        self.sent.append((nid, kind))
+        msg.content = over_the_wire(msg.content)
+        try:
+            client = self.nodes[nid]()
+            fa.restore_state(client, self.states[nid])
+            content = fa.hello_reply(client) if kind == fa.HELLO else fa.answer(client, msg)
+            fa.keep_state(client, self.states[nid])
+        except Exception as exc:  # noqa: BLE001 - the site's error reply
+            return fa.error_reply(msg, exc)
+        return Message(over_the_wire(content), reply_to=msg)
+
+
+def site_factory(k: int, n: int, strategy: Strategy, codec: str | None) -> Callable[[], SiteClient]:
+    def make() -> SiteClient:
+        encoder = UpdateEncoder(codec, fraction=0.3) if codec else None
+        return SiteClient(f"s{k}", synthetic_site(k, n, 0.3 + 0.4 * k), factory,
+                          TrainingSettings(batch_size=16, trainer={"accelerator": "cpu"}, seed=5), site_index=k,
+                          part=strategy.site_part(), channel=UpdateChannel(f"s{k}", encoder))
+    return make
+
+
+@pytest.mark.parametrize(("name", "secure", "codec"), [("fedavg", True, None), ("scaffold", False, "topk")])
+def test_grid_sites_train_what_in_process_sites_train(serverapp, name, secure, codec):
+    """Two rounds: the second needs what each site kept from the first (its masking key, its SCAFFOLD
+    control variate, its top-k residual), which here lives only in its node's state."""
+    settings = FederationSettings(rounds=2, select="last", secure_aggregation=secure)
+    torch.manual_seed(0)
+    initial = factory().net.state_dict()
+    results = []
+    for remote in (False, True):
+        strategy = make_strategy(name)
+        makers = [site_factory(k, n, strategy, codec) for k, n in enumerate((40, 90))]
+        if remote:
+            grid = LoopbackGrid({10 + k: make for k, make in enumerate(makers)})
+            sites = fa.accept(grid, ["s0", "s1"], timeout=30, hello={})
+        else:
+            sites = [InProcessSite(make()) for make in makers]
+        results.append(Orchestrator(sites, strategy, settings).run(initial))
+    want, got = results
+    assert [h.sites for h in got.history] == [h.sites for h in want.history] == [["s0", "s1"]] * 2
+    for k in want.final_weights:
+        assert torch.equal(got.final_weights[k], want.final_weights[k]), k
+    assert got.history[-1].bytes_up == want.history[-1].bytes_up
+
+
+def test_nodes_naming_unknown_or_taken_sites_are_refused_and_never_sent_weights(serverapp, caplog):
+    s = make_strategy("fedavg")
+    stranger = site_factory(1, 20, s, None)
+    grid = LoopbackGrid({1: site_factory(0, 20, s, None), 2: lambda: SiteClient("s9", stranger().data, factory),
+                         3: site_factory(0, 20, s, None), 4: site_factory(1, 20, s, None)})
+    sites = fa.accept(grid, ["s0", "s1"], timeout=30, hello={})
+    assert [(x.name, x.node_id) for x in sites] == [("s0", 1), ("s1", 4)]
+    assert "node 2 says it is site 's9': not one of ['s0', 's1']; refused" in caplog.text
+    assert "node 3 says it is site 's0': already connected; refused" in caplog.text
+    Orchestrator(sites, s, FederationSettings(rounds=1)).run(factory().net.state_dict())
+    assert {kind for nid, kind in grid.sent if nid in (2, 3)} == {fa.HELLO}
+
+
+def test_site_errors_come_back_by_kind(serverapp):
+    class Broke(ValueError):
+        pass
+
+    def spent() -> SiteClient:
+        raise PrivacyBudgetExhausted("epsilon would pass 8")
+
+    def broke() -> SiteClient:
+        raise Broke("no data")
+
+    grid = LoopbackGrid({1: spent, 2: broke})
+    with pytest.raises(PrivacyBudgetExhausted, match="at site a: epsilon would pass 8"):
+        fa.GridSite(grid, 1, "a").public_key()
+    with pytest.raises(fa.RemoteSiteError, match="Broke at site b: no data") as info:
+        fa.GridSite(grid, 2, "b").fit({}, 1, 1)
+    assert info.value.kind == "Broke"
+    escaped = fa.reply_error("c", Error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION, "<class 'KeyError'>:<'site'>"))
+    assert isinstance(escaped, fa.RemoteSiteError) and escaped.kind == "KeyError"
+    gone = fa.reply_error("d", Error(ErrorCode.NODE_UNAVAILABLE, "node went offline"))
+    assert isinstance(gone, fa.RemoteSiteError) and gone.kind == "ConnectionError"
+
+
+# -- the real runtime on loopback --------------------------------------------------------------
+APP = """[project]
+name = "fedmed-app"
+version = "0.1.0"
+description = "fedmed's federation as a Flower App"
+license = "Apache-2.0"
+dependencies = []
+
+[tool.flwr.app]
+publisher = "fedmed"
+
+[tool.flwr.app.components]
+serverapp = "fedmed.app:server_app"
+clientapp = "fedmed.app:client_app"
+
+[tool.flwr.app.config]
+config-overrides = ""
+"""
+
+
+def runtime_env(home: Path) -> dict[str, str]:
+    return {**os.environ, "FEDMED_DATA_DIR": str(DATA_DIR), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
+            "FLWR_HOME": str(home), "FLWR_TELEMETRY_ENABLED": "0", "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+
+
+def start(cmd: list[str], env: dict[str, str], cwd: Path, log: Path) -> subprocess.Popen:
+    """A Flower process in its own process group (it starts helpers: the group ends with it)."""
+    with log.open("w") as out:
+        return subprocess.Popen([str(BIN / cmd[0]), *cmd[1:]], env=env, cwd=cwd, stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def flwr(args: list[str], env: dict[str, str], cwd: Path) -> dict:
+    out = subprocess.run([str(BIN / "flwr"), *args, "--format", "json"], env=env, cwd=cwd, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+    return json.loads(out.stdout[out.stdout.index("{"):])
+
+
+def wait_for_run(run_id: str, env: dict[str, str], cwd: Path, timeout: float = 600) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        (run,) = flwr(["list", "fedmed-test", "--run-id", run_id], env, cwd)["runs"]
+        if run["status"].startswith("finished"):
+            return run["status"]
+        time.sleep(10)  # each look starts the flwr CLI (seconds of CPU)
+    pytest.fail(f"run {run_id} did not finish in {timeout:g}s")
+
+
+@needs(PNEUMONIA)
+@pytest.mark.skipif(os.environ.get("FEDMED_FLOWER_RUNTIME") != "1",
+                    reason="a SuperLink, 2 SuperNodes and `flwr run` take 4-6 minutes on 2 cores (one ClientApp "
+                           "process per message); set FEDMED_FLOWER_RUNTIME=1 to run it")
+def test_a_flower_app_federation_equals_in_process(tmp_path, monkeypatch):
+    monkeypatch.setenv("FEDMED_DATA_DIR", str(DATA_DIR))
+    home, app = tmp_path / "flwr", tmp_path / "app"
+    home.mkdir()
+    app.mkdir()
+    (app / "pyproject.toml").write_text(APP)
+    port = free_port()
+    (home / "config.toml").write_text(f'[superlink.fedmed-test]\naddress = "127.0.0.1:{port}"\ninsecure = true\n')
+    base = ["experiment=smoke", f"paths.manifests={tmp_path / 'manifests'}",
+            f"logger.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
+            f"logger.artifact_location={tmp_path / 'mlruns'}", "explain.every_n_rounds=0", "logger.log_model=false",
+            "privacy.audit=none", "federation.select=last"]
+    env = runtime_env(home)
+    logs = {n: tmp_path / f"{n}.log" for n in ("superlink", "hospital_a", "hospital_b")}
+    commands = {"superlink": ["flower-superlink", "--insecure", "--host", "127.0.0.1", "--port", str(port),
+                              "--disable-runtime-dependency-installation"]}
+    for site in ("hospital_a", "hospital_b"):
+        commands[site] = ["flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{port}", "--host", "127.0.0.1",
+                          "--port", str(free_port()), "--node-config", f"site='{site}'"]
+    procs: dict[str, subprocess.Popen] = {}
+    try:
+        for name, cmd in commands.items():
+            procs[name] = start(cmd, env, tmp_path, logs[name])
+            if name == "superlink":
+                time.sleep(5)
+        t0 = time.monotonic()
+        overrides = shlex.join([*base, f"federation.checkpoint_dir={tmp_path / 'ckpt_app'}"])
+        started = flwr(["run", str(app), "fedmed-test", "--run-config", f"config-overrides={json.dumps(overrides)}"],
+                       env, tmp_path)
+        status = wait_for_run(started["run-id"], env, tmp_path)
+        seconds = time.monotonic() - t0
+        if status != "finished:completed":
+            shown = subprocess.run([str(BIN / "flwr"), "log", started["run-id"], "fedmed-test", "--show"], env=env,
+                                   cwd=tmp_path, capture_output=True, text=True, timeout=60)
+            pytest.fail(f"{status}:\n{shown.stdout[-4000:]}\n{logs['hospital_a'].read_text()[-3000:]}")
+    finally:
+        for p in procs.values():
+            os.killpg(p.pid, signal.SIGTERM)
+        for p in procs.values():
+            try:
+                p.wait(15)
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)
+    print(f"Flower App federation: {seconds:.0f}s from flwr run to finished")
+
+    from fedmed.config import compose
+    from fedmed.tasks import fit
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the ClientApp processes (OMP_NUM_THREADS=1)
+    try:
+        fit.run(compose("fit", [*base, f"federation.checkpoint_dir={tmp_path / 'ckpt_local'}"]))
+    finally:
+        torch.set_num_threads(threads)
+    want, got = final_weights(tmp_path / "ckpt_local"), final_weights(tmp_path / "ckpt_app")
+    assert list(got) == list(want)
+    for k in want:
+        assert got[k].dtype == want[k].dtype and torch.equal(got[k], want[k]), k
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("fedmed")
+    runs = client.search_runs(exp.experiment_id, "tags.transport = 'flower-app'")
+    (server,) = [r for r in runs if r.data.tags.get("role") != "site"]
+    assert server.info.status == "FINISHED"
+    sites = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == server.info.run_id]
+    assert sorted(r.data.tags["site"] for r in sites) == ["hospital_a", "hospital_b"]
+    assert all(r.info.status == "FINISHED" for r in sites)
