@@ -183,8 +183,13 @@ def test_a_site_killed_mid_round_is_survived(tmp_path):
     assert trained[-1].value == 2  # the last round went on with the two survivors
 
 
-def test_a_node_with_a_wrong_token_is_refused(caplog):
-    """Flower's real gRPC server and client, in this process: an impostor never becomes a site."""
+@pytest.mark.parametrize("tokens,reason", [
+    ({"s0": "the-right-secret"}, "site s0 presented a wrong token; refused"),
+    ({"s1": "another-site"}, "site s0 has no token in federation.auth.tokens_file; refused"),  # fails closed
+])
+def test_a_node_with_a_wrong_token_is_refused(caplog, tokens, reason):
+    """Flower's real gRPC server and client, in this process: an impostor never becomes a site, and
+    with authentication on, a site absent from the tokens file is refused too."""
     import threading
 
     from fedmed.errors import FedmedError
@@ -198,7 +203,7 @@ def test_a_node_with_a_wrong_token_is_refused(caplog):
                      daemon=True).start()
     try:
         with pytest.raises(FedmedError, match="never connected: s0"):
-            server.accept(["s0"], timeout=8, tokens={"s0": "the-right-secret"})
+            server.accept(["s0"], timeout=8, tokens=tokens)
     finally:
         server.stop([])
-    assert "site s0 presented a wrong token; refused" in caplog.text
+    assert reason in caplog.text

@@ -273,10 +273,14 @@ class FlowerServer:
                     log.warning("node %s says it is site %r: %s; refused", cid, name,
                                 "already connected" if name in sites else f"not one of {expected}")
                     continue
-                want = (tokens or {}).get(name)
-                if want is not None and not hmac.compare_digest(str(info.get("token") or ""), want):
-                    log.warning("site %s presented a wrong token; refused", name)
-                    continue
+                if tokens is not None:  # authentication on: it fails closed
+                    want = tokens.get(name)
+                    if want is None:
+                        log.warning("site %s has no token in federation.auth.tokens_file; refused", name)
+                        continue
+                    if not hmac.compare_digest(str(info.get("token") or ""), want):
+                        log.warning("site %s presented a wrong token; refused", name)
+                        continue
                 log.info("site %s connected (%d train / %d val samples)", name, info["num_train"], info["num_val"])
                 sites[name] = FlowerSite(proxy, name, site_timeout, info)
             time.sleep(0.2)
