@@ -99,7 +99,7 @@ RULES: dict[str, Rule] = {
     "federation.topk_fraction": number(0, 1, lo_open=True), "federation.error_feedback": boolean,
     "federation.parallel": integer(0), "federation.server": optional(text), "federation.connect_timeout": POSITIVE,
     "federation.attack_scale": number(), "federation.checkpoint_dir": text,
-    "partition.method": choice(*PARTITIONS), "partition.alpha": POSITIVE, "partition.min_samples": integer(0),
+    "partition.method": choice(*PARTITIONS), "partition.alpha": optional(POSITIVE), "partition.min_samples": integer(0),
     "data.batch_size": integer(1), "data.num_classes": integer(2), "data.cache": choice("memory", "disk"),
     "data.cache_workers": integer(0), "data.spatial_dims": choice(2, 3),
     "data.transforms.size": optional(integer(1)), "data.transforms.channels": choice(1, 3),

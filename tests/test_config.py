@@ -10,6 +10,7 @@ from fedmed.build import build_module, build_strategy
 from fedmed.cli import main
 from fedmed.config import compose, config_dir, groups, site_config
 from fedmed.errors import FedmedError
+from fedmed.schema import validate
 from fedmed.federated.messages import FitResult
 
 
@@ -32,6 +33,8 @@ def test_every_config_composes_and_instantiates(group, option, isolated, tmp_pat
                     "nifti": [f"data.source.root={tmp_path}", "data.num_classes=3"]}
     cfg = compose("fit", [*isolated, f"{group}={option}", *needs_values.get(option, [])])
     assert isinstance(cfg, DictConfig)
+    if option != "krum":  # (krum refuses the default 3 sites: tests/test_refusals.py)
+        validate(cfg, "fit")  # every shipped option passes the schema
     src = instantiate(cfg.data.source)
     if option not in needs_values:  # (those point at empty folders)
         assert src.num_classes == cfg.data.num_classes, "data yaml num_classes disagrees with the source"

@@ -5,7 +5,7 @@ from pathlib import Path
 
 from mlflow import MlflowClient
 
-from fedmed.config import compose
+from fedmed.config import compose, site_config
 from fedmed.tasks import fit
 from tests.conftest import DATA_DIR, needs
 
@@ -22,8 +22,10 @@ def test_brain_mri_federation_of_three_sites(tmp_path, isolated):
     res = fit.run(cfg)
     assert set(res["sites"]) == {"hospital_a", "hospital_b", "hospital_c"}
     assert 0.0 <= res["test"]["acc"] <= 1.0 and "test_f1_class3" not in res["test"] and "f1_class3" in res["test"]
-    manifests = sorted((tmp_path / "data_manifests" / "brain_mri").glob("*/*.json"))
+    # the committed reference manifests where they exist, else the ones this run wrote under paths.manifests
+    manifests = [Path(site_config(cfg, s).manifest) for s in cfg.federation.sites]
     assert [m.name for m in manifests] == ["hospital_a.json", "hospital_b.json", "hospital_c.json"]
+    assert all(m.is_file() for m in manifests)
     ids = [e["image"] for m in manifests for e in json.loads(m.read_text())["training"]]
     assert len(ids) == len(set(ids)) and all(i.startswith("Training/") for i in ids)
     assert (DATA_DIR / "brain_tumor_mri" / ids[0]).exists()
@@ -38,6 +40,5 @@ def test_ham10000_natural_partition_by_acquisition_source(tmp_path, isolated):
     assert cfg.partition.method == "natural" and cfg.model.net.in_channels == 3
     res = fit.run(cfg)
     assert set(res["sites"]) == {"rosendahl", "vienna_dias"} and 0.0 <= res["test"]["acc"] <= 1.0
-    m = json.loads(next(Path(tmp_path / "data_manifests" / "ham10000" / "natural-source").glob("vienna_dias.json"))
-                   .read_text())
+    m = json.loads(Path(site_config(cfg, "vienna_dias").manifest).read_text())
     assert m["partition"]["method"] == "natural" and 200 < len(m["training"]) < 439
