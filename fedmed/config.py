@@ -53,9 +53,22 @@ def reference_manifests() -> str:
 def site_manifest(relative: str, *, _root_: DictConfig) -> str:
     """A site's manifest: the committed reference one where it exists, else under ``paths.manifests``."""
     ref = _root_.paths.get("reference_manifests")
-    if ref and (Path(ref) / relative).is_file():
+    if ref and (Path(ref) / relative).is_file() and _same_sites(Path(ref) / relative, _root_):
         return str(Path(ref) / relative)
     return str(Path(_root_.paths.manifests) / relative)
+
+
+def _same_sites(manifest: Path, cfg: DictConfig) -> bool:
+    """Whether a reference manifest was drawn for this run's sites (a natural partition's folder name
+    does not say how many sites it has)."""
+    import json
+
+    try:
+        sites = json.loads(manifest.read_text()).get("partition", {}).get("sites")
+    except (OSError, ValueError):
+        return False
+    wanted = OmegaConf.select(cfg, "federation.sites", default=None)
+    return sites is None or wanted is None or list(sites) == list(wanted)
 
 
 #: options that moved: old key -> (new key, the strategy it belongs to)

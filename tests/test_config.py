@@ -10,8 +10,8 @@ from fedmed.build import build_module, build_strategy
 from fedmed.cli import main
 from fedmed.config import compose, config_dir, groups, site_config
 from fedmed.errors import FedmedError
-from fedmed.schema import validate
 from fedmed.federated.messages import FitResult
+from fedmed.schema import validate
 
 
 def all_options():
