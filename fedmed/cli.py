@@ -7,7 +7,7 @@ import sys
 import threading
 
 from fedmed import __version__
-from fedmed.errors import FedmedError, Terminated
+from fedmed.errors import FedmedError, Terminated, stop_request
 from fedmed.logs import setup_logging
 
 VERBS = {
@@ -152,10 +152,13 @@ def main(argv: list[str] | None = None) -> int:
     except FedmedError as exc:
         print(f"fedmed {verb}: error: {exc}", file=sys.stderr)
         return 1
-    except Terminated:
-        print(f"fedmed {verb}: terminated (SIGTERM); its MLflow runs are marked KILLED", file=sys.stderr)
-        return 143
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, SystemExit) as exc:  # Lightning turns an interrupt during fit into SystemExit(1)
+        stop = stop_request(exc)
+        if stop is None:
+            raise
+        if isinstance(stop, Terminated):
+            print(f"fedmed {verb}: terminated (SIGTERM); its MLflow runs are marked KILLED", file=sys.stderr)
+            return 143
         print(f"fedmed {verb}: interrupted; its MLflow runs are marked KILLED", file=sys.stderr)
         return 130
 

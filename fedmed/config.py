@@ -234,6 +234,7 @@ def _compose_plain(verb: str) -> DictConfig:
 
 def site_config(cfg: DictConfig, name: str, verb: str = "fit") -> DictConfig:
     """The resolved ``site`` node for site ``name`` under the run's current config."""
+    _register_resolvers()  # also in a worker process that loads a saved config instead of composing one
     path = find_config(f"site/{name}.yaml")
     if path is None:
         known = groups(verb).get("site", [])

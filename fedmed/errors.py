@@ -23,3 +23,14 @@ class BudgetSpent(FederationError):
 
 class Terminated(KeyboardInterrupt):
     """The process was asked to stop (SIGTERM): runs end as KILLED and the exit status is 143."""
+
+
+def stop_request(exc: BaseException | None) -> KeyboardInterrupt | None:
+    """The interrupt (Ctrl+C) or SIGTERM behind ``exc``, if any: Lightning turns one raised during
+    ``trainer.fit`` into ``SystemExit(1)``, with the interrupt as its context."""
+    seen = 0
+    while exc is not None and seen < 20:
+        if isinstance(exc, KeyboardInterrupt):
+            return exc
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return None

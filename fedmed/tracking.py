@@ -29,7 +29,7 @@ from urllib.parse import unquote, urlparse
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param
 
-from fedmed.errors import FedmedError
+from fedmed.errors import FedmedError, stop_request
 
 try:
     import fcntl
@@ -282,7 +282,7 @@ def exit_status(exc: BaseException | None) -> str:
     """The MLflow status of a run that ended with ``exc`` (None: it finished)."""
     if exc is None:
         return "FINISHED"
-    return "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED"
+    return "KILLED" if stop_request(exc) is not None else "FAILED"
 
 
 @contextmanager

@@ -36,7 +36,9 @@ def test_a_built_wheel_runs_the_smoke_federation_from_another_folder(tmp_path):
     before = _files(site)
     work = tmp_path / "work"
     work.mkdir()
-    env = {**os.environ, "PYTHONPATH": str(site), "FEDMED_DATA_DIR": os.environ.get("FEDMED_DATA_DIR", "")}
+    env = {k: v for k, v in os.environ.items()  # nothing leaked from this process (mlflow sets MLFLOW_TRACKING_URI)
+           if k not in ("MLFLOW_TRACKING_URI", "FEDMED_OUTPUT_DIR", "FEDMED_CONFIG_DIR")}
+    env.update(PYTHONPATH=str(site), FEDMED_DATA_DIR=os.environ.get("FEDMED_DATA_DIR", ""))
     where = subprocess.run([sys.executable, "-c", "import fedmed; print(fedmed.__file__)"], cwd=work, env=env,
                            capture_output=True, text=True, check=True).stdout.strip()
     assert where.startswith(str(site)), where  # the wheel's copy, not the source checkout
