@@ -112,3 +112,19 @@ def test_sigterm_ends_runs_as_killed_with_exit_status_143(tmp_path, isolated):
     assert runs and {r.info.status for r in runs} == {"KILLED"}
     parent = next(r for r in runs if "mlflow.parentRunId" not in r.data.tags)
     assert f"resume={parent.info.run_id}" in err.split("round 1/")[0]  # said before the first round
+
+
+def test_a_stop_that_lightning_turns_into_system_exit_still_ends_runs_killed(tmp_path):
+    """Lightning answers a KeyboardInterrupt inside ``trainer.fit`` with ``exit(1)``: the stop is still a stop."""
+    from fedmed.errors import Terminated
+    from fedmed.tracking import RunLog, Tracker, run_status
+
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    tracker = Tracker(uri, "t", str(tmp_path / "art"))
+    run_id = tracker.start_run("r")
+    with pytest.raises(SystemExit), run_status(RunLog(tracker, run_id)):
+        try:
+            raise Terminated()
+        except KeyboardInterrupt:
+            raise SystemExit(1)  # noqa: B904 - as Lightning does: the interrupt is its __context__
+    assert MlflowClient(uri).get_run(run_id).info.status == "KILLED"
