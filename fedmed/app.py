@@ -16,28 +16,23 @@ from __future__ import annotations
 import logging
 import os
 import shlex
-import time
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-import lightning as L
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from fedmed import build, outcome
+from fedmed import build, deploy, outcome
 from fedmed.config import compose, site_config
-from fedmed.data.datamodule import Pipeline
 from fedmed.data.manifest import read_manifest
 from fedmed.errors import FedmedError
-from fedmed.federated import Orchestrator, SiteClient, Strategy, flower_app
+from fedmed.federated import SiteClient, Strategy, flower_app
 from fedmed.federated.flower_app import GridSite
 from fedmed.logs import setup_logging
-from fedmed.reporting import fmt_bytes
 from fedmed.schema import validate
 from fedmed.tracking import RunLog, Tracker, exit_status, run_status
 
@@ -84,37 +79,12 @@ def run_federation(grid: Grid, cfg: DictConfig) -> dict[str, Any]:
             sites = flower_app.accept(grid, list(fed.sites), float(fed.connect_timeout),
                                       {"run_id": run_id, "experiment": cfg.logger.experiment,
                                        "strategy": strategy.name}, fed.site_timeout)
-            out = _federate(cfg, strategy, sites, tracker, run_id)
+            out = deploy.federate_remote(cfg, strategy, sites, tracker, run_id)
     except BaseException as exc:
         flower_app.finish(grid, sites, exit_status(exc))
         raise
     flower_app.finish(grid, sites, "FINISHED")
     return out
-
-
-def _federate(cfg: DictConfig, strategy: Strategy, sites: list[GridSite], tracker: Tracker,
-              run_id: str) -> dict[str, Any]:
-    fed = cfg.federation
-    L.seed_everything(cfg.seed, verbose=False)
-    initial = build.build_module(cfg).net.state_dict()
-    orchestrator = Orchestrator(sites, strategy, build.federation_settings(cfg), RunLog(tracker, run_id),
-                                Path(fed.checkpoint_dir) / run_id, {"run_id": run_id, "site_runs": {}})
-    t0 = time.perf_counter()
-    result = orchestrator.run(initial)
-    seconds = time.perf_counter() - t0
-    last = result.history[-1]
-    comm = (f"bytes sent per round: {fmt_bytes(last.bytes_down)} down + {fmt_bytes(last.bytes_up)} up "
-            f"({len(last.sites)} sites over Flower); raw images sent: 0")
-    pipeline = Pipeline.from_config(cfg.data)
-    pipeline.source.ensure_available()  # the server evaluates on the test split, which it must hold
-    trained = outcome.Trained("federated", list(fed.sites), result.weights, f"round {result.round}/{fed.rounds}",
-                              seconds, [("global model", s, "val", e) for s, e in result.site_eval.items()], comm,
-                              [], result.round * fed.local_epochs, result.history,
-                              build.dp_records_from_history(result.history),
-                              sum(int(s.info.get("num_train", 0)) for s in sites))
-    test, _ = outcome.finish(cfg, pipeline, trained, tracker, run_id)
-    return {"mode": "federated", "run_id": run_id, "test": test, "weights": result.weights,
-            "history": result.history}
 
 
 # -- site --------------------------------------------------------------------------------------

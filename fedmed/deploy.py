@@ -103,27 +103,39 @@ def serve_federation(cfg: DictConfig, local_data: bool = False) -> dict[str, Any
             connected = server.accept(sites, float(fed.connect_timeout), fed.site_timeout, toks,
                                       hello={"run_id": run_id, "experiment": cfg.logger.experiment,
                                              "strategy": strategy.name})
-            L.seed_everything(cfg.seed, verbose=False)
-            initial = build.build_module(cfg).net.state_dict()
-            orchestrator = Orchestrator(connected, strategy, build.federation_settings(cfg), RunLog(tracker, run_id),
-                                        Path(fed.checkpoint_dir) / run_id, {"run_id": run_id, "site_runs": {}})
-            t0 = time.perf_counter()
-            result = orchestrator.run(initial)
-            seconds = time.perf_counter() - t0
-            last = result.history[-1]
-            comm = (f"bytes sent per round: {fmt_bytes(last.bytes_down)} down + {fmt_bytes(last.bytes_up)} up "
-                    f"({len(last.sites)} sites over Flower); raw images sent: 0")
-            rows = [("global model", s, "val", e) for s, e in result.site_eval.items()]
-            pipeline = Pipeline.from_config(cfg.data)
-            pipeline.source.ensure_available()  # the server evaluates on the test split, which it must hold
-            n_train = sum(int(s.info.get("num_train", 0)) for s in connected)
-            members = site_training_sets(cfg, pipeline, sites) if local_data else []
-            trained = Trained("federated", sites, result.weights, f"round {result.round}/{fed.rounds}", seconds,
-                              rows, comm, members, result.round * fed.local_epochs, result.history,
-                              build.dp_records_from_history(result.history), n_train)
-            test, _ = finish(cfg, pipeline, trained, tracker, run_id)
+            out = federate_remote(cfg, strategy, connected, tracker, run_id, local_data)
     finally:
         server.stop(connected)
+    return out
+
+
+def federate_remote(cfg: DictConfig, strategy, sites: list, tracker: Tracker, run_id: str,
+                    local_data: bool = False) -> dict[str, Any]:
+    """Run the orchestrator over sites in other processes (Flower nodes), then the run's report.
+
+    ``local_data``: the sites' data is on this machine too, so the membership audit can use it.
+    """
+    fed = cfg.federation
+    L.seed_everything(cfg.seed, verbose=False)
+    initial = build.build_module(cfg).net.state_dict()
+    orchestrator = Orchestrator(sites, strategy, build.federation_settings(cfg), RunLog(tracker, run_id),
+                                Path(fed.checkpoint_dir) / run_id, {"run_id": run_id, "site_runs": {}})
+    t0 = time.perf_counter()
+    result = orchestrator.run(initial)
+    seconds = time.perf_counter() - t0
+    last = result.history[-1]
+    comm = (f"bytes sent per round: {fmt_bytes(last.bytes_down)} down + {fmt_bytes(last.bytes_up)} up "
+            f"({len(last.sites)} sites over Flower); raw images sent: 0")
+    rows = [("global model", s, "val", e) for s, e in result.site_eval.items()]
+    pipeline = Pipeline.from_config(cfg.data)
+    pipeline.source.ensure_available()  # the server evaluates on the test split, which it must hold
+    n_train = sum(int(s.info.get("num_train", 0)) for s in sites)
+    names = list(fed.sites)
+    members = site_training_sets(cfg, pipeline, names) if local_data else []
+    trained = Trained("federated", names, result.weights, f"round {result.round}/{fed.rounds}", seconds,
+                      rows, comm, members, result.round * fed.local_epochs, result.history,
+                      build.dp_records_from_history(result.history), n_train)
+    test, _ = finish(cfg, pipeline, trained, tracker, run_id)
     return {"mode": "federated", "run_id": run_id, "test": test, "weights": result.weights,
             "history": result.history}
 
