@@ -228,21 +228,6 @@ class Tracker:
             path.write_bytes(buf.getvalue())
             self.client.log_artifact(run_id, str(path), str(Path(artifact_file).parent) or None)
 
-    def log_model(self, run_id: str, model, input_example, name: str = "model") -> None:
-        """Log a torch model in MLflow's pytorch flavour (loadable with ``mlflow.pytorch.load_model``).
-
-        ``input_example`` (a numpy batch) gives the model its signature and lets MLflow trace it.
-        """
-        import mlflow.pytorch
-        import torch
-
-        mlflow.set_tracking_uri(self.tracking_uri)
-        with mlflow.start_run(run_id=run_id, experiment_id=self.experiment_id, log_system_metrics=False):
-            torch_pin = f"torch=={torch.__version__.split('+')[0]}"
-            mlflow.pytorch.log_model(model, name=name, input_example=input_example, pip_requirements=[torch_pin])
-        # start_run(...) as a context ends the run; the caller decides the final status
-        self.client.update_run(run_id, status="RUNNING")
-
 
 def _as_uri(location: str | None) -> str | None:
     folder = local_path(location) if location else None
