@@ -18,11 +18,11 @@ from omegaconf import DictConfig, OmegaConf
 from fedmed.config import site_config
 from fedmed.data.datamodule import Pipeline, SiteData
 from fedmed.data.manifest import Manifest
-from fedmed.data.sites import ensure_manifests
+from fedmed.data.sites import ensure_manifests, plan_manifests, write_new
 from fedmed.errors import FedmedError
 from fedmed.federated.attack import ATTACKS, Attack
 from fedmed.federated.channel import UpdateChannel
-from fedmed.federated.checkpoint import CHECKPOINT, unsafe_reason
+from fedmed.federated.checkpoint import CHECKPOINT, load_checkpoint, unsafe_reason
 from fedmed.federated.compression import UpdateEncoder
 from fedmed.federated.heatmaps import ExplainSettings, SiteHeatmaps
 from fedmed.federated.orchestrator import FederationSettings, RoundRecord
@@ -140,13 +140,26 @@ def site_data(cfg: DictConfig, manifest: Manifest, site_cfg: DictConfig) -> Site
     return Pipeline.from_config(cfg.data, instantiate(cfg.data.source, root=site_cfg.data_root)).site(manifest)
 
 
-def write_partition(cfg: DictConfig, source) -> None:
-    """Write the federation's site manifests unless they exist (they are never overwritten)."""
+def _partition_args(cfg: DictConfig) -> tuple:
     p = cfg.partition
     sites = list(cfg.federation.sites)
-    ensure_manifests(source, sites, [site_config(cfg, s).manifest for s in sites], p.method, p.alpha, cfg.seed,
-                     p.min_samples, p.get("column"),
-                     OmegaConf.to_container(p.groups) if p.get("groups") else None)  # type: ignore[arg-type]
+    return (sites, [site_config(cfg, s).manifest for s in sites], p.method, p.alpha, cfg.seed, p.min_samples,
+            p.get("column"), OmegaConf.to_container(p.groups) if p.get("groups") else None)
+
+
+def write_partition(cfg: DictConfig, source) -> None:
+    """Write the federation's site manifests unless they exist (they are never overwritten)."""
+    ensure_manifests(source, *_partition_args(cfg))
+
+
+def load_sites(cfg: DictConfig, source, sites: list[str]) -> tuple[dict[str, Manifest], dict[str, SiteData]]:
+    """The manifests and decoded data of ``sites``; manifests this run draws are written only once every
+    site's data has loaded, so a corrupt or missing image leaves nothing behind."""
+    plan = plan_manifests(source, *_partition_args(cfg))
+    manifests = {s: m for s, (_, m, _) in zip(cfg.federation.sites, plan, strict=True)}
+    data = {s: site_data(cfg, manifests[s], site_config(cfg, s)) for s in sites}
+    write_new(plan)
+    return {s: manifests[s] for s in sites}, data
 
 
 def training_settings(cfg: DictConfig, federated: bool) -> TrainingSettings:
@@ -214,6 +227,21 @@ def config_diff(a: dict, b: dict, prefix: str = "") -> list[str]:
         elif va != vb:
             out.append(f"{prefix}{k}: {va!r} -> {vb!r}")
     return out
+
+
+def resume_state(cfg: DictConfig, mode: str, config: Any) -> dict[str, Any]:
+    """The server checkpoint ``resume=`` names, checked against this run's config (before any data is read)."""
+    if mode != "federated":
+        raise FedmedError("resume= continues a federation; local and centralized runs start over")
+    path = find_checkpoint(cfg)
+    state = load_checkpoint(path)
+    diff = config_diff({k: v for k, v in state["config"].items() if k != "resume"},
+                       {k: v for k, v in config.items() if k != "resume"})
+    if diff:
+        raise FedmedError(f"resume={cfg.resume}: this run's config differs from the one in {path}: "
+                          + "; ".join(diff[:5]))
+    log.info("resuming MLflow run %s from %s (round %d done)", state["run_id"], path, state["round"])
+    return state
 
 
 def dp_records_from_history(history: list[RoundRecord]) -> dict[str, dict[str, float]]:

@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from mlflow import MlflowClient
@@ -91,6 +92,28 @@ def test_a_missing_resume_is_refused_before_data_is_read(tmp_path, isolated, cap
     assert main(["fit", *isolated, f"resume={tmp_path / 'nowhere'}"]) == 1
     assert "no server.pt" in one_line(capsys.readouterr().err)
     assert time.perf_counter() - t0 < 20 and not (tmp_path / "data_manifests").exists()
+
+
+def test_a_corrupt_image_is_named_and_leaves_no_manifest_or_run(tmp_path, isolated, capsys):
+    """The sites' images are decoded before the partition's manifests or any MLflow run are written."""
+    from PIL import Image
+
+    root, rng = tmp_path / "ds", np.random.default_rng(0)
+    for split in ("train", "test"):
+        for c in ("benign", "malignant"):
+            (root / split / c).mkdir(parents=True)
+            for i in range(8):
+                Image.fromarray(rng.integers(0, 255, (16, 16), dtype=np.uint8)).save(root / split / c / f"{c}{i}.png")
+    (root / "train" / "benign" / "broken.png").write_bytes(b"not a png" * 8)
+    args = ["fit", *isolated, "data=image_folder", f"data.source.root={root}", "data.transforms.size=16",
+            "partition=iid", "partition.min_samples=1", "federation.sites=[hospital_a,hospital_b]",
+            "federation.rounds=1"]
+    assert main(args) == 1
+    assert "broken.png" in one_line(capsys.readouterr().err)
+    assert not (tmp_path / "data_manifests").exists() and not (tmp_path / "mlflow.db").exists()
+    (root / "train" / "benign" / "broken.png").unlink()  # mended: the same command now trains
+    assert main(args) == 0
+    assert len(list((tmp_path / "data_manifests").rglob("*.json"))) == 2
 
 
 @needs(PNEUMONIA)

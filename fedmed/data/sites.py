@@ -71,6 +71,37 @@ def build_manifests(source, sites: Sequence[str], method: str, alpha: float | No
     return out
 
 
+def plan_manifests(source, sites: Sequence[str], paths: Sequence[str | Path], method: str, alpha: float | None,
+                   seed: int, min_samples: int = 10, column: str | None = None,
+                   groups: Mapping[str, Sequence[str]] | None = None) -> list[tuple[Path, Manifest, bool]]:
+    """The sites' manifests, in memory: (path, manifest, new) per site; nothing is written.
+
+    Existing manifests are read and must match the requested partition (the error names the file
+    and the difference); the others are drawn (``new``), to be written with :func:`write_new`
+    once the run has checked the data they name.
+    """
+    files = [Path(p) for p in paths]
+    spec = partition_spec(sites, method, alpha, seed, min_samples, column, groups)
+    existing = {p: read_manifest(p) for p in files if p.exists()}
+    for p, m in existing.items():
+        if m.partition != spec:
+            raise ManifestError(f"{p} was written for partition {m.partition}, this run asks for {spec}; "
+                                "move it away or change the partition settings")
+    if len(existing) == len(files):
+        return [(p, existing[p], False) for p in files]
+    drawn = build_manifests(source, sites, method, alpha, seed, min_samples, column, groups)
+    return [(p, existing.get(p, m), p not in existing) for p, m in zip(files, drawn, strict=True)]
+
+
+def write_new(plan: Sequence[tuple[Path, Manifest, bool]]) -> None:
+    """Write the manifests :func:`plan_manifests` drew (existing ones are never overwritten)."""
+    new = [(p, m) for p, m, is_new in plan if is_new and not p.exists()]
+    for p, m in new:
+        write_manifest(m, p)
+    if new:
+        log.info("wrote %d site manifests to %s", len(new), new[0][0].parent)
+
+
 def ensure_manifests(source, sites: Sequence[str], paths: Sequence[str | Path], method: str, alpha: float | None,
                      seed: int, min_samples: int = 10, column: str | None = None,
                      groups: Mapping[str, Sequence[str]] | None = None) -> list[Path]:
@@ -79,21 +110,9 @@ def ensure_manifests(source, sites: Sequence[str], paths: Sequence[str | Path], 
     An existing manifest is never overwritten: if it was made with other settings, the error
     names the file and the difference.
     """
-    files = [Path(p) for p in paths]
-    spec = partition_spec(sites, method, alpha, seed, min_samples, column, groups)
-    if all(p.exists() for p in files):
-        for p in files:
-            m = read_manifest(p)
-            if m.partition != spec:
-                raise ManifestError(f"{p} was written for partition {m.partition}, this run asks for {spec}; "
-                                    "move it away or change the partition settings")
-        return files
-    manifests = build_manifests(source, sites, method, alpha, seed, min_samples, column, groups)
-    for m, p in zip(manifests, files, strict=False):
-        if not p.exists():
-            write_manifest(m, p)
-    log.info("wrote %d site manifests to %s", len(files), files[0].parent)
-    return files
+    plan = plan_manifests(source, sites, paths, method, alpha, seed, min_samples, column, groups)
+    write_new(plan)
+    return [p for p, _, _ in plan]
 
 
 def site_class_counts(manifests: Sequence[Manifest], section: str = "training") -> np.ndarray:

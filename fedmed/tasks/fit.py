@@ -18,11 +18,9 @@ from omegaconf import DictConfig, OmegaConf
 from fedmed import build, deploy
 from fedmed.config import site_config
 from fedmed.data.datamodule import Pipeline
-from fedmed.data.manifest import read_manifest
 from fedmed.data.sites import describe_partition
 from fedmed.errors import FedmedError
 from fedmed.federated import InProcessSite, Orchestrator
-from fedmed.federated.checkpoint import load_checkpoint
 from fedmed.federated.strategies.base import Strategy
 from fedmed.outcome import Trained, finish, log_partition
 from fedmed.privacy.dp import describe
@@ -43,7 +41,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if mode == "federated" and cfg.federation.get("parallel") and not cfg.get("resume"):
         return deploy.run_parallel(cfg)
     config = OmegaConf.to_container(cfg, resolve=True)
-    resume = _resume_state(cfg, mode, config) if cfg.get("resume") else None  # before any data is read
+    resume = build.resume_state(cfg, mode, config) if cfg.get("resume") else None  # before any data is read
     check_writable(cfg.logger.tracking_uri, cfg.logger.artifact_location)
     dp = build.dp_config(cfg)
     if dp is not None:
@@ -55,10 +53,11 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     source.ensure_available()
     sites = [cfg.site.name] if mode == "local" else list(cfg.federation.sites)
     site_cfgs = {s: site_config(cfg, s) for s in sites}
-    manifests = {}
-    if mode != "centralized":
-        build.write_partition(cfg, source)
-        manifests = {s: read_manifest(site_cfgs[s].manifest) for s in sites}
+    manifests: dict = {}
+    if mode == "centralized":
+        datas = {"pooled": pipeline.pooled()}
+    else:  # every image decoded before anything is written: a corrupt one leaves no manifest or run behind
+        manifests, datas = build.load_sites(cfg, source, sites)
         log.info(describe_partition(list(manifests.values())))
 
     tracker = Tracker(cfg.logger.tracking_uri, cfg.logger.experiment, cfg.logger.artifact_location)
@@ -81,10 +80,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         initial = build.build_module(cfg).net.state_dict()
         if mode == "federated":
             assert strategy is not None
-            trained = _federate(cfg, strategy, sites, manifests, site_cfgs, source.class_names, initial, tracker,
+            trained = _federate(cfg, strategy, sites, datas, site_cfgs, source.class_names, initial, tracker,
                                 run_id, checkpoint_dir, resume, config, site_runs_done)
         else:
-            trained = _baseline(cfg, mode, sites, pipeline, manifests, site_cfgs, tracker, run_id)
+            trained = _baseline(cfg, mode, sites, datas, tracker, run_id)
         test_metrics, record = finish(cfg, pipeline, trained, tracker, run_id)
     return {
         "mode": mode,
@@ -117,21 +116,7 @@ def _run_tags(cfg: DictConfig, mode: str, sites: list[str], strategy: Strategy |
     return tags
 
 
-def _resume_state(cfg: DictConfig, mode: str, config: Any) -> dict[str, Any]:
-    if mode != "federated":
-        raise FedmedError("resume= continues a federation; local and centralized runs start over")
-    path = build.find_checkpoint(cfg)
-    state = load_checkpoint(path)
-    diff = build.config_diff({k: v for k, v in state["config"].items() if k != "resume"},
-                             {k: v for k, v in config.items() if k != "resume"})
-    if diff:
-        raise FedmedError(f"resume={cfg.resume}: this run's config differs from the one in {path}: "
-                          + "; ".join(diff[:5]))
-    log.info("resuming MLflow run %s from %s (round %d done)", state["run_id"], path, state["round"])
-    return state
-
-
-def _federate(cfg, strategy, sites, manifests, site_cfgs, class_names, initial, tracker: Tracker, run_id: str,
+def _federate(cfg, strategy, sites, datas, site_cfgs, class_names, initial, tracker: Tracker, run_id: str,
               checkpoint_dir: Path, resume, config, site_runs_done: list[RunLog]) -> Trained:
     """Build the in-process sites, run the orchestrator and the optional fine-tuning."""
     fed = cfg.federation
@@ -145,8 +130,7 @@ def _federate(cfg, strategy, sites, manifests, site_cfgs, class_names, initial, 
                                              parent_id=run_id)
         site_log = RunLog(tracker, site_runs[s])
         site_runs_done.append(site_log)
-        data = build.site_data(cfg, manifests[s], site_cfgs[s])
-        clients.append(build.site_client(cfg, s, k, data, site_log, class_names, strategy))
+        clients.append(build.site_client(cfg, s, k, datas[s], site_log, class_names, strategy))
         if not resume:
             tracker.log_params(site_runs[s], {**clients[-1].initialize(), "manifest": site_cfgs[s].manifest})
     t0 = time.perf_counter()
@@ -174,13 +158,10 @@ def _federate(cfg, strategy, sites, manifests, site_cfgs, class_names, initial, 
                    build.dp_records_from_history(result.history))
 
 
-def _baseline(cfg, mode, sites, pipeline, manifests, site_cfgs, tracker: Tracker, run_id: str) -> Trained:
+def _baseline(cfg, mode, sites, datas, tracker: Tracker, run_id: str) -> Trained:
     """Train one site alone (local) or the pooled training data (centralized)."""
     epochs = cfg.federation.rounds * cfg.federation.local_epochs
-    if mode == "local":
-        who, data = sites[0], build.site_data(cfg, manifests[sites[0]], site_cfgs[sites[0]])
-    else:
-        who, data = "pooled", pipeline.pooled()
+    ((who, data),) = datas.items()
     t0 = time.perf_counter()
     client = build.site_client(cfg, who, 0, data, RunLog(tracker, run_id))
     weights, best_epoch = client.train_alone(epochs, "last" if cfg.federation.select == "last" else "best_val_loss")
