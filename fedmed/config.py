@@ -90,6 +90,9 @@ def check_renamed(overrides: list[str] | tuple[str, ...]) -> None:
         if key == "federation.strategy":
             raise FedmedError(f"federation.strategy is now the config group strategy: use strategy={value} "
                               "(its parameters are strategy.*, e.g. strategy.mu=0.01)")
+        if key in ("federation.auth.tokens_file", "federation.auth.token_file"):
+            raise FedmedError(f"{key}: token files are gone; sites authenticate with Flower's SuperNode keys: "
+                              "federation.auth.supernode_keys (server) and federation.auth.private_key (site)")
         if key in RENAMED:
             new, belongs = RENAMED[key]
             where = f" (with strategy={belongs})" if belongs else ""

@@ -33,7 +33,7 @@ from fedmed.federated.strategies.base import Strategy
 from fedmed.privacy.dp import PrivacyBudgetExhausted
 from tests.conftest import DATA_DIR, PNEUMONIA, needs
 from tests.helpers import strategy as make_strategy
-from tests.test_flower import final_weights, free_port
+from tests.test_deployment import final_weights, free_port, supernode_key
 from tests.test_orchestrator import factory, synthetic_site
 from tests.test_records import over_the_wire
 
@@ -53,8 +53,10 @@ class LoopbackGrid(Grid):
 
     def __init__(self, nodes: dict[int, Callable[[], SiteClient]]):
         self.nodes, self.states = nodes, {nid: RecordDict() for nid in nodes}
+        self.keys: dict[int, bytes] = {}  # node -> the public key its SuperNode authenticated with (PEM)
         self.replies: dict[str, Message] = {}
         self.sent: list[tuple[int, str]] = []
+        self.refused: dict[int, str] = {}  # node -> what the server told it
         self.lock = threading.Lock()  # one site at a time: they share this process's RNG
 
     def set_run(self, run) -> None:
@@ -69,6 +71,11 @@ class LoopbackGrid(Grid):
 
     def get_node_ids(self) -> list[int]:
         return list(self.nodes)
+
+    def get_nodes(self):
+        from flwr.proto.node_pb2 import NodeInfo
+
+        return [NodeInfo(node_id=nid, public_key=self.keys.get(nid, b"")) for nid in self.nodes]
 
     def push_messages(self, messages) -> list[str]:
         ids = []
@@ -89,10 +96,13 @@ class LoopbackGrid(Grid):
         nid, kind = msg.metadata.dst_node_id, msg.metadata.message_type
         self.sent.append((nid, kind))
         msg.content = over_the_wire(msg.content)
+        if kind == fa.REFUSED:
+            self.refused[nid] = str(msg.content.config_records["refused"]["reason"])
+            return Message(RecordDict(), reply_to=msg)
         try:
             client = self.nodes[nid]()
             fa.restore_state(client, self.states[nid])
-            content = fa.hello_reply(client) if kind == fa.HELLO else fa.answer(client, msg)
+            content = fa.hello_reply(client) if kind == fa.HELLO else fa.answer(client, kind, msg.content)
             fa.keep_state(client, self.states[nid])
         except Exception as exc:  # noqa: BLE001 - the site's error reply
             return fa.error_reply(msg, exc)
@@ -143,6 +153,31 @@ def test_nodes_naming_unknown_or_taken_sites_are_refused_and_never_sent_weights(
     assert "node 3 says it is site 's0': already connected; refused" in caplog.text
     Orchestrator(sites, s, FederationSettings(rounds=1)).run(factory().net.state_dict())
     assert {kind for nid, kind in grid.sent if nid in (2, 3)} == {fa.HELLO}
+
+
+def test_with_registered_keys_only_the_key_of_the_site_is_admitted_and_others_are_told_why(serverapp, tmp_path,
+                                                                                           caplog):
+    from cryptography.hazmat.primitives import serialization
+
+    def pem(public: Path) -> bytes:  # what the SuperLink keeps for a registered key
+        key = serialization.load_ssh_public_key(public.read_bytes())
+        return key.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+
+    keys = {s: supernode_key(tmp_path, s)[1] for s in ("s0", "s1", "stranger")}
+    s = make_strategy("fedavg")
+    grid = LoopbackGrid({1: site_factory(0, 20, s, None), 2: site_factory(0, 20, s, None),
+                         3: site_factory(1, 20, s, None), 4: site_factory(1, 20, s, None),
+                         5: site_factory(0, 20, s, None)})
+    grid.keys = {1: pem(keys["stranger"]), 2: pem(keys["s1"]), 3: b"", 4: pem(keys["s1"]), 5: pem(keys["s0"])}
+    sites = fa.accept(grid, ["s0", "s1"], timeout=30, hello={},
+                      keys={"s0": keys["s0"].read_bytes(), "s1": keys["s1"].read_bytes()})
+    assert [(x.name, x.node_id) for x in sites] == [("s0", 5), ("s1", 4)]
+    assert grid.refused == {
+        1: "site s0: its SuperNode's key is not the one configured for s0 (federation.auth.supernode_keys)",
+        2: "site s0: its SuperNode's key is the one of site s1",
+        3: "site s1: its SuperNode did not authenticate with a key (the SuperLink must run with "
+           "--enable-supernode-auth)"}
+    assert {kind for nid, kind in grid.sent if nid in (1, 2, 3)} == {fa.HELLO, fa.REFUSED}  # never weights
 
 
 def test_site_errors_come_back_by_kind(serverapp):

@@ -39,11 +39,13 @@ from fedmed.federated.messages import EvalResult, FitResult
 from fedmed.federated.site import SiteClient
 from fedmed.privacy.dp import PrivacyBudgetExhausted
 from fedmed.privacy.secagg import MaskingKey
+from fedmed.tracking import RunLog, Tracker
 
 log = logging.getLogger("fedmed")
 
 HELLO, TRAIN, EVALUATE = "query.hello", "train", "evaluate"
 PUBLIC_KEY, DROPOUT, FINISH = "query.public_key", "query.dropout_correction", "query.finish"
+REFUSED = "query.refused"  # the server tells a node why it is not admitted (it is sent nothing else)
 POLL = 0.25  # seconds between two looks for replies at the SuperLink
 STATE, KEY = "fedmed.site_state", "fedmed.masking_key"  # what a node keeps in context.state between messages
 
@@ -158,13 +160,13 @@ def hello_request(hello: Mapping[str, str]) -> RecordDict:
 
 
 def accept(grid: Grid, expected: list[str], timeout: float, hello: Mapping[str, str],
-           site_timeout: float | None = None) -> list[GridSite]:
+           site_timeout: float | None = None, keys: Mapping[str, bytes] | None = None) -> list[GridSite]:
     """Wait until every site of ``expected`` is a node of the grid that introduced itself; return them in that order.
 
-    Every new node is asked which site it is (``query.hello``). A node that names a site outside
-    ``expected`` or one already taken, or, where SuperNodes are registered by name
-    (``flwr supernode register <key> --name <site>``), a site other than its registered name, is
-    refused (logged) and never sent weights; so is a node whose hello fails.
+    Every new node is asked which site it is (``query.hello``). A node is refused, told why
+    (``query.refused``) and never sent weights if it names a site outside ``expected`` or one
+    already taken, if its hello fails, or, with ``keys`` (site -> the public key its SuperNode
+    must authenticate with, PEM or OpenSSH), if its key is not the one of the site it names.
     """
     sites: dict[str, GridSite] = {}
     nodes: dict[int, Any] = {}
@@ -181,12 +183,23 @@ def accept(grid: Grid, expected: list[str], timeout: float, hello: Mapping[str, 
             messages = [Message(hello_request(hello), n.node_id, HELLO) for n in new]
             pushed = zip(grid.push_messages(messages), [n.node_id for n in new], strict=True)
             pending.update({mid: nid for mid, nid in pushed if mid})
+        refusals = []
         for reply in grid.pull_messages(list(pending)) if pending else []:
             nid = pending.pop(reply.metadata.reply_to_message_id)
             info = _introduction(nid, reply)
-            name = _admit(nid, info, expected, sites, getattr(nodes[nid], "name", "")) if info is not None else None
-            if name is not None:
+            if info is None:
+                continue
+            name, why = str(info.get("site")), _refusal(info, expected, sites, nodes[nid], keys)
+            if why is None:
+                log.info("site %s connected (%s train / %s val samples)", name, info.get("num_train"),
+                         info.get("num_val"))
                 sites[name] = GridSite(grid, nid, name, site_timeout, info)
+            else:
+                log.warning("node %s says it is site %r: %s; refused", nid, name, why)
+                refusals.append(Message(RecordDict({"refused": ConfigRecord({"reason": f"site {name}: {why}"})}),
+                                        nid, REFUSED))
+        if refusals:
+            grid.push_messages(refusals)  # best effort: the node ends with the reason; no reply awaited
         time.sleep(POLL)
     return [sites[n] for n in expected]
 
@@ -202,16 +215,31 @@ def _introduction(nid: int, reply: Message) -> dict[str, Any] | None:
     return dict(reply.content.config_records["hello"])
 
 
-def _admit(nid: int, info: Mapping[str, Any], expected: list[str], sites: Mapping[str, GridSite],
-           registered: str) -> str | None:
+def public_key_der(key: bytes) -> bytes:
+    """A public key (PEM, as Flower keeps it, or OpenSSH, as ``flwr supernode register`` reads it) as DER."""
+    text = key.strip()
+    loaded = (serialization.load_ssh_public_key(text) if text.startswith(b"ecdsa-") or text.startswith(b"ssh-")
+              else serialization.load_pem_public_key(text))
+    return loaded.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+
+
+def _refusal(info: Mapping[str, Any], expected: list[str], sites: Mapping[str, GridSite], node: Any,
+             keys: Mapping[str, bytes] | None) -> str | None:
+    """Why a node that says it is site ``info["site"]`` is refused (None: it is admitted)."""
     name = str(info.get("site"))
-    why = ("already connected" if name in sites else f"not one of {expected}" if name not in expected
-           else f"its key is registered as {registered!r}" if registered and registered != name else None)
-    if why is not None:
-        log.warning("node %s says it is site %r: %s; refused", nid, name, why)
-        return None
-    log.info("site %s connected (%s train / %s val samples)", name, info.get("num_train"), info.get("num_val"))
-    return name
+    if name not in expected:
+        return f"not one of {expected}"
+    if name in sites:
+        return "already connected"
+    if keys is not None:
+        theirs = bytes(getattr(node, "public_key", b"") or b"")
+        if not theirs:
+            return "its SuperNode did not authenticate with a key (the SuperLink must run with --enable-supernode-auth)"
+        if public_key_der(theirs) != public_key_der(keys[name]):
+            owner = next((s for s, k in keys.items() if public_key_der(k) == public_key_der(theirs)), None)
+            return (f"its SuperNode's key is the one of site {owner}" if owner else
+                    f"its SuperNode's key is not the one configured for {name} (federation.auth.supernode_keys)")
+    return None
 
 
 def finish(grid: Grid, sites: Sequence[GridSite], status: str, timeout: float = 60) -> None:
@@ -226,6 +254,55 @@ def finish(grid: Grid, sites: Sequence[GridSite], status: str, timeout: float = 
 
 
 # -- site side ---------------------------------------------------------------------------------
+class NodeSite:
+    """The site end of a SuperNode: answers the server's messages with one :class:`SiteClient`.
+
+    Args:
+        client: the site (its ``run`` is opened at the server's hello, nested under the server's run).
+        strategy: the strategy this site is configured with (None: it takes the server's).
+        tracker: opens the site's MLflow run at the hello.
+        params: logged to the site's run with the client's own (e.g. its manifest).
+        tags: set on the site's run (e.g. its dataset).
+    """
+
+    def __init__(self, client: SiteClient, strategy: str | None, tracker: Callable[[], Tracker],
+                 params: Mapping[str, str], tags: Mapping[str, str]):
+        self.client, self.strategy, self.tracker = client, strategy, tracker
+        self.params, self.tags = dict(params), dict(tags)
+        self.finished: str | None = None  # the server's status, once it said the federation is over
+        self.refused: str | None = None  # why the server did not admit this site
+
+    @property
+    def run(self) -> RunLog:
+        return self.client.run
+
+    def handle(self, message_type: str, content: RecordDict) -> RecordDict:
+        if message_type == HELLO:
+            return self._hello(content)
+        if message_type == FINISH:
+            self.finished = read_finish(content)
+            return RecordDict()
+        if message_type == REFUSED:
+            self.refused = str(content.config_records["refused"]["reason"])
+            return RecordDict()
+        return answer(self.client, message_type, content)
+
+    def _hello(self, content: RecordDict) -> RecordDict:
+        """Check the server's strategy is this site's; open the site's run, nested under the server's."""
+        hello, name = read_hello(content), self.client.name
+        theirs = hello.get("strategy")
+        if self.strategy is not None and theirs and theirs != self.strategy:
+            raise FedmedError(f"the server runs strategy={theirs}, this site is configured with "
+                              f"strategy={self.strategy}; use the server's")
+        if not self.run.active:  # opened only now: sites sharing the server's store find it created
+            tracker = self.tracker()
+            self.run.tracker = tracker
+            self.run.run_id = tracker.start_run(name, {**self.tags, "site": name, "role": "site",
+                                                       "transport": "flower"}, parent_id=hello.get("run_id") or None)
+            tracker.log_params(self.run.run_id, {**self.client.initialize(), **self.params})
+        return hello_reply(self.client)
+
+
 def read_hello(content: RecordDict) -> dict[str, str]:
     return {k: str(v) for k, v in content.config_records["hello"].items()}
 
@@ -265,12 +342,12 @@ CALLS: dict[str, Callable[[SiteClient, RecordDict], RecordDict]] = {
     TRAIN: _train, EVALUATE: _evaluate, PUBLIC_KEY: _public_key, DROPOUT: _dropout_correction}
 
 
-def answer(client: SiteClient, message: Message) -> RecordDict:
-    """The records that answer the server's ``message`` (a site call); raises what the call raises."""
-    call = CALLS.get(message.metadata.message_type)
+def answer(client: SiteClient, message_type: str, content: RecordDict) -> RecordDict:
+    """The records that answer the server's message (a site call); raises what the call raises."""
+    call = CALLS.get(message_type)
     if call is None:
-        raise ValueError(f"unknown request {message.metadata.message_type!r}")
-    return call(client, message.content)
+        raise ValueError(f"unknown request {message_type!r}")
+    return call(client, content)
 
 
 def keep_state(client: SiteClient, state: RecordDict) -> None:

@@ -1,0 +1,242 @@
+"""Flower's deployment runtime as processes: a SuperLink, SuperNodes, and fedmed's app submitted with ``flwr run``.
+
+``fedmed serve`` starts a :func:`superlink`, registers each site's SuperNode key with it
+(:meth:`Control.register`) and submits fedmed's Flower App (:meth:`Control.run`); ``fedmed fit
+site=<name> federation.server=<host:port>`` starts a :func:`supernode` for its site. The
+commands are Flower's own (``flower-superlink``, ``flower-supernode``, ``flwr``) from this Python
+environment, so a hospital IT team can run the same ones by hand (docs: Deployment).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from fedmed.errors import FedmedError
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_ERROR = re.compile(r"ERROR|Error|Failed|failed|refused|denied|Exit Code")
+BIN = Path(sys.executable).parent  # flower-superlink, flower-supernode and flwr of this environment
+CONNECTION = "fedmed"  # the flwr CLI's name for the SuperLink fedmed serve started
+
+APP_PYPROJECT = """[project]
+name = "fedmed-app"
+version = "1.0.0"
+description = "fedmed's federation as a Flower App"
+license = "Apache-2.0"
+dependencies = []
+
+[tool.flwr.app]
+publisher = "fedmed"
+
+[tool.flwr.app.components]
+serverapp = "fedmed.app:server_app"
+clientapp = "fedmed.app:client_app"
+
+[tool.flwr.app.config]
+config-overrides = ""
+config-file = ""
+result-file = ""
+local-data = ""
+"""
+
+
+def _own_group_ending_with_us() -> None:
+    """In the child, before exec: its own process group (stopped as one), and on Linux a SIGTERM when
+    the fedmed process that started it dies, even by SIGKILL, so no SuperLink or SuperNode outlives it."""
+    os.setsid()
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class Tls:
+    """PEM files: the CA every side trusts, and (SuperLink only) its certificate and key."""
+
+    ca_cert: Path
+    server_cert: Path | None = None
+    server_key: Path | None = None
+
+
+class Process:
+    """One Flower process in its own process group, its output in ``log`` (or this terminal)."""
+
+    def __init__(self, name: str, cmd: Sequence[str], log: Path | None = None, env: Mapping[str, str] | None = None,
+                 cwd: Path | None = None):
+        self.name, self.log = name, log
+        out = log.open("w") if log is not None else None
+        try:
+            self.proc = subprocess.Popen([str(BIN / cmd[0]), *cmd[1:]], stdout=out, stderr=subprocess.STDOUT,
+                                         env={**os.environ, "FLWR_TELEMETRY_ENABLED": "0", **(env or {})},
+                                         cwd=cwd, preexec_fn=_own_group_ending_with_us)
+        finally:
+            if out is not None:
+                out.close()
+
+    def check(self) -> None:
+        """Raise if the process has ended, with the last line it wrote."""
+        code = self.proc.poll()
+        if code is not None:
+            raise FedmedError(f"{self.name} exited with status {code}: {self.last_line()}")
+
+    def last_line(self) -> str:
+        """Its last error line (else its last line), and where its log is."""
+        if self.log is None or not self.log.exists():
+            return "see its output above"
+        lines = [_ANSI.sub("", line).strip() for line in self.log.read_text(errors="replace").splitlines()]
+        lines = [line for line in lines if line]
+        errors = [line for line in lines if _ERROR.search(line)]
+        said = (errors or lines or ["it wrote nothing"])[-1]
+        return f"{said} (log: {self.log})"
+
+    def stop(self, grace: float = 15) -> None:
+        if self.proc.poll() is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGTERM)
+        try:
+            self.proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(5)
+
+
+def _wait_for_port(proc: Process, address: str, timeout: float = 60) -> None:
+    host, port = address.rsplit(":", 1)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        proc.check()
+        with socket.socket() as sock:
+            sock.settimeout(1)
+            if sock.connect_ex(("127.0.0.1" if host in ("0.0.0.0", "") else host, int(port))) == 0:
+                return
+        time.sleep(0.3)
+    raise FedmedError(f"{proc.name} did not open {address} within {timeout:g}s: {proc.last_line()}")
+
+
+def superlink(address: str, home: Path, tls: Tls | None, supernode_auth: bool, log: Path | None = None) -> Process:
+    """Start ``flower-superlink`` on ``address`` (host:port: Fleet and Control API) and wait until it listens.
+
+    The SuperLink runs the ServerApp from this environment (no dependency installation at run time).
+    """
+    host, port = address.rsplit(":", 1)
+    cmd = ["flower-superlink", "--host", host, "--port", port, "--disable-runtime-dependency-installation",
+           "--database", str(home / "superlink.db")]
+    if tls is None:
+        cmd.append("--insecure")
+    else:
+        cmd += ["--ssl-ca-certfile", str(tls.ca_cert), "--ssl-certfile", str(tls.server_cert),
+                "--ssl-keyfile", str(tls.server_key)]
+    if supernode_auth:
+        cmd.append("--enable-supernode-auth")
+    home.mkdir(parents=True, exist_ok=True)
+    proc = Process("flower-superlink", cmd, log, {"FLWR_HOME": str(home)}, cwd=home)
+    _wait_for_port(proc, address)
+    return proc
+
+
+def node_config(values: Mapping[str, str]) -> str:
+    """``--node-config`` text: ``key='value'`` pairs (values are quoted TOML strings)."""
+    for k, v in values.items():
+        if any(c in str(v) for c in "'\"\n"):
+            raise FedmedError(f"node config {k}={v!r}: quotes and newlines are not allowed")
+    return " ".join(f"{k}='{v}'" for k, v in values.items())
+
+
+def supernode(superlink_address: str, values: Mapping[str, str], ca_cert: Path | None, private_key: Path | None,
+              log: Path | None = None) -> Process:
+    """Start ``flower-supernode`` connected to ``superlink_address``, with ``values`` as its node config.
+
+    ``ca_cert``: TLS to the SuperLink (else ``--insecure``); ``private_key``: the node's SuperNode
+    authentication key (OpenSSH EC private key, its public half registered at the SuperLink).
+    """
+    cmd = ["flower-supernode", "--superlink", superlink_address, "--host", "127.0.0.1", "--port", str(free_port()),
+           "--node-config", node_config(values)]
+    cmd += ["--root-certificates", str(ca_cert)] if ca_cert is not None else ["--insecure"]
+    if private_key is not None:
+        cmd += ["--auth-supernode-private-key", str(private_key)]
+    return Process("flower-supernode", cmd, log)
+
+
+class Control:
+    """The ``flwr`` CLI pointed at one SuperLink (its own ``FLWR_HOME`` with one connection)."""
+
+    def __init__(self, address: str, home: Path, ca_cert: Path | None):
+        self.home = home
+        home.mkdir(parents=True, exist_ok=True)
+        host, port = address.rsplit(":", 1)
+        target = f"127.0.0.1:{port}" if host in ("0.0.0.0", "") else address
+        security = f'root-certificates = "{ca_cert}"' if ca_cert is not None else "insecure = true"
+        (home / "config.toml").write_text(f'[superlink.{CONNECTION}]\naddress = "{target}"\n{security}\n')
+
+    def _flwr(self, args: Sequence[str], timeout: float = 120) -> dict:
+        env = {**os.environ, "FLWR_HOME": str(self.home), "FLWR_TELEMETRY_ENABLED": "0"}
+        out = subprocess.run([str(BIN / "flwr"), *args, "--format", "json"], env=env, cwd=self.home,
+                             capture_output=True, text=True, timeout=timeout)
+        text = out.stdout[out.stdout.find("{"):] if "{" in out.stdout else ""
+        try:
+            answer = json.loads(text) if text else {}
+        except json.JSONDecodeError:
+            answer = {}
+        if out.returncode != 0 or answer.get("success") is False:
+            reason = answer.get("error-message") or (out.stderr or out.stdout).strip().splitlines()[-1:] or ["?"]
+            raise FedmedError(f"flwr {args[0]} {args[1] if len(args) > 1 else ''}: {reason}")
+        return answer
+
+    def register(self, public_key: Path, name: str) -> None:
+        """Register a SuperNode's public key under ``name`` (fedmed's site name)."""
+        self._flwr(["supernode", "register", str(public_key), CONNECTION, "--name", name])
+
+    def run(self, app: Path, run_config: Mapping[str, str]) -> str:
+        """Submit the app in folder ``app`` with ``run_config``; returns the run id."""
+        config = " ".join(f"{k}={json.dumps(str(v))}" for k, v in run_config.items())
+        return str(self._flwr(["run", str(app), CONNECTION, "--run-config", config])["run-id"])
+
+    def status(self, run_id: str) -> str:
+        (run,) = self._flwr(["list", CONNECTION, "--run-id", run_id])["runs"]
+        return str(run["status"])
+
+    def stream_log(self, run_id: str) -> Process:
+        """``flwr log <run> --stream``: the run's ServerApp log, on this terminal, while it runs."""
+        return Process("flwr log", ["flwr", "log", run_id, CONNECTION, "--stream"],
+                       env={"FLWR_HOME": str(self.home)}, cwd=self.home)
+
+    def stop(self, run_id: str) -> None:
+        with contextlib.suppress(FedmedError, subprocess.TimeoutExpired):
+            self._flwr(["stop", run_id, CONNECTION], timeout=30)
+
+    def wait(self, run_id: str, check, poll: float = 5) -> str:
+        """Wait until the run is finished; ``check()`` runs between looks (it raises if the SuperLink died)."""
+        while True:
+            check()
+            status = self.status(run_id)
+            if status.startswith("finished"):
+                return status
+            time.sleep(poll)  # each look starts the flwr CLI (about a second of CPU)
+
+
+def write_app(folder: Path) -> Path:
+    """fedmed's Flower App as a folder ``flwr run`` can submit (its code is the installed fedmed)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "pyproject.toml").write_text(APP_PYPROJECT)
+    return folder
