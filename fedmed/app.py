@@ -87,6 +87,11 @@ def public_key(message: Message, context: Context) -> Message:
     return _reply(message, context)
 
 
+@client_app.query("attest")
+def attest(message: Message, context: Context) -> Message:
+    return _reply(message, context)
+
+
 @client_app.query("dropout_correction")
 def dropout_correction(message: Message, context: Context) -> Message:
     return _reply(message, context)

@@ -37,9 +37,9 @@ from fedmed.data.datamodule import Pipeline
 from fedmed.errors import FedmedError
 from fedmed.federated import Orchestrator, flower_app, runtime
 from fedmed.federated.flower_app import NodeSite
-from fedmed.relay import NODE_CONFIG_KEY, SiteRelay
 from fedmed.logs import setup_logging
 from fedmed.outcome import Trained, finish, run_name, site_training_sets
+from fedmed.relay import NODE_CONFIG_KEY, SiteRelay
 from fedmed.reporting import fmt_bytes
 from fedmed.schema import validate
 from fedmed.tracking import RunLog, Tracker, exit_status, run_status
@@ -73,7 +73,7 @@ def tls_files(cfg: DictConfig, server: bool) -> runtime.Tls | None:
 
 
 def supernode_keys(cfg: DictConfig) -> dict[str, Path] | None:
-    """Site -> its SuperNode's public key file, from ``federation.auth.supernode_keys`` (None: no node authentication)."""
+    """Site -> its SuperNode's public key file, from ``federation.auth.supernode_keys`` (None: no node auth)."""
     given = cfg.federation.auth.get("supernode_keys")
     if not given:
         return None
@@ -257,16 +257,18 @@ def join_federation(cfg: DictConfig) -> dict[str, Any]:
     client = build.site_client(cfg, name, sites.index(name), loaded[name], run, source.class_names, strategy)
     node = local_node(cfg, client, strategy.name if strategy is not None else None, str(scfg.manifest))
     with run_status(run), SiteRelay(node.handle) as relay:
-        supernode = runtime.supernode(str(cfg.federation.server), {"site": name, NODE_CONFIG_KEY: relay.path},
-                                      tls.ca_cert if tls else None, key, _supernode_log(cfg, name))
+        def start() -> runtime.Process:
+            return runtime.supernode(str(cfg.federation.server), {"site": name, NODE_CONFIG_KEY: relay.path},
+                                     tls.ca_cert if tls else None, key, _supernode_log(cfg, name))
+
+        keeper = _Keeper(name, start, float(cfg.federation.connect_timeout), node)
         log.info("[%s] SuperNode started for %s; waiting for the server (%s)", name, cfg.federation.server,
                  "TLS" + (", authenticated" if key else "") if tls else "no TLS")
         try:
-            relay.serve(lambda: node.finished is not None or node.refused is not None,
-                        _watch(supernode, float(cfg.federation.connect_timeout), node))
+            relay.serve(lambda: node.finished is not None or node.refused is not None, keeper.check)
             time.sleep(3)  # the SuperNode delivers the last answer before it stops
         finally:
-            supernode.stop()
+            keeper.proc.stop()
         if node.refused is not None:
             raise FedmedError(f"the server refused this node: {node.refused}")
         if node.finished != "FINISHED":
@@ -288,16 +290,39 @@ def _supernode_log(cfg: DictConfig, name: str) -> Path:
     return folder / f"supernode-{name}-{os.getpid()}.log"
 
 
-def _watch(supernode: runtime.Process, connect_timeout: float, node: NodeSite):
-    """Between two messages: the SuperNode must be alive, and the server must say hello in time."""
-    deadline = time.monotonic() + connect_timeout
+class _Keeper:
+    """This site's SuperNode, kept running until the federation ends.
 
-    def check() -> None:
-        supernode.check()
-        if not node.run.active and time.monotonic() > deadline:
-            raise FedmedError(f"federation.connect_timeout={connect_timeout:g}s passed and the server never "
-                              f"reached this site (SuperNode log: {supernode.log})")
-    return check
+    Between two messages it checks the SuperNode: one that gave up reaching the SuperLink (exit
+    status 0, e.g. while the aggregator restarts to ``resume=``) is started again, for up to
+    ``connect_timeout`` seconds without a message; one that failed otherwise (a refused key, a bad
+    certificate) ends the site with its reason. Before the server's first message, the server must
+    reach this site within ``connect_timeout``.
+    """
+
+    def __init__(self, name: str, start, connect_timeout: float, node: NodeSite):
+        self.name, self.start, self.timeout, self.node = name, start, connect_timeout, node
+        self.proc: runtime.Process = start()
+        self.seen, self.lost = node.messages, time.monotonic()  # lost: since when no message has come
+        self.waiting = True  # for the first message, or for the SuperLink again
+
+    def check(self) -> None:
+        now = time.monotonic()
+        if self.node.messages != self.seen:
+            self.seen, self.waiting = self.node.messages, False
+        code = self.proc.proc.poll()
+        if code not in (None, 0):
+            self.proc.check()  # raises with the SuperNode's reason
+        if code == 0 and not self.waiting:
+            self.waiting, self.lost = True, now
+        if self.waiting and now - self.lost > self.timeout:
+            what = "never reached this site" if not self.node.run.active else "has not reached this site again"
+            raise FedmedError(f"federation.connect_timeout={self.timeout:g}s passed and the server {what} "
+                              f"(SuperNode log: {self.proc.log})")
+        if code == 0:
+            log.warning("[%s] the SuperNode lost the SuperLink (%s); starting it again", self.name,
+                        self.proc.last_line())
+            self.proc = self.start()
 
 
 # -- every site on this machine ------------------------------------------------------------------

@@ -15,6 +15,7 @@ exception's kind and text, which the ClientApp turns into Flower's error reply.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
@@ -124,10 +125,8 @@ class SiteRelay:
             reply = self.handle(kind, request)
         except Exception as exc:  # noqa: BLE001 - the server hears of it and leaves this site out
             reply = RecordDict({_ERROR: ConfigRecord({"kind": type(exc).__name__, "text": str(exc)})})
-        try:
+        with contextlib.suppress(OSError):  # the ClientApp process is gone; its SuperNode tells the server
             _send(conn, reply)
-        except OSError:
-            pass  # the ClientApp process is gone; its SuperNode tells the server
 
     def close(self) -> None:
         self._sock.close()

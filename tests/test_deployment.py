@@ -119,31 +119,43 @@ def final_weights(checkpoints: Path) -> dict[str, torch.Tensor]:
 
 
 
-def test_a_deployment_equals_in_process_with_tls_and_registered_keys(tmp_path, monkeypatch):
+def test_a_deployment_equals_in_process_with_tls_registered_keys_and_a_resumed_server(tmp_path, monkeypatch):
     monkeypatch.setenv("FEDMED_DATA_DIR", str(DATA_DIR))
     port = free_port()
     certs = make_certificates(tmp_path)
     keys = {s: supernode_key(tmp_path, s) for s in [*SITES, "intruder"]}
-    base = common(tmp_path, rounds=2, epochs=1)
+    base = [*common(tmp_path, rounds=2, epochs=1), "strategy=scaffold"]
     flower = [*base, f"federation.server=127.0.0.1:{port}", f"federation.tls.ca_cert={certs['ca_cert']}",
               f"federation.checkpoint_dir={tmp_path / 'ckpt_flower'}", f"paths.output_dir={tmp_path}"]
     registered = json.dumps({s: str(keys[s][1]) for s in SITES}).replace('"', "")
     logs = {n: tmp_path / f"{n}.log" for n in ["server", *SITES, "intruder"]}
-    procs = {"server": fedmed(["serve", *flower, f"federation.tls.server_cert={certs['server_cert']}",
-                               f"federation.tls.server_key={certs['server_key']}",
-                               f"federation.auth.supernode_keys={registered}"], logs["server"])}
+    serve = [*flower, f"federation.tls.server_cert={certs['server_cert']}",
+             f"federation.tls.server_key={certs['server_key']}", f"federation.auth.supernode_keys={registered}"]
+    procs = {"server": fedmed(["serve", *serve], logs["server"])}
     started(procs, logs)
     for s in SITES:
         procs[s] = fedmed(["fit", f"site={s}", *flower, f"federation.auth.private_key={keys[s][0]}"], logs[s])
     intruder = fedmed(["fit", "site=hospital_a", *flower, f"federation.auth.private_key={keys['intruder'][0]}"],
                       logs["intruder"])
+    # the aggregator dies in round 2; restarted with resume=, it continues with the same sites (their SCAFFOLD
+    # control variates kept in their processes), whose SuperNodes reach the new SuperLink
+    deadline = time.monotonic() + 300
+    while "round 2/2: training" not in logs["server"].read_text():
+        assert time.monotonic() < deadline and procs["server"].poll() is None, logs["server"].read_text()[-3000:]
+        time.sleep(0.2)
+    procs["server"].send_signal(signal.SIGKILL)
+    procs["server"].wait()
+    (run_id,) = [p.name for p in (tmp_path / "ckpt_flower").iterdir()]
+    logs["server"] = tmp_path / "server_resumed.log"
+    procs["server"] = fedmed(["serve", *serve, f"resume={run_id}"], logs["server"])
     wait(procs, logs)
     assert all(p.returncode == 0 for p in procs.values()), logs["server"].read_text()[-3000:]
     assert intruder.wait(60) == 1
     said = [line for line in logs["intruder"].read_text().splitlines() if "error" in line.lower()]
     assert said and "flower-supernode exited" in said[-1], logs["intruder"].read_text()[-2000:]
     server_log = logs["server"].read_text()
-    assert "TLS, 3 SuperNode keys registered" in server_log and "site hospital_c connected" in server_log
+    assert "TLS, 3 SuperNode keys registered" in server_log and "resuming after round 1/2" in server_log
+    assert "site hospital_c connected" in server_log
 
     # the same federation in one process (this one, one thread like the workers), from the same seed and data
     from fedmed.config import compose
@@ -155,17 +167,24 @@ def test_a_deployment_equals_in_process_with_tls_and_registered_keys(tmp_path, m
         fit.run(compose("fit", [*base, f"federation.checkpoint_dir={tmp_path / 'ckpt_local'}"]))
     finally:
         torch.set_num_threads(threads)
-    want, got = final_weights(tmp_path / "ckpt_local"), final_weights(tmp_path / "ckpt_flower")
-    assert list(got) == list(want)
-    for k in want:
-        assert got[k].dtype == want[k].dtype and torch.equal(got[k], want[k]), k
+    # and with federation.parallel: every site in its own worker process and SuperNode, on a SuperLink on loopback
+    par_log = tmp_path / "parallel.log"
+    par = fedmed(["fit", *base, "federation.parallel=3", f"federation.checkpoint_dir={tmp_path / 'ckpt_parallel'}"],
+                 par_log)
+    assert par.wait(400) == 0, par_log.read_text()[-3000:]
+    assert "in its own process" in par_log.read_text()
+    want = final_weights(tmp_path / "ckpt_local")
+    for run in ("ckpt_flower", "ckpt_parallel"):
+        got = final_weights(tmp_path / run)
+        assert list(got) == list(want)
+        for k in want:
+            assert got[k].dtype == want[k].dtype and torch.equal(got[k], want[k]), (run, k)
 
     # MLflow: the server's federation run, with each site's run nested under it
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     exp = client.get_experiment_by_name("fedmed")
-    (parent,) = [r for r in client.search_runs(exp.experiment_id, "tags.transport = 'flower'")
-                 if r.data.tags.get("role") != "site"]
-    assert parent.info.status == "FINISHED"
+    (parent,) = client.search_runs(exp.experiment_id, f"tags.server = '127.0.0.1:{port}'")  # not the parallel run
+    assert parent.info.status == "FINISHED" and parent.data.tags["tls"] == "True"
     children = client.search_runs(exp.experiment_id, f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
     assert sorted(r.data.tags["site"] for r in children) == SITES
     assert all(r.info.status == "FINISHED" for r in children)
@@ -173,8 +192,8 @@ def test_a_deployment_equals_in_process_with_tls_and_registered_keys(tmp_path, m
 
 def test_a_site_killed_mid_round_is_left_out_and_named(tmp_path):
     port = free_port()
-    args = [*common(tmp_path, rounds=3, epochs=2), f"federation.server=127.0.0.1:{port}", "federation.min_sites=1",
-            "federation.site_timeout=120", f"federation.checkpoint_dir={tmp_path / 'ckpt'}",
+    args = [*common(tmp_path, rounds=2, epochs=2), f"federation.server=127.0.0.1:{port}", "federation.min_sites=1",
+            "federation.site_timeout=30", f"federation.checkpoint_dir={tmp_path / 'ckpt'}",
             f"paths.output_dir={tmp_path}", "federation.sites=[hospital_a,hospital_b]"]
     sites = ["hospital_a", "hospital_b"]
     logs = {n: tmp_path / f"{n}.log" for n in ["server", *sites]}

@@ -152,7 +152,8 @@ def test_nodes_naming_unknown_or_taken_sites_are_refused_and_never_sent_weights(
     assert "node 2 says it is site 's9': not one of ['s0', 's1']; refused" in caplog.text
     assert "node 3 says it is site 's0': already connected; refused" in caplog.text
     Orchestrator(sites, s, FederationSettings(rounds=1)).run(factory().net.state_dict())
-    assert {kind for nid, kind in grid.sent if nid in (2, 3)} == {fa.HELLO}
+    assert {kind for nid, kind in grid.sent if nid in (2, 3)} == {fa.HELLO, fa.REFUSED}  # told why, never weights
+    assert grid.refused == {2: "site s9: not one of ['s0', 's1']", 3: "site s0: already connected"}
 
 
 def test_with_registered_keys_only_the_key_of_the_site_is_admitted_and_others_are_told_why(serverapp, tmp_path,

@@ -1,5 +1,6 @@
 """Secure aggregation: masks cancel exactly, one masked update looks like noise, dropouts are
-recovered, and a federation under it ends with the same global model as one without."""
+recovered, a server that lies about who dropped out learns nothing, and a federation under it ends
+with the same global model as one without."""
 
 import numpy as np
 import pytest
@@ -32,15 +33,18 @@ def _mask_all(states, ns, round_idx=3):
 
 def test_masks_cancel_exactly_and_the_mean_is_fedavg():
     states, ns = _states(), [30, 70, 11]
-    _, _, _, vectors, masked = _mask_all(states, ns)
+    names, keys, _, vectors, masked = _mask_all(states, ns)
     total = np.zeros_like(masked[0])
-    for m in masked:
-        total = total + m
+    for m, name in zip(masked, names, strict=True):
+        total = total + m - sa.self_mask(keys[name], 3, len(m))
     plain = np.zeros_like(total)
     for v in vectors:
-        plain = plain + sa.to_ring(v)
-    assert np.array_equal(total, plain)  # bit-exact in the ring: the masks cancel
-    mean, n = sa.mean_state(sa.unmask_sum(masked, []), states[0])
+        plain = plain + sa.to_ring(v, n_sites=3)
+    assert np.array_equal(total, plain)  # bit-exact in the ring: the pairwise masks cancel
+    assert not np.array_equal(sa.unmask_sum(masked, []), sa.from_ring(plain))  # the self masks stay: each site
+    revealed = [sa.reveal(keys[n], n, {}, 3, len(masked[0])) for n in names]  # reveals its own
+    assert np.array_equal(sa.unmask_sum(masked, revealed), sa.from_ring(plain))
+    mean, n = sa.mean_state(sa.unmask_sum(masked, revealed), states[0])
     assert n == sum(ns)
     ref = fedavg(states, ns, bn_stats="pooled")
     for k in ref:
@@ -71,13 +75,79 @@ def test_a_site_that_drops_after_masking_is_recovered():
     names, keys, peers, _, masked = _mask_all(states, ns, round_idx=5)
     # site3 masked but never delivered; the survivors send their masks with it
     dropped = {"site3": peers["site3"]}
-    corrections = [sa.dropout_correction(keys[n], n, dropped, 5, len(masked[0])) for n in names[:3]]
+    corrections = [sa.reveal(keys[n], n, dropped, 5, len(masked[0])) for n in names[:3]]
     mean, n = sa.mean_state(sa.unmask_sum(masked[:3], corrections), states[0])
     assert n == 60
     ref = fedavg(states[:3], ns[:3])
     assert all(torch.allclose(mean[k].double(), ref[k].double(), atol=1e-6) for k in ref)
     # without the corrections the sum is garbage (the sample count too)
     assert sa.unmask_sum(masked[:3], [])[-1] != 60
+
+
+def _channels(k: int, round_idx: int):
+    """k site channels that masked one update each in ``round_idx``."""
+    from fedmed.federated.channel import UpdateChannel
+    from fedmed.federated.messages import FitResult
+
+    states = _states(k=k, seed=4, width=50)
+    chans = {f"site{i}": UpdateChannel(f"site{i}") for i in range(k)}
+    peers = {n: c.public_key() for n, c in chans.items()}
+    plan = {"secagg": {"round": round_idx, "peers": peers, "pooled_bn": True}}
+    masked = {n: c.package(FitResult(n, dict(s), 10 * (i + 1)), s, plan).masked
+              for i, ((n, c), s) in enumerate(zip(chans.items(), states, strict=True))}
+    return chans, masked, states
+
+
+def test_a_server_that_lies_about_a_dropout_learns_nothing_of_that_site():
+    """The attack pairwise masking alone allows: the server holds site2's masked update, says site2 dropped
+    and asks the others for their masks with it. With the self mask, what remains is still noise."""
+    chans, masked, states = _channels(3, round_idx=7)
+    n = len(masked["site2"])
+    survivors = ["site0", "site1"]
+    tags = {u: chans[u].attest(7, survivors) for u in survivors}
+    revealed = [chans[u].dropout_correction(["site2"], 7, n, survivors, {w: tags[w][u] for w in survivors if w != u})
+                for u in survivors]
+    # the survivors' masks with site2, removed from site2's masked update: pairwise masks gone, self mask left
+    pair_part = np.zeros(n, dtype=np.uint64)
+    for u, r in zip(survivors, revealed, strict=True):
+        pair_part = pair_part + (r - sa.self_mask(chans[u]._key, 7, n))
+    attempt = sa.from_ring(masked["site2"] + pair_part)  # site2's pairwise masks are -(theirs)
+    truth = sa.contribution(states[2], 30)
+    assert abs(np.corrcoef(attempt[:-1], truth[:-1])[0, 1]) < 0.2 and np.abs(attempt).max() > 1e9
+    # the honest use of what was revealed: the survivors' sum, exactly
+    mean, total_n = sa.mean_state(sa.unmask_sum([masked[u] for u in survivors], revealed), states[0])
+    assert total_n == 30
+    # site2 itself, told it survived while the others were told it dropped, reveals nothing: the others'
+    # tags are over another survivor set
+    tags2 = chans["site2"].attest(7, ["site0", "site1", "site2"])
+    assert set(tags2) == {"site0", "site1"}
+    with pytest.raises(ValueError, match="did not attest the survivors"):
+        chans["site2"].dropout_correction([], 7, n, ["site0", "site1", "site2"],
+                                          {"site0": tags["site0"]["site1"], "site1": tags["site1"]["site0"]})
+
+
+def test_a_site_attests_one_survivor_set_and_reveals_once():
+    chans, masked, _ = _channels(3, round_idx=2)
+    n = len(masked["site0"])
+    everyone = ["site0", "site1", "site2"]
+    tags = {u: chans[u].attest(2, everyone) for u in everyone}
+    with pytest.raises(ValueError, match="a second account of who survived"):
+        chans["site0"].attest(2, ["site0", "site1"])
+    mine = {w: tags[w]["site0"] for w in everyone if w != "site0"}
+    with pytest.raises(ValueError, match="not a split"):  # a site both survived and dropped
+        chans["site0"].dropout_correction(["site2"], 2, n, everyone, mine)
+    with pytest.raises(ValueError, match="attested"):
+        chans["site0"].dropout_correction([], 2, n, ["site0", "site1"], mine)
+    with pytest.raises(ValueError, match="masked no update in round 3"):
+        chans["site0"].attest(3, everyone)
+    revealed = {u: chans[u].dropout_correction([], 2, n, everyone, {w: tags[w][u] for w in everyone if w != u})
+                for u in everyone}
+    with pytest.raises(ValueError, match="already revealed"):
+        chans["site0"].dropout_correction([], 2, n, everyone, mine)
+    plain = np.zeros(n, dtype=np.uint64)
+    for u in everyone:
+        plain = plain + masked[u] - revealed[u]
+    assert sa.from_ring(plain)[-1] == 60  # the sample counts 10 + 20 + 30, exactly
 
 
 class DropsAfterMasking(InProcessSite):
@@ -138,7 +208,8 @@ def test_a_sum_that_would_wrap_the_ring_is_refused_at_the_site():
     # the same value is fine when only two sites add up
     two = {n: peers[n] for n in names[:2]}
     masked = [sa.mask(vectors[0], keys[n], n, two, 1) for n in names[:2]]
-    assert np.array_equal(sa.unmask_sum(masked, []), 2 * sa.from_ring(sa.to_ring(vectors[0])))
+    revealed = [sa.reveal(keys[n], n, {}, 1, len(vectors[0])) for n in names[:2]]
+    assert np.array_equal(sa.unmask_sum(masked, revealed), 2 * sa.from_ring(sa.to_ring(vectors[0])))
 
 
 def test_the_largest_contribution_allowed_still_sums_exactly():
@@ -149,6 +220,7 @@ def test_the_largest_contribution_allowed_still_sums_exactly():
     names = [f"site{k}" for k in range(4)]
     keys = {n: sa.MaskingKey() for n in names}
     peers = {n: keys[n].public for n in names}
-    total = sa.unmask_sum([sa.mask(v, keys[n], n, peers, 2) for v, n in zip(vectors, names, strict=True)], [])
+    total = sa.unmask_sum([sa.mask(v, keys[n], n, peers, 2) for v, n in zip(vectors, names, strict=True)],
+                          [sa.reveal(keys[n], n, {}, 2, len(vectors[0])) for n in names])
     assert total[0] == 4 * sa.from_ring(sa.to_ring(vectors[0]))[0] > 0 and total[1] < 0
     assert total[2] == 4 * 2.0**-sa.FRAC_BITS and total[3] == 28.0

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import hmac
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -24,6 +25,7 @@ class UpdateChannel:
     def __init__(self, site: str, encoder: UpdateEncoder | None = None):
         self.site, self.encoder = site, encoder
         self._key: secagg.MaskingKey | None = None  # secure aggregation key pair, made on first use
+        self._round: dict[str, Any] = {}  # the last masked round: its number, peers, what was attested, revealed
 
     def public_key(self) -> bytes:
         """This site's public key for secure aggregation (the private half stays here)."""
@@ -44,20 +46,55 @@ class UpdateChannel:
             vector = secagg.contribution(result.weights, result.num_samples, plan["pooled_bn"])
             result.masked = secagg.mask(vector, self._key, self.site, plan["peers"], plan["round"])
             result.weights = {}
+            self._round = {"round": int(plan["round"]), "peers": dict(plan["peers"]), "attested": None,
+                           "revealed": False}
         elif self.encoder is not None:
             result.payload = self.encoder.encode(result.weights, start)
             result.weights = {}
         return result
 
-    def dropout_correction(self, dropped: Mapping[str, bytes], round_idx: int, length: int) -> np.ndarray:
-        """Secure aggregation: this site's masks with the sites that dropped out of the round."""
-        if self._key is None:
-            raise ValueError(f"site {self.site} has no secure-aggregation key: it never masked an update")
-        return secagg.dropout_correction(self._key, self.site, dropped, round_idx, length)
+    def _masked_round(self, round_idx: int) -> dict[str, Any]:
+        if self._key is None or self._round.get("round") != round_idx:
+            raise ValueError(f"site {self.site} masked no update in round {round_idx}")
+        return self._round
+
+    def attest(self, round_idx: int, survivors: Sequence[str]) -> dict[str, bytes]:
+        """Secure aggregation: a tag per other survivor saying the server named ``survivors`` (once per round)."""
+        state, named = self._masked_round(round_idx), sorted(survivors)
+        if state["attested"] is not None and state["attested"] != named:
+            raise ValueError(f"site {self.site} already attested the survivors {state['attested']} in round "
+                             f"{round_idx}; a second account of who survived ({named}) is refused")
+        if self.site not in named or not set(named) <= set(state["peers"]):
+            raise ValueError(f"site {self.site}: survivors {named} are not sites of round {round_idx} including it")
+        state["attested"] = named
+        assert self._key is not None
+        return {u: secagg.attest_tag(self._key, state["peers"][u], round_idx, named) for u in named if u != self.site}
+
+    def dropout_correction(self, dropped: Sequence[str], round_idx: int, length: int, survivors: Sequence[str],
+                           tags: Mapping[str, bytes]) -> np.ndarray:
+        """Secure aggregation: this site's self mask and its masks with the ``dropped`` sites, once the other
+        survivors' ``tags`` show they were all told the same ``survivors`` as this site attested."""
+        state, named = self._masked_round(round_idx), sorted(survivors)
+        if state["revealed"]:
+            raise ValueError(f"site {self.site} already revealed its masks for round {round_idx}")
+        if state["attested"] != named:
+            raise ValueError(f"site {self.site} attested {state['attested']} in round {round_idx}, not {named}")
+        if set(named) & set(dropped) or set(named) | set(dropped) != set(state["peers"]):
+            raise ValueError(f"site {self.site}: survivors {named} and dropped {sorted(dropped)} are not a split "
+                             f"of round {round_idx}'s sites {sorted(state['peers'])}")
+        assert self._key is not None
+        for u in named:
+            if u != self.site and not hmac.compare_digest(
+                    bytes(tags.get(u, b"")), secagg.attest_tag(self._key, state["peers"][u], round_idx, named)):
+                raise ValueError(f"site {self.site}: site {u} did not attest the survivors {named}; "
+                                 "masks not revealed")
+        state["revealed"] = True
+        return secagg.reveal(self._key, self.site, {v: state["peers"][v] for v in dropped}, round_idx, length)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"encoder": self.encoder.state_dict() if self.encoder else None}
+        return {"encoder": self.encoder.state_dict() if self.encoder else None, "secagg_round": dict(self._round)}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         if self.encoder is not None and state.get("encoder"):
             self.encoder.load_state_dict(state["encoder"])
+        self._round = dict(state.get("secagg_round") or {})

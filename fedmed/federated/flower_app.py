@@ -13,8 +13,9 @@ rounds (:meth:`SiteClient.state_dict` and its secure-aggregation key) is kept in
 ``context.state`` (:func:`keep_state`, :func:`restore_state`); it stays on the site's machine.
 
 Message types: ``query.hello`` (which site a node is, its sample counts), ``train``,
-``evaluate``, ``query.public_key``, ``query.dropout_correction`` and ``query.finish`` (the
-federation is over).
+``evaluate``, ``query.public_key``, ``query.attest`` and ``query.dropout_correction`` (secure
+aggregation's unmasking), ``query.refused`` (why a node is not admitted) and ``query.finish``
+(the federation is over).
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ log = logging.getLogger("fedmed")
 
 HELLO, TRAIN, EVALUATE = "query.hello", "train", "evaluate"
 PUBLIC_KEY, DROPOUT, FINISH = "query.public_key", "query.dropout_correction", "query.finish"
+ATTEST = "query.attest"  # secure aggregation: a survivor's tags over the survivor set
 REFUSED = "query.refused"  # the server tells a node why it is not admitted (it is sent nothing else)
 POLL = 0.25  # seconds between two looks for replies at the SuperLink
 STATE, KEY = "fedmed.site_state", "fedmed.masking_key"  # what a node keeps in context.state between messages
@@ -143,9 +145,16 @@ class GridSite:
             raise RemoteSiteError(self.name, "ValueError", "its public key is not bytes")
         return key
 
-    def dropout_correction(self, dropped: Mapping[str, bytes], round_idx: int, length: int) -> np.ndarray:
+    def attest(self, round_idx: int, survivors: list[str]) -> dict[str, bytes]:
+        content = RecordDict({"round": ConfigRecord({"round": round_idx})})
+        records.put_tree(content, "survivors", list(survivors))
+        return dict(records.get_tree(self.ask(ATTEST, content, str(round_idx)), "tags"))
+
+    def dropout_correction(self, dropped: list[str], round_idx: int, length: int, survivors: list[str],
+                           tags: Mapping[str, bytes]) -> np.ndarray:
         content = RecordDict({"round": ConfigRecord({"round": round_idx, "length": length})})
-        records.put_tree(content, "dropped", dict(dropped))
+        records.put_tree(content, "dropped", {"dropped": list(dropped), "survivors": list(survivors),
+                                              "tags": dict(tags)})
         return records.get_tree(self.ask(DROPOUT, content, str(round_idx)), "correction")
 
     def state_dict(self) -> dict[str, Any]:
@@ -269,6 +278,7 @@ class NodeSite:
                  params: Mapping[str, str], tags: Mapping[str, str]):
         self.client, self.strategy, self.tracker = client, strategy, tracker
         self.params, self.tags = dict(params), dict(tags)
+        self.messages = 0  # how many the server sent
         self.finished: str | None = None  # the server's status, once it said the federation is over
         self.refused: str | None = None  # why the server did not admit this site
 
@@ -277,6 +287,7 @@ class NodeSite:
         return self.client.run
 
     def handle(self, message_type: str, content: RecordDict) -> RecordDict:
+        self.messages += 1
         if message_type == HELLO:
             return self._hello(content)
         if message_type == FINISH:
@@ -329,17 +340,25 @@ def _public_key(client: SiteClient, content: RecordDict) -> RecordDict:
     return RecordDict({"key": ConfigRecord({"public": client.public_key()})})
 
 
+def _attest(client: SiteClient, content: RecordDict) -> RecordDict:
+    round_idx = records.config_int(content.config_records["round"], "round")
+    out = RecordDict()
+    records.put_tree(out, "tags", client.attest(round_idx, list(records.get_tree(content, "survivors"))))
+    return out
+
+
 def _dropout_correction(client: SiteClient, content: RecordDict) -> RecordDict:
-    cfg = content.config_records["round"]
-    correction = client.dropout_correction(records.get_tree(content, "dropped"), records.config_int(cfg, "round"),
-                                           records.config_int(cfg, "length"))
+    cfg, asked = content.config_records["round"], records.get_tree(content, "dropped")
+    correction = client.dropout_correction(list(asked["dropped"]), records.config_int(cfg, "round"),
+                                           records.config_int(cfg, "length"), list(asked["survivors"]),
+                                           dict(asked["tags"]))
     out = RecordDict()
     records.put_tree(out, "correction", correction)
     return out
 
 
 CALLS: dict[str, Callable[[SiteClient, RecordDict], RecordDict]] = {
-    TRAIN: _train, EVALUATE: _evaluate, PUBLIC_KEY: _public_key, DROPOUT: _dropout_correction}
+    TRAIN: _train, EVALUATE: _evaluate, PUBLIC_KEY: _public_key, ATTEST: _attest, DROPOUT: _dropout_correction}
 
 
 def answer(client: SiteClient, message_type: str, content: RecordDict) -> RecordDict:

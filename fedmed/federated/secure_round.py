@@ -27,34 +27,38 @@ def unmask(r: int, fits: list[FitResult], peers: dict[str, bytes], global_w: Sta
            pooled_bn: bool, min_sites: int, exclude: Callable[[str, str], None]) -> FitResult:
     """The sum of the survivors' contributions, as one FitResult of their mean.
 
-    Sites told to mask that did not deliver have dropped out: every survivor sends its masks
-    with them, which the server subtracts. A survivor that fails to do so drops out too.
+    The survivors are the sites whose masked update arrived; sites told to mask that did not
+    deliver have dropped out. Every survivor attests the survivor set, then reveals its self
+    mask and its masks with the dropped sites, which the server subtracts
+    (:mod:`fedmed.privacy.secagg`). A survivor that fails in these two steps ends the round: its
+    masks cannot be recovered without asking another site to reveal twice.
     """
     by_name = {s.name: s for s in sites}
-    survivors = list(fits)
-    length = vector_length(global_w)
-    while True:
-        dropped = {n: pub for n, pub in peers.items() if n not in {f.site for f in survivors}}
-        corrections, failed = [], None
-        for f in survivors if dropped else []:
-            try:
-                corrections.append(by_name[f.site].dropout_correction(dropped, r, length))
-            except Exception as exc:  # noqa: BLE001
-                exclude(f.site, f"no dropout correction for secure aggregation: {exc}")
-                failed = f
-                break
-        if failed is None:
-            break
-        survivors.remove(failed)
+    survivors = sorted(f.site for f in fits)
     if len(survivors) < max(min_sites, 1):
         raise FederationError(f"round {r}: only {len(survivors)} sites completed secure aggregation "
                               f"(federation.min_sites={min_sites})")
+    dropped = sorted(n for n in peers if n not in survivors)
+    length = vector_length(global_w)
+    tags = {u: _step(r, u, "attesting the survivors", lambda u=u: by_name[u].attest(r, survivors))
+            for u in survivors}
+    revealed = [_step(r, f.site, "revealing its masks", lambda f=f: by_name[f.site].dropout_correction(
+        dropped, r, length, survivors, {u: tags[u][f.site] for u in survivors if u != f.site})) for f in fits]
     if dropped:
         log.info("round %d: secure aggregation: removed the masks shared with %s (dropped out)",
-                 r, ", ".join(sorted(dropped)))
-    total = unmask_sum([f.masked for f in survivors], corrections)
+                 r, ", ".join(dropped))
+    total = unmask_sum([f.masked for f in fits], revealed)
     mean, n = mean_state(total, global_w, pooled_bn)
-    expected = sum(f.num_samples for f in survivors)
+    expected = sum(f.num_samples for f in fits)
     if n != expected:
         raise FederationError(f"round {r}: secure aggregation sum has n={n}, the sites reported {expected}")
-    return FitResult("secure sum of " + "+".join(f.site for f in survivors), mean, n)
+    return FitResult("secure sum of " + "+".join(f.site for f in fits), mean, n)
+
+
+def _step(r: int, site: str, what: str, call):
+    try:
+        return call()
+    except Exception as exc:  # noqa: BLE001 - a failed unmasking step ends the round (see unmask)
+        raise FederationError(f"round {r}: site {site} failed while {what} for secure aggregation "
+                              f"({type(exc).__name__}: {exc}); the round cannot be completed without it. "
+                              "Continue from the last round with resume=<run id>") from None

@@ -95,8 +95,12 @@ class SiteClient:
     def public_key(self) -> bytes:
         return self.channel.public_key()
 
-    def dropout_correction(self, dropped: Mapping[str, bytes], round_idx: int, length: int):
-        return self.channel.dropout_correction(dropped, round_idx, length)
+    def attest(self, round_idx: int, survivors: list[str]) -> dict[str, bytes]:
+        return self.channel.attest(round_idx, survivors)
+
+    def dropout_correction(self, dropped: list[str], round_idx: int, length: int, survivors: list[str],
+                           tags: Mapping[str, bytes]):
+        return self.channel.dropout_correction(dropped, round_idx, length, survivors, tags)
 
     def evaluate(self, weights: StateDict, round_idx: int, log_metrics: bool = True,
                  explain: bool = False) -> EvalResult:

@@ -27,7 +27,10 @@ class SiteTransport(Protocol):
 
     def public_key(self) -> bytes: ...
 
-    def dropout_correction(self, dropped: Mapping[str, bytes], round_idx: int, length: int) -> np.ndarray: ...
+    def attest(self, round_idx: int, survivors: list[str]) -> dict[str, bytes]: ...
+
+    def dropout_correction(self, dropped: list[str], round_idx: int, length: int, survivors: list[str],
+                           tags: Mapping[str, bytes]) -> np.ndarray: ...
 
     def state_dict(self) -> dict[str, Any]: ...
 
@@ -56,8 +59,12 @@ class InProcessSite:
     def public_key(self) -> bytes:
         return self.client.public_key()
 
-    def dropout_correction(self, dropped: Mapping[str, bytes], round_idx: int, length: int) -> np.ndarray:
-        return self.client.dropout_correction(dict(dropped), round_idx, length)
+    def attest(self, round_idx: int, survivors: list[str]) -> dict[str, bytes]:
+        return self.client.attest(round_idx, list(survivors))
+
+    def dropout_correction(self, dropped: list[str], round_idx: int, length: int, survivors: list[str],
+                           tags: Mapping[str, bytes]) -> np.ndarray:
+        return self.client.dropout_correction(list(dropped), round_idx, length, list(survivors), dict(tags))
 
     def state_dict(self) -> dict[str, Any]:
         return self.client.state_dict()

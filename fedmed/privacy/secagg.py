@@ -1,29 +1,44 @@
-"""Secure aggregation by pairwise additive masking (Bonawitz et al. 2017, without the double mask).
+"""Secure aggregation by pairwise additive masking with a self mask (Bonawitz et al. 2017's double masking).
 
 Each site holds an X25519 key pair. For a round, every pair of participating sites (i, j)
 derives a shared seed from its Diffie-Hellman secret (HKDF-SHA256 over the round number,
 ``cryptography``), expands it with ChaCha20 into a mask, and site i adds it while site j
-subtracts it. Updates are encoded as fixed-point integers modulo 2^64, so the masks cancel
-*exactly* in the sum; the server learns only the sum of the sites' contributions
-(n_k * w_k per tensor, the pooled-BatchNorm moments, and n_k), from which it computes the
-FedAvg mean. A single masked update is uniformly distributed, whatever the site sent.
+subtracts it. Each site also adds a *self mask*, expanded from a seed only it can derive (from
+its private key and the round). Updates are encoded as fixed-point integers modulo 2^64, so the
+masks cancel *exactly*; the server learns only the sum of the sites' contributions
+(n_k * w_k per tensor, the pooled-BatchNorm moments, and n_k), from which it computes the FedAvg
+mean. A single masked update is uniformly distributed, whatever the site sent.
 
 Overflow: the ring holds signed sums below 2^63 in magnitude, and a wrapped sum is silently wrong
 (its sign flips). The server cannot see a masked value, so each site refuses to send a contribution
 whose fixed-point magnitude reaches 2^63 / K (K: the sites masking this round, itself included):
 then no sum of up to K contributions can wrap. A site that drops out only removes a term.
 
-Dropout: if a site that was told to mask fails before its update arrives, the survivors send
-the masks they share with it, and the server removes them from the sum.
+Unmasking, after the masked updates are in: the server names the survivors S (the sites whose
+update arrived) and asks each to **attest** S: it answers, once per round, a tag per other
+survivor (HMAC-SHA256 under their pairwise seed over the round and S). Then each survivor
+**reveals**: given the tags the others made for it, it checks that every other survivor attested
+the same S, that S and the dropped sites are exactly the round's sites, and that it has not
+revealed before; only then it sends its self mask plus its pairwise masks with the dropped sites,
+which the server subtracts from the sum.
 
-Threat model, stated plainly: an honest-but-curious server that follows the protocol. A server
-that lies about which sites dropped could ask for the masks of a site whose update it holds;
-Bonawitz et al.'s double masking with secret-shared self-masks closes that, and is not built here.
-Robust aggregators (median, trimmed mean, Krum) need individual updates and cannot run on sums.
+Threat model: the server learns the sum of the survivors' contributions and nothing about one
+site's update, also if it lies about who dropped out. To unmask site v it needs both v's pairwise
+masks (revealed only by survivors told that v dropped) and v's self mask (revealed only by v, told
+that it survived, with tags proving every other survivor was told the same set). A server that
+tells different sites different survivor sets fails the tag check; one that asks a site to attest
+a second set is refused. A site that fails between attesting and revealing ends the round (it
+cannot be recovered without revealing a mask twice): the federation stops with an error and
+continues from its last checkpoint with ``resume=``. Colluding sites learn what their own masks
+tell them: the sum of the honest sites' contributions. Robust aggregators (median, trimmed mean,
+Krum) need individual updates and cannot run on sums.
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
+import json
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -46,6 +61,12 @@ class MaskingKey:
         self._private = X25519PrivateKey.generate()
         self.public = self._private.public_key().public_bytes(serialization.Encoding.Raw,
                                                               serialization.PublicFormat.Raw)
+
+    def self_seed(self, round_idx: int) -> bytes:
+        """32-byte seed of this site's self mask for the round (derivable only from its private key)."""
+        raw = self._private.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw,
+                                          serialization.NoEncryption())
+        return HKDF(hashes.SHA256(), 32, salt=None, info=f"fedmed secagg self mask {round_idx}".encode()).derive(raw)
 
     def seed_with(self, peer_public: bytes, round_idx: int) -> bytes:
         """32-byte seed shared with the peer for this round (the same at both ends)."""
@@ -108,13 +129,18 @@ def pair_mask(key: MaskingKey, me: str, peer: str, peer_public: bytes, round_idx
     return m if me < peer else (np.uint64(0) - m)
 
 
+def self_mask(key: MaskingKey, round_idx: int, n: int) -> np.ndarray:
+    return prg(key.self_seed(round_idx), n)
+
+
 def mask(vector: np.ndarray, key: MaskingKey, me: str, peers: Mapping[str, bytes], round_idx: int) -> np.ndarray:
-    """A site's masked update: its contribution in the ring plus its pairwise masks with every other peer.
+    """A site's masked update: its contribution in the ring, its self mask, and its pairwise masks with
+    every other peer.
 
     ``peers`` holds every site masking this round (this one may be among them); the contribution is
     bounded so that the sum over all of them cannot wrap (:func:`contribution_limit`).
     """
-    out = to_ring(vector, n_sites=len(set(peers) | {me}))
+    out = to_ring(vector, n_sites=len(set(peers) | {me})) + self_mask(key, round_idx, len(vector))
     for peer, pub in peers.items():
         if peer != me:
             out = out + pair_mask(key, me, peer, pub, round_idx, len(out))  # uint64: wraps modulo 2^64
@@ -122,15 +148,30 @@ def mask(vector: np.ndarray, key: MaskingKey, me: str, peers: Mapping[str, bytes
 
 
 def dropout_correction(key: MaskingKey, me: str, dropped: Mapping[str, bytes], round_idx: int, n: int) -> np.ndarray:
-    """The sum of a survivor's masks with the sites that dropped out (the server subtracts it)."""
+    """The sum of a survivor's masks with the sites that dropped out."""
     out = np.zeros(n, dtype=np.uint64)
     for peer, pub in dropped.items():
         out = out + pair_mask(key, me, peer, pub, round_idx, n)
     return out
 
 
+def survivors_message(round_idx: int, survivors: Sequence[str]) -> bytes:
+    return f"fedmed secagg survivors {round_idx}: {json.dumps(sorted(survivors))}".encode()
+
+
+def attest_tag(key: MaskingKey, peer_public: bytes, round_idx: int, survivors: Sequence[str]) -> bytes:
+    """This site's statement to one peer that the server named ``survivors`` (only the two of them can make it)."""
+    return hmac.new(key.seed_with(peer_public, round_idx), survivors_message(round_idx, survivors),
+                    hashlib.sha256).digest()
+
+
+def reveal(key: MaskingKey, me: str, dropped: Mapping[str, bytes], round_idx: int, n: int) -> np.ndarray:
+    """What a survivor sends for the server to subtract: its self mask and its masks with the dropped sites."""
+    return self_mask(key, round_idx, n) + dropout_correction(key, me, dropped, round_idx, n)
+
+
 def unmask_sum(masked: Sequence[np.ndarray], corrections: Sequence[np.ndarray]) -> np.ndarray:
-    """Sum of the survivors' masked updates minus their dropout corrections: the sum of their contributions."""
+    """Sum of the survivors' masked updates minus what they revealed: the sum of their contributions."""
     total = np.zeros_like(masked[0])
     for m in masked:
         total = total + m

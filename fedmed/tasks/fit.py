@@ -19,7 +19,6 @@ from fedmed import build, deploy
 from fedmed.config import site_config
 from fedmed.data.datamodule import Pipeline
 from fedmed.data.sites import describe_partition
-from fedmed.errors import FedmedError
 from fedmed.federated import InProcessSite, Orchestrator
 from fedmed.federated.strategies.base import Strategy
 from fedmed.outcome import Trained, finish, log_partition
