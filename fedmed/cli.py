@@ -12,7 +12,7 @@ from fedmed.logs import setup_logging
 
 VERBS = {
     "fit": "train a federation (default), one site alone (site=<name>), or centrally (mode=centralized)",
-    "serve": "run a federation's server: sites on other machines connect through Flower (federation.server=host:port)",
+    "serve": "run a federation's server: a Flower SuperLink and fedmed's App; sites join with fedmed fit site=<name>",
     "explain": "heatmaps and faithfulness numbers for a trained model (checkpoint=runs:/<run_id> or a path)",
     "data check": "decode every sample of a dataset and check the site manifests; lists every problem",
     "audit privacy": "membership-inference attacks on a trained model's training data (checkpoint=runs:/<run_id>)",
@@ -49,10 +49,11 @@ EXAMPLES = {
         "  fedmed fit federation.compression=int8      # 4x smaller updates (fp16 | int8 | topk)",
     ],
     "serve": [
-        "  fedmed serve federation.server=0.0.0.0:8080                   # then, at each hospital:",
-        "  fedmed fit site=hospital_a federation.server=fed.example.org:8080",
-        "  fedmed serve federation.server=0.0.0.0:8443 federation.tls.ca_cert=ca.pem \\",
-        "      federation.tls.server_cert=server.pem federation.tls.server_key=server.key",
+        "  fedmed serve federation.server=0.0.0.0:9092 federation.tls.ca_cert=ca.pem \\",
+        "      federation.tls.server_cert=server.pem federation.tls.server_key=server.key \\",
+        "      'federation.auth.supernode_keys={hospital_a: a.pub, hospital_b: b.pub}'   # then, at each hospital:",
+        "  fedmed fit site=hospital_a federation.server=fed.example.org:9092 federation.tls.ca_cert=ca.pem \\",
+        "      federation.auth.private_key=hospital_a",
     ],
     "explain": [
         "  fedmed explain checkpoint=runs:/<run_id>    # Grad-CAM on 32 test images, per-class views, faithfulness",

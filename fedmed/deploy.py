@@ -345,6 +345,7 @@ def run_parallel(cfg: DictConfig) -> dict[str, Any]:
     source.ensure_available()
     build.write_partition(cfg, source)  # once, before the workers read their manifests
     folder = Path(tempfile.mkdtemp(prefix="fedmed-parallel-"))
+    cfg.paths.output_dir = str(folder)  # the workers' SuperNode logs (every other path is resolved already)
     config_file = folder / "config.yaml"
     config_file.write_text(OmegaConf.to_yaml(cfg, resolve=True))
     workers = []
