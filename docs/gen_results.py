@@ -30,8 +30,10 @@ SECTIONS = [
     "PneumoniaMNIST: federated, centralized and each site alone",
     "Strategies under label skew and under attack (PneumoniaMNIST, 4 sites)",
     "Brain tumour MRI",
+    "Skin lesions (HAM10000)",
     "Privacy",
     "Explanations",
+    "Claims checked",
     "Speed",
 ]
 REQUIRED = {"title": str, "section": str, "command": (str, list), "date": str, "machine": str, "seeds": list,

@@ -47,6 +47,7 @@ from fedmed.tracking import RunLog, Tracker, exit_status, run_status
 log = logging.getLogger("fedmed")
 
 CONFIG_FILE, RESULT_FILE, LOCAL_DATA, OVERRIDES = "config-file", "result-file", "local-data", "config-overrides"
+NOT_ACTIVATED = "Failed to activate SuperNode"  # Flower: the SuperLink does not (yet) know this node's key
 
 
 def _file(path: str | None, what: str) -> Path | None:
@@ -293,11 +294,11 @@ def _supernode_log(cfg: DictConfig, name: str) -> Path:
 class _Keeper:
     """This site's SuperNode, kept running until the federation ends.
 
-    Between two messages it checks the SuperNode: one that gave up reaching the SuperLink (exit
-    status 0, e.g. while the aggregator restarts to ``resume=``) is started again, for up to
-    ``connect_timeout`` seconds without a message; one that failed otherwise (a refused key, a bad
-    certificate) ends the site with its reason. Before the server's first message, the server must
-    reach this site within ``connect_timeout``.
+    Between two messages it checks the SuperNode. One that gave up reaching the SuperLink (exit
+    status 0, e.g. while the aggregator restarts to ``resume=``) or was not yet known to it
+    (Flower's "Failed to activate SuperNode": the SuperLink is up but has not registered the key
+    yet) is started again, for up to ``connect_timeout`` seconds without a message; then, or if it
+    failed otherwise (a bad key file, a bad certificate), the site ends with its reason.
     """
 
     def __init__(self, name: str, start, connect_timeout: float, node: NodeSite):
@@ -311,18 +312,29 @@ class _Keeper:
         if self.node.messages != self.seen:
             self.seen, self.waiting = self.node.messages, False
         code = self.proc.proc.poll()
-        if code not in (None, 0):
+        if code is None:
+            if self.waiting and now - self.lost > self.timeout:
+                self._give_up("never reached this site" if not self.node.run.active
+                              else "has not reached this site again")
+            return
+        reason = self.proc.last_line()
+        if code != 0 and NOT_ACTIVATED not in reason:
             self.proc.check()  # raises with the SuperNode's reason
-        if code == 0 and not self.waiting:
+        if not self.waiting:
             self.waiting, self.lost = True, now
-        if self.waiting and now - self.lost > self.timeout:
-            what = "never reached this site" if not self.node.run.active else "has not reached this site again"
-            raise FedmedError(f"federation.connect_timeout={self.timeout:g}s passed and the server {what} "
-                              f"(SuperNode log: {self.proc.log})")
-        if code == 0:
-            log.warning("[%s] the SuperNode lost the SuperLink (%s); starting it again", self.name,
-                        self.proc.last_line())
-            self.proc = self.start()
+        if now - self.lost > self.timeout:
+            if NOT_ACTIVATED in reason:
+                raise FedmedError(f"the SuperLink did not accept this SuperNode's key within federation.connect_"
+                                  f"timeout={self.timeout:g}s ({reason}); the server must list this site's public "
+                                  "key in federation.auth.supernode_keys")
+            self._give_up(f"could not be reached again ({reason})")
+        log.warning("[%s] the SuperNode stopped (%s); starting it again", self.name, reason)
+        time.sleep(2)
+        self.proc = self.start()
+
+    def _give_up(self, what: str) -> None:
+        raise FedmedError(f"federation.connect_timeout={self.timeout:g}s passed and the server {what} "
+                          f"(SuperNode log: {self.proc.log})")
 
 
 # -- every site on this machine ------------------------------------------------------------------

@@ -144,7 +144,7 @@ def test_every_primary_config_composes(isolated):
             compose(verb, [*isolated, *needs.get(verb, [])])
         assert cfg.data.name == "pneumoniamnist", verb
     serve = compose("serve", isolated)
-    assert serve.federation.server == "0.0.0.0:8080" and serve.privacy.audit == "loss"
+    assert serve.federation.server == "0.0.0.0:9092" and serve.privacy.audit == "loss"
     assert set(groups("serve")) >= {"data", "model", "privacy", "federation"}
     assert compose("audit_privacy", [*isolated, "checkpoint=x.pt"]).privacy.audit == "lira"
 

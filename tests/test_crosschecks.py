@@ -329,7 +329,8 @@ def _secure_mean(states, ns):
     keys = {n: sa.MaskingKey() for n in names}
     peers = {n: keys[n].public for n in names}
     masked = [sa.mask(sa.contribution(s, k), keys[n], n, peers, 1) for s, k, n in zip(states, ns, names, strict=True)]
-    return sa.mean_state(sa.unmask_sum(masked, []), states[0])
+    revealed = [sa.reveal(keys[n], n, {}, 1, len(masked[0])) for n in names]  # each site's self mask
+    return sa.mean_state(sa.unmask_sum(masked, revealed), states[0])
 
 
 def test_secure_sum_equals_fedavg_at_extreme_values():

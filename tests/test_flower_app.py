@@ -20,12 +20,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from flwr.app import Error, Message, RecordDict
+from flwr.app import ConfigRecord, Error, Message, RecordDict
 from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
 from mlflow import MlflowClient
 
+from fedmed.errors import FedmedError
 from fedmed.federated import FederationSettings, InProcessSite, Orchestrator, SiteClient, TrainingSettings
 from fedmed.federated import flower_app as fa
 from fedmed.federated.channel import UpdateChannel
@@ -180,6 +181,24 @@ def test_with_registered_keys_only_the_key_of_the_site_is_admitted_and_others_ar
         3: "site s1: its SuperNode did not authenticate with a key (the SuperLink must run with "
            "--enable-supernode-auth)"}
     assert {kind for nid, kind in grid.sent if nid in (1, 2, 3)} == {fa.HELLO, fa.REFUSED}  # never weights
+
+
+def test_a_node_site_checks_the_strategy_opens_its_run_at_hello_and_hears_refusals_and_the_end(tmp_path):
+    from fedmed.tracking import Tracker
+
+    client = site_factory(0, 20, make_strategy("fedavg"), None)()
+    store = lambda: Tracker(f"sqlite:///{tmp_path / 'm.db'}", "fedmed", str(tmp_path / "mlruns"))  # noqa: E731
+    node = fa.NodeSite(client, "fedprox", store, {"manifest": "m.json"}, {"dataset": "d"})
+    with pytest.raises(FedmedError, match="the server runs strategy=fedavg, this site is configured with "
+                                          "strategy=fedprox"):
+        node.handle(fa.HELLO, fa.hello_request({"strategy": "fedavg", "run_id": ""}))
+    assert not node.run.active  # no run opened for a federation it does not take part in
+    node = fa.NodeSite(client, "fedavg", store, {"manifest": "m.json"}, {"dataset": "d"})
+    reply = node.handle(fa.HELLO, fa.hello_request({"strategy": "fedavg", "run_id": ""}))
+    assert reply.config_records["hello"]["site"] == "s0" and node.run.active
+    node.handle(fa.REFUSED, RecordDict({"refused": ConfigRecord({"reason": "site s0: already connected"})}))
+    node.handle(fa.FINISH, RecordDict({"finish": ConfigRecord({"status": "FAILED"})}))
+    assert (node.refused, node.finished, node.messages) == ("site s0: already connected", "FAILED", 3)
 
 
 def test_site_errors_come_back_by_kind(serverapp):

@@ -19,6 +19,23 @@ def test_every_package_folder_is_in_the_wheel_list():
     assert found | {"fedmed.configs"} == listed
 
 
+def test_the_flower_app_is_declared_and_no_deprecated_flower_transport_is_imported():
+    import ast
+
+    app = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["flwr"]["app"]
+    assert app["components"] == {"serverapp": "fedmed.app:server_app", "clientapp": "fedmed.app:client_app"}
+    assert "config-overrides" in app["config"]
+    imported = set()
+    for path in (REPO / "fedmed").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                imported.add(node.module)
+            elif isinstance(node, ast.Import):
+                imported.update(a.name for a in node.names)
+    assert any(m.startswith("flwr.serverapp") for m in imported)  # the scan sees Flower imports at all
+    assert not [m for m in imported if m.startswith("flwr.compat") or "grpc_bidi" in m]
+
+
 def _files(root: Path) -> set[str]:
     return {str(p.relative_to(root)) for p in root.rglob("*") if p.is_file() and "__pycache__" not in p.parts}
 

@@ -83,7 +83,7 @@ class Process:
     def __init__(self, name: str, cmd: Sequence[str], log: Path | None = None, env: Mapping[str, str] | None = None,
                  cwd: Path | None = None):
         self.name, self.log = name, log
-        out = log.open("w") if log is not None else None
+        out = log.open("a") if log is not None else None  # a restarted process goes on in the same log
         try:
             self.proc = subprocess.Popen([str(BIN / cmd[0]), *cmd[1:]], stdout=out, stderr=subprocess.STDOUT,
                                          env={**os.environ, "FLWR_TELEMETRY_ENABLED": "0", **(env or {})},
@@ -102,8 +102,8 @@ class Process:
         """Its last error line (else its last line), and where its log is."""
         if self.log is None or not self.log.exists():
             return "see its output above"
-        lines = [_ANSI.sub("", line).strip() for line in self.log.read_text(errors="replace").splitlines()]
-        lines = [line for line in lines if line]
+        lines = [_ANSI.sub("", line).strip(" \0") for line in self.log.read_text(errors="replace").splitlines()]
+        lines = [line for line in lines if any(c.isalnum() for c in line)]
         errors = [line for line in lines if _ERROR.search(line)]
         said = (errors or lines or ["it wrote nothing"])[-1]
         return f"{said} (log: {self.log})"
