@@ -5,6 +5,7 @@ from fedmed.data.file_source import ImageFolderSource
 from fedmed.data.files import DataError
 from fedmed.data.manifest import Manifest, read_manifest, write_manifest
 from fedmed.data.medmnist_source import MedMNISTSource
+from fedmed.data.npz_source import NpzSource
 from fedmed.data.partition import partition_labels
 from fedmed.data.preprocessing import Preprocessing
 from fedmed.data.source import SPLITS, DataSource
@@ -18,6 +19,7 @@ __all__ = [
     "ImageFolderSource",
     "Manifest",
     "MedMNISTSource",
+    "NpzSource",
     "Pipeline",
     "Preprocessing",
     "SiteData",

@@ -1,0 +1,155 @@
+"""Benchmark: HAM10000 on its four real acquisition sites (natural partition by `source`).
+
+Centralized, federated strategies and each site alone, with the same model, resolution, total
+epochs (rounds x local epochs) and selection rule (best validation loss, never the test split).
+The selected model of every run is evaluated on the pooled test split and on each site's own test
+lesions (the test rows whose `source` is that site): balanced accuracy, macro-F1, macro AUROC.
+
+Every model is evaluated with the weights `fedmed fit` selects and logs (`checkpoint/model.pt` in
+its MLflow run). For FedBN that is the global model, whose BatchNorm layers hold the pooled
+statistics (`bn_stats: pooled`); the sites' own BatchNorm layers are not part of it.
+
+Usage:
+    FEDMED_DATA_DIR=../shared/data python benchmarks/ham10000_sites.py \
+        [--seeds 42] [--runs centralized fedavg fedbn locals] [--name ham10000_sites] [override ...]
+
+Run labels: centralized, fedavg, fedbn, fedprox, fedadam, scaffold, fednova, finetune (FedAvg plus
+`federation.finetune_epochs`, validation only), locals (every site alone) or local:<site>.
+Prints a markdown table (mean +- std over seeds) and writes bench_out/<name>.json after every run;
+rows already in that file (same label and seed) are kept and not run again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from results import ms, save_json
+
+from fedmed.build import build_module
+from fedmed.config import compose
+from fedmed.data.datamodule import Pipeline, make_loader
+from fedmed.logs import setup_logging
+from fedmed.models.metrics import evaluate
+from fedmed.tasks import fit
+
+STRATEGIES = ("fedavg", "fedbn", "fedprox", "fedadam", "scaffold", "fednova")
+KEYS = ("balanced_acc", "f1", "auroc", "acc")
+
+
+def run_overrides(label: str, finetune_epochs: int) -> list[str]:
+    if label == "centralized":
+        return ["mode=centralized"]
+    if label in STRATEGIES:
+        return [f"strategy={label}"]
+    if label == "finetune":
+        return ["strategy=fedavg", f"federation.finetune_epochs={finetune_epochs}"]
+    if label.startswith("local:"):
+        return [f"site={label.removeprefix('local:')}"]
+    raise SystemExit(f"unknown run {label!r}")
+
+
+class TestSets:
+    """The pooled test split and each site's own test rows, decoded once per data config."""
+
+    def __init__(self, cfg):
+        self.pipeline = Pipeline.from_config(cfg.data)
+        src = self.pipeline.source
+        self.pooled = self.pipeline.dataset("test")
+        where = np.asarray(src.column("test", cfg.partition.column))
+        self.sites = {s: np.flatnonzero(where == s) for s in cfg.federation.sites}
+
+    def evaluate(self, net: torch.nn.Module, num_classes: int) -> dict[str, dict[str, float]]:
+        out = {"pooled": self._metrics(net, self.pooled, num_classes)}
+        for site, rows in self.sites.items():
+            sub = type(self.pooled)(self.pooled.x[rows], self.pooled.y[rows])
+            out[site] = self._metrics(net, sub, num_classes)
+        return out
+
+    @staticmethod
+    def _metrics(net, ds, num_classes: int) -> dict[str, float]:
+        m, _ = evaluate(net, make_loader(ds, 256, False), num_classes)
+        return {**{k: m[k] for k in KEYS}, "n": len(ds)}
+
+
+def selected_weights(cfg, run_id: str) -> dict[str, torch.Tensor]:
+    """The weights `fedmed fit` selected, from its MLflow run (`checkpoint/model.pt`)."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(cfg.logger.tracking_uri)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = client.download_artifacts(run_id, "checkpoint/model.pt", tmp)
+        return torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
+
+
+def metric_history(cfg, run_id: str, key: str) -> list[tuple[int, float]]:
+    from mlflow.tracking import MlflowClient
+
+    return [(m.step, m.value) for m in MlflowClient(cfg.logger.tracking_uri).get_metric_history(run_id, key)]
+
+
+def table(rows: dict[str, list[dict]], sites: list[str]) -> str:
+    head = ["run", "test bal. ACC", "test macro-F1", "test AUROC", *[f"bal. ACC @ {s}" for s in sites], "time (s)"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for label, rs in rows.items():
+        cells = [label] + [ms([r["test_sites"]["pooled"][k] for r in rs]) for k in ("balanced_acc", "f1", "auroc")]
+        cells += [ms([r["test_sites"][s]["balanced_acc"] for r in rs]) for s in sites]
+        cells.append(f"{statistics.mean(r['seconds'] for r in rs):.0f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[42])
+    ap.add_argument("--runs", nargs="+", default=["centralized", "fedavg", "fedbn", "locals"])
+    ap.add_argument("--finetune-epochs", type=int, default=1)
+    ap.add_argument("--name", default="ham10000_sites", help="JSON name in bench_out/")
+    ap.add_argument("overrides", nargs="*", help="Hydra overrides applied to every run, e.g. federation.rounds=6")
+    args = ap.parse_args()
+    setup_logging()
+    base = ["data=ham10000", "logger.experiment=benchmark-ham10000", "logger.log_model=false", *args.overrides]
+    out_path = Path("bench_out") / f"{args.name}.json"
+    done: list[dict] = json.loads(out_path.read_text()) if out_path.exists() else []
+    cfg = compose("fit", [*base, f"seed={args.seeds[0]}"])
+    sites = list(cfg.federation.sites)
+    labels = [x for r in args.runs for x in ([f"local:{s}" for s in sites] if r == "locals" else [r])]
+    tests = TestSets(cfg)
+    for seed in args.seeds:
+        for label in labels:
+            if any(d["label"] == label and d["seed"] == seed for d in done):
+                continue
+            overrides = [*base, f"seed={seed}", *run_overrides(label, args.finetune_epochs)]
+            cfg = compose("fit", overrides)
+            t0 = time.perf_counter()
+            res = fit.run(cfg)
+            wall = time.perf_counter() - t0
+            module = build_module(cfg)
+            module.net.load_state_dict(selected_weights(cfg, res["run_id"]))
+            per_site = tests.evaluate(module.net, cfg.data.num_classes)
+            xai = metric_history(cfg, res["run_id"], "xai_site_consistency") if res["mode"] == "federated" else []
+            row = {"label": label, "seed": seed, "run_id": res["run_id"], "selected": res["selected"],
+                   "seconds": wall, "train_seconds": res["seconds"], "overrides": overrides,
+                   "test": res["test"], "test_sites": per_site, "val": res["sites"],
+                   "xai_site_consistency": xai}
+            done.append(row)
+            save_json(args.name, done)
+            print(f"{label} seed {seed}: selected {res['selected']}, pooled test bal. ACC "
+                  f"{per_site['pooled']['balanced_acc']:.3f} (fit says {res['test']['balanced_acc']:.3f}), "
+                  f"{wall:.0f}s", flush=True)
+    rows: dict[str, list[dict]] = {}
+    for d in done:
+        rows.setdefault(d["label"], []).append(d)
+    print(f"\nham10000, {cfg.model.name}, {cfg.data.image_size} px, {cfg.federation.rounds} rounds x "
+          f"{cfg.federation.local_epochs} local epochs; seeds {sorted({d['seed'] for d in done})}\n")
+    print(table(rows, sites))
+
+
+if __name__ == "__main__":
+    main()
