@@ -306,6 +306,7 @@ class _Keeper:
         self.proc: runtime.Process = start()
         self.seen, self.lost = node.messages, time.monotonic()  # lost: since when no message has come
         self.waiting = True  # for the first message, or for the SuperLink again
+        self.refused_key = ""  # Flower's last "not activated" reason, if any
 
     def check(self) -> None:
         now = time.monotonic()
@@ -318,6 +319,8 @@ class _Keeper:
                               else "has not reached this site again")
             return
         reason = self.proc.last_line()
+        if NOT_ACTIVATED in reason:
+            self.refused_key = reason
         if code != 0 and NOT_ACTIVATED not in reason:
             self.proc.check()  # raises with the SuperNode's reason
         if not self.waiting:
@@ -333,6 +336,10 @@ class _Keeper:
         self.proc = self.start()
 
     def _give_up(self, what: str) -> None:
+        if self.refused_key and not self.node.run.active:
+            raise FedmedError(f"the SuperLink did not accept this SuperNode's key within federation.connect_"
+                              f"timeout={self.timeout:g}s ({self.refused_key}); the server must list this site's "
+                              "public key in federation.auth.supernode_keys")
         raise FedmedError(f"federation.connect_timeout={self.timeout:g}s passed and the server {what} "
                           f"(SuperNode log: {self.proc.log})")
 
