@@ -27,7 +27,7 @@ from flwr.supercore.task_identity import TaskIdentity
 from mlflow import MlflowClient
 
 from fedmed.errors import FedmedError
-from fedmed.federated import FederationSettings, InProcessSite, Orchestrator, SiteClient, TrainingSettings
+from fedmed.federated import FederationSettings, InProcessSite, Orchestrator, SiteClient, TrainingSettings, runtime
 from fedmed.federated import flower_app as fa
 from fedmed.federated.channel import UpdateChannel
 from fedmed.federated.compression import UpdateEncoder
@@ -224,23 +224,6 @@ def test_site_errors_come_back_by_kind(serverapp):
 
 
 # -- the real runtime on loopback --------------------------------------------------------------
-APP = """[project]
-name = "fedmed-app"
-version = "0.1.0"
-description = "fedmed's federation as a Flower App"
-license = "Apache-2.0"
-dependencies = []
-
-[tool.flwr.app]
-publisher = "fedmed"
-
-[tool.flwr.app.components]
-serverapp = "fedmed.app:server_app"
-clientapp = "fedmed.app:client_app"
-
-[tool.flwr.app.config]
-config-overrides = ""
-"""
 
 
 def runtime_env(home: Path) -> dict[str, str]:
@@ -282,7 +265,7 @@ def test_a_flower_app_federation_equals_in_process(tmp_path, monkeypatch):
     home, app = tmp_path / "flwr", tmp_path / "app"
     home.mkdir()
     app.mkdir()
-    (app / "pyproject.toml").write_text(APP)
+    runtime.write_app(app)  # the App as fedmed serve submits it
     port = free_port()
     (home / "config.toml").write_text(f'[superlink.fedmed-test]\naddress = "127.0.0.1:{port}"\ninsecure = true\n')
     base = ["experiment=smoke", f"paths.manifests={tmp_path / 'manifests'}",
