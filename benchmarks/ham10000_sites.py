@@ -13,7 +13,7 @@ Usage:
     FEDMED_DATA_DIR=../shared/data python benchmarks/ham10000_sites.py \
         [--seeds 42] [--runs centralized fedavg fedbn locals] [--name ham10000_sites] [override ...]
 
-Run labels: centralized, fedavg, fedbn, fedprox, fedadam, scaffold, fednova, finetune (FedAvg plus
+Run labels: centralized, fedavg, fedavgm, fedbn, fedprox, fedadam, scaffold, fednova, finetune (FedAvg plus
 `federation.finetune_epochs`, validation only), locals (every site alone) or local:<site>.
 Prints a markdown table (mean +- std over seeds) and writes bench_out/<name>.json after every run;
 rows already in that file (same label and seed) are kept and not run again.
@@ -39,7 +39,7 @@ from fedmed.logs import setup_logging
 from fedmed.models.metrics import evaluate
 from fedmed.tasks import fit
 
-STRATEGIES = ("fedavg", "fedbn", "fedprox", "fedadam", "scaffold", "fednova")
+STRATEGIES = ("fedavg", "fedavgm", "fedbn", "fedprox", "fedadam", "scaffold", "fednova")
 KEYS = ("balanced_acc", "f1", "auroc", "acc")
 
 

@@ -154,6 +154,31 @@ def test_fedadam_moments_match_flower():
         global_w = new
 
 
+def test_fedavgm_server_momentum_matches_flower():
+    """FedAvgM over four rounds against Flower's ``FedAvgM`` (server lr 0.7, momentum 0.9), each
+    strategy feeding its own result back as the next global model."""
+    from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
+    from flwr.server.strategy import FedAvgM
+
+    from fedmed.federated.messages import FitResult
+    from fedmed.federated.strategies.fedavgm import FedAvgM as Ours
+
+    global_w = _states(1, 40, bn=False)[0]
+    ref = FedAvgM(initial_parameters=ndarrays_to_parameters([t.numpy() for t in global_w.values()]),
+                  server_learning_rate=0.7, server_momentum=0.9)
+    ours = Ours(server_lr=0.7, server_momentum=0.9)
+    for r in (1, 2, 3, 4):
+        states, ns = _states(3, 40 + r, bn=False), [5, 9, 2]
+        fits = [(None, FitRes(Status(Code.OK, ""), ndarrays_to_parameters(a), n, {})) for a, n in _results(states, ns)]
+        params, _ = ref.aggregate_fit(r, fits, [])
+        updates = [FitResult(f"s{i}", s, n) for i, (s, n) in enumerate(zip(states, ns, strict=True))]
+        new = ours.aggregate_fit(global_w, updates)
+        for key, arr in _as_dict(parameters_to_ndarrays(params), global_w).items():
+            np.testing.assert_allclose(new[key].numpy(), arr, rtol=1e-10, atol=1e-13, err_msg=f"round {r} {key}")
+        assert not np.allclose(new["fc.bias"].numpy(), agg.fedavg(states, ns)["fc.bias"].numpy())
+        global_w = new
+
+
 # -- privacy accounting vs dp_accounting -------------------------------------------------------
 def _event(history):
     return dpa.ComposedDpEvent([dpa.SelfComposedDpEvent(dpa.PoissonSampledDpEvent(q, dpa.GaussianDpEvent(s)), t)

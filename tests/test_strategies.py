@@ -92,6 +92,31 @@ def test_fedadam_strategy_keeps_state_for_resume():
     assert torch.equal(s.aggregate_fit(out, nxt)["w"], clone.aggregate_fit(out, nxt)["w"])
 
 
+def test_fedavgm_by_hand_and_fedavg_without_momentum():
+    """v = d (round 1), v = beta v + d after; x <- x - lr v with d = x - mean; buffers take the mean."""
+    def site(w, mean, batches=4):
+        return {"w": torch.tensor(w), "bn.running_mean": torch.tensor([mean]),
+                "bn.num_batches_tracked": torch.tensor(batches)}
+
+    g = site([1.0, 2.0], 0.0, 0)
+
+    s = make_strategy("fedavgm", server_lr=0.5, server_momentum=0.8)
+    out = s.aggregate_fit(g, fits([site([3.0, 2.0], 1.0), site([1.0, 6.0], 3.0)], [1, 1]))  # mean (2, 4): d = (-1, -2)
+    torch.testing.assert_close(out["w"], torch.tensor([1.5, 3.0]))
+    torch.testing.assert_close(out["bn.running_mean"], torch.tensor([2.0]))
+    clone = make_strategy("fedavgm", server_lr=0.5, server_momentum=0.8)
+    clone.load_state_dict(s.state_dict())
+    nxt = fits([site([2.5, 3.0], 0.0)])  # d = (-1, 0); v = 0.8 (-1, -2) + (-1, 0) = (-1.8, -1.6)
+    torch.testing.assert_close(s.aggregate_fit(out, nxt)["w"], torch.tensor([2.4, 3.8]))
+    torch.testing.assert_close(clone.aggregate_fit(out, nxt)["w"], torch.tensor([2.4, 3.8]))
+    plain, avg = make_strategy("fedavgm", server_momentum=0.0), make_strategy("fedavg")
+    f = fits([site([3.0, 2.0], 1.0), site([1.0, 6.0], 3.0)], [1, 3])
+    for key, v in avg.aggregate_fit(g, f).items():
+        torch.testing.assert_close(plain.aggregate_fit(g, f)[key], v)
+    with pytest.raises(ValueError, match="server_momentum"):
+        make_strategy("fedavgm", server_momentum=1.0)
+
+
 def test_scaffold_server_update_by_hand():
     s = make_strategy("scaffold", server_lr=0.5, local_lr=0.1, num_sites=4)
     g = {"w": torch.tensor([1.0, 1.0])}

@@ -8,6 +8,7 @@ A strategy is chosen with the ``strategy`` config group (``configs/strategy/<nam
 | fedavg | sample-weighted mean (BN stats pooled) | plain local training |
 | fedprox | as fedavg | loss + mu/2 ||w - w_global||^2 |
 | fedbn | as fedavg (global BN only for the pooled test) | keeps its own BatchNorm layers |
+| fedavgm | mean, then a server momentum step | plain local training |
 | fedadam / fedyogi | Adam / Yogi step on the pseudo-gradient | plain |
 | scaffold | mean update + control variate c | SGD with gradient correction c - c_i |
 | fednova | updates normalised by each site's local steps | reports its step count |
