@@ -179,6 +179,27 @@ def test_fedavgm_server_momentum_matches_flower():
         global_w = new
 
 
+def test_pooled_validation_balanced_accuracy_matches_sklearn():
+    """The sites' confusion matrices summed give scikit-learn's balanced accuracy of their labels together."""
+    from fedmed.federated.messages import EvalResult
+    from fedmed.federated.orchestrator import pooled_balanced_acc
+    from fedmed.models.metrics import make_metrics
+
+    rng = np.random.default_rng(3)
+    ys, ps, results = [], [], []
+    for i, (n, classes) in enumerate([(40, [0, 1]), (25, [1, 2, 3]), (9, [3])]):  # class 4 nowhere, 0 at one site
+        y = rng.choice(classes, n)
+        p = np.where(rng.random(n) < 0.6, y, rng.integers(0, 5, n))
+        m = make_metrics(5)
+        m.update(torch.nn.functional.one_hot(torch.as_tensor(p), 5).float(), torch.as_tensor(y))
+        results.append(EvalResult(f"s{i}", n, {}, m.compute()["confmat"]))
+        ys.append(y)
+        ps.append(p)
+    ref = skm.balanced_accuracy_score(np.concatenate(ys), np.concatenate(ps))
+    assert pooled_balanced_acc(results) == pytest.approx(ref, abs=1e-12)
+    assert math.isnan(pooled_balanced_acc([*results, EvalResult("no-confmat", 3, {})]))
+
+
 # -- privacy accounting vs dp_accounting -------------------------------------------------------
 def _event(history):
     return dpa.ComposedDpEvent([dpa.SelfComposedDpEvent(dpa.PoissonSampledDpEvent(q, dpa.GaussianDpEvent(s)), t)

@@ -108,6 +108,22 @@ def test_same_seed_same_global_weights(tmp_path, isolated):
     assert c["test"] != a["test"]
 
 
+def test_selection_on_validation_balanced_accuracy(tmp_path, isolated):
+    """select=best_val_balanced_acc keeps the round (federated) or epoch (centralized) whose pooled
+    validation balanced accuracy is highest, the first such on ties."""
+    base = [*isolated, "experiment=smoke", "federation.rounds=3", "logger.log_model=false",
+            "federation.select=best_val_balanced_acc", "privacy.audit=none"]
+    fed = fit.run(compose("fit", base))
+    central = fit.run(compose("fit", [*base, "mode=centralized"]))
+    client, _, _ = runs_of(tmp_path)
+    for res, key, tag in ((fed, "val_pooled_balanced_acc", "selected_round"),
+                          (central, "val_balanced_acc", "selected_epoch")):
+        hist = sorted((m.step, m.value) for m in client.get_metric_history(res["run_id"], key))
+        assert [s for s, _ in hist] == [1, 2, 3]
+        best = max(hist, key=lambda sv: (sv[1], -sv[0]))[0]
+        assert client.get_run(res["run_id"]).data.tags[tag] == str(best), hist
+
+
 def test_missing_data_is_a_clear_cli_error(tmp_path, isolated, capsys):
     code = main(["fit", *isolated, f"data.source.root={tmp_path / 'nowhere'}", "data.source.download=false"])
     err = capsys.readouterr().err

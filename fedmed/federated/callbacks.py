@@ -39,16 +39,18 @@ class EpochProgress(L.Callback):
 
 
 class BestOnValidation(L.Callback):
-    """Keeps (in memory) the weights of the epoch with the lowest validation loss."""
+    """Keeps (in memory) the weights of the epoch with the lowest validation loss, or with the
+    highest validation balanced accuracy (``select="best_val_balanced_acc"``)."""
 
-    def __init__(self) -> None:
+    def __init__(self, select: str = "best_val_loss") -> None:
+        self.key, self.sign = ("val_balanced_acc", -1.0) if select == "best_val_balanced_acc" else ("val_loss", 1.0)
         self.best_loss, self.best_epoch = float("inf"), 0
         self.best_state: dict[str, torch.Tensor] | None = None
 
     def on_train_epoch_end(self, trainer, pl_module):  # after the epoch's validation, with its metrics reduced
-        if "val_loss" not in trainer.callback_metrics:
+        if self.key not in trainer.callback_metrics:
             return
-        loss = float(trainer.callback_metrics["val_loss"])
+        loss = self.sign * float(trainer.callback_metrics[self.key])  # lower is better
         if loss < self.best_loss:
             self.best_loss, self.best_epoch = loss, trainer.current_epoch + 1
             self.best_state = clone_state(pl_module.net.state_dict())

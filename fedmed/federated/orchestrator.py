@@ -30,7 +30,29 @@ from fedmed.tracking import RunLog
 
 log = logging.getLogger("fedmed")
 
-SELECTIONS = ("best_val_loss", "last")
+SELECTIONS = ("best_val_loss", "best_val_balanced_acc", "last")
+
+
+def pooled_balanced_acc(results: Sequence[EvalResult]) -> float:
+    """Balanced accuracy of the sites' validation data taken together (their confusion matrices summed).
+
+    NaN when a site sent no confusion matrix. Unlike the sample-weighted mean of the sites' own
+    balanced accuracies, a class only one site holds counts as much as any other.
+    """
+    if not results or any(r.confmat is None for r in results):
+        return float("nan")
+    confmat = sum(r.confmat.to(torch.float64) for r in results)  # type: ignore[union-attr]
+    support = confmat.sum(1)
+    present = support > 0
+    return float((confmat.diagonal()[present] / support[present]).mean()) if present.any() else float("nan")
+
+
+def selection_score(select: str, metrics: Mapping[str, float]) -> float:
+    """Lower is better: the validation loss, or minus the pooled validation balanced accuracy."""
+    if select == "best_val_balanced_acc":
+        value = metrics["val_pooled_balanced_acc"]
+        return float("inf") if math.isnan(value) else -value
+    return metrics["val_loss"]
 
 
 @dataclass(frozen=True)
@@ -44,7 +66,9 @@ class FederationSettings:
         min_sites: sample at least this many sites, and need this many successful updates.
         seed: seeds site sampling.
         select: ``best_val_loss`` keeps the global model with the lowest sample-weighted site
-            validation loss (federated evaluation; the test split is never used), ``last`` the final one.
+            validation loss (federated evaluation; the test split is never used),
+            ``best_val_balanced_acc`` the one with the highest balanced accuracy on the sites'
+            validation data taken together, ``last`` the final one.
         explain_rounds: rounds at which sites also explain the new global model (numbers come back).
         site_timeout: seconds a site may take to train (None: no limit).
         secure_aggregation: sites send masked contributions; the server only learns their sum
@@ -247,6 +271,7 @@ class Orchestrator:
         explain = r in self.settings.explain_rounds
         evals = self._evaluate_round(r, global_w, explain)
         metrics = {f"val_{k}": v for k, v in weighted_metrics(list(evals.values())).items()}
+        metrics["val_pooled_balanced_acc"] = pooled_balanced_acc(list(evals.values()))
         if explain:
             metrics["xai_site_consistency"] = site_consistency(list(evals.values()))
         n_train = sum(f.num_samples for f in fits)
@@ -318,8 +343,9 @@ class Orchestrator:
             global_w = self.strategy.aggregate_fit(global_w, fits_in)
             record, evals = self._evaluate(r, global_w, fits, len(chosen), bytes_up, bytes_down, t0)
             history.append(record)
-            if best is None or s.select == "last" or record.metrics["val_loss"] < best[0]:
-                best = (record.metrics["val_loss"], r, clone_state(global_w), evals)
+            score = selection_score(s.select, record.metrics)
+            if best is None or s.select == "last" or score < best[0]:
+                best = (score, r, clone_state(global_w), evals)
             if self.checkpoint:
                 save_checkpoint(self.checkpoint, self.state(r, global_w, best, history))
         assert best is not None

@@ -118,12 +118,13 @@ class LocalTraining:
         """Train continuously for ``epochs`` with validation after each (local and centralized baselines).
 
         Returns:
-            (weights, epoch): the best-validation-loss epoch's weights, or the last epoch's if
-            ``select == "last"``.
+            (weights, epoch): the weights of the epoch with the best validation loss (or the best
+            validation balanced accuracy, ``select="best_val_balanced_acc"``), or the last epoch's
+            if ``select == "last"``.
         """
         seed = self.settings.seed
         L.seed_everything(site_seed(seed, 0, self.site_index), verbose=False)
-        best = BestOnValidation()
+        best = BestOnValidation(select)
         self.module.schedule = (0, epochs)
         trainer = self._trainer(epochs, [EpochProgress(self.name, "training", on_epoch), best], validate=True)
         loader = make_loader(self.data.train, self.settings.batch_size, shuffle=True, seed=seed)

@@ -163,7 +163,7 @@ def _baseline(cfg, mode, sites, datas, tracker: Tracker, run_id: str) -> Trained
     ((who, data),) = datas.items()
     t0 = time.perf_counter()
     client = build.site_client(cfg, who, 0, data, RunLog(tracker, run_id))
-    weights, best_epoch = client.train_alone(epochs, "last" if cfg.federation.select == "last" else "best_val_loss")
+    weights, best_epoch = client.train_alone(epochs, cfg.federation.select)
     seconds = time.perf_counter() - t0
     tracker.set_tags(run_id, {"selected_epoch": best_epoch})
     rows = [(f"{mode} model", who, "val", client.evaluate(weights, epochs, log_metrics=False))]
