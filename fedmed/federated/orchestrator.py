@@ -39,9 +39,10 @@ def pooled_balanced_acc(results: Sequence[EvalResult]) -> float:
     NaN when a site sent no confusion matrix. Unlike the sample-weighted mean of the sites' own
     balanced accuracies, a class only one site holds counts as much as any other.
     """
-    if not results or any(r.confmat is None for r in results):
+    mats = [r.confmat for r in results]
+    if not mats or any(m is None for m in mats):
         return float("nan")
-    confmat = sum(r.confmat.to(torch.float64) for r in results)  # type: ignore[union-attr]
+    confmat = torch.stack([m.to(torch.float64) for m in mats if m is not None]).sum(0)
     support = confmat.sum(1)
     present = support > 0
     return float((confmat.diagonal()[present] / support[present]).mean()) if present.any() else float("nan")
