@@ -28,7 +28,9 @@ class EpochProgress(L.Callback):
         # Lightning runs the epoch's validation before this hook, and reduces train_loss just
         # before it: here both are in callback_metrics (in on_validation_epoch_end neither is yet).
         m = {k: float(v) for k, v in trainer.callback_metrics.items() if v.ndim == 0}
-        extra = f" val_loss={m['val_loss']:.4f} val_acc={m.get('val_acc', float('nan')):.4f}" if "val_loss" in m else ""
+        nan = float("nan")
+        extra = (f" val_loss={m['val_loss']:.4f} val_acc={m.get('val_acc', nan):.4f}"
+                 f" val_bal_acc={m.get('val_balanced_acc', nan):.4f}" if "val_loss" in m else "")
         log.info(
             "  [%s] %s epoch %d/%d train_loss=%.4f%s (%.1fs)",
             self.site, self.label, trainer.current_epoch + 1, trainer.max_epochs,

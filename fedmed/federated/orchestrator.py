@@ -285,9 +285,9 @@ class Orchestrator:
                              {f.site: dict(f.metrics) for f in fits})
         metrics["round_seconds"] = record.seconds
         self.run_log.log_metrics(metrics, step=r)
-        log.info("round %d/%d: val_loss=%.4f val_acc=%.4f val_auroc=%.4f | sent %.2f MB | %.1fs", r, rounds,
-                 metrics["val_loss"], metrics["val_acc"], metrics["val_auroc"], (bytes_up + bytes_down) / 2**20,
-                 record.seconds)
+        log.info("round %d/%d: val_loss=%.4f val_acc=%.4f val_bal_acc=%.4f val_auroc=%.4f | sent %.2f MB | %.1fs",
+                 r, rounds, metrics["val_loss"], metrics["val_acc"], metrics["val_pooled_balanced_acc"],
+                 metrics["val_auroc"], (bytes_up + bytes_down) / 2**20, record.seconds)
         if explain:
             log.info("round %d/%d: explained at every site: deletion AUC %.3f, insertion AUC %.3f, "
                      "cross-site heatmap consistency %.3f", r, rounds, metrics["val_xai_deletion_auc"],
