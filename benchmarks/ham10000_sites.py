@@ -111,10 +111,14 @@ def main() -> None:
     ap.add_argument("--runs", nargs="+", default=["centralized", "fedavg", "fedbn", "locals"])
     ap.add_argument("--finetune-epochs", type=int, default=1)
     ap.add_argument("--name", default="ham10000_sites", help="JSON name in bench_out/")
-    ap.add_argument("overrides", nargs="*", help="Hydra overrides applied to every run, e.g. federation.rounds=6")
+    ap.add_argument("overrides", nargs="*", help="Hydra overrides applied to every run, e.g. federation.rounds=6 "
+                    "(strategy.* ones to the federated runs only)")
     args = ap.parse_args()
     setup_logging()
-    base = ["data=ham10000", "logger.experiment=benchmark-ham10000", "logger.log_model=false", *args.overrides]
+    # strategy.* overrides (e.g. strategy.server_momentum=0.5) apply to the federated runs only
+    strategy_keys = [o for o in args.overrides if o.startswith("strategy.")]
+    base = ["data=ham10000", "logger.experiment=benchmark-ham10000", "logger.log_model=false",
+            *[o for o in args.overrides if o not in strategy_keys]]
     out_path = Path("bench_out") / f"{args.name}.json"
     done: list[dict] = json.loads(out_path.read_text()) if out_path.exists() else []
     cfg = compose("fit", [*base, f"seed={args.seeds[0]}"])
@@ -126,6 +130,8 @@ def main() -> None:
             if any(d["label"] == label and d["seed"] == seed for d in done):
                 continue
             overrides = [*base, f"seed={seed}", *run_overrides(label, args.finetune_epochs)]
+            if label in STRATEGIES or label == "finetune":
+                overrides += strategy_keys
             cfg = compose("fit", overrides)
             t0 = time.perf_counter()
             res = fit.run(cfg)

@@ -18,9 +18,13 @@ log = logging.getLogger("fedmed")
 
 def partition_spec(sites: Sequence[str], method: str, alpha: float | None, seed: int, min_samples: int = 10,
                    column: str | None = None, groups: Mapping[str, Sequence[str]] | None = None) -> dict[str, Any]:
-    """The partition settings recorded in every manifest (and compared on reuse)."""
-    spec: dict[str, Any] = {"method": method, "alpha": alpha, "seed": seed, "min_samples": min_samples,
-                            "sites": list(sites)}
+    """The partition settings recorded in every manifest (and compared on reuse).
+
+    A natural partition draws nothing (each site holds the rows its column names), so it records
+    no seed and the same manifests serve every seed.
+    """
+    spec: dict[str, Any] = {"method": method, "alpha": alpha, "seed": None if method == "natural" else seed,
+                            "min_samples": min_samples, "sites": list(sites)}
     if method == "natural":
         spec.update(column=column, groups={k: list(v) for k, v in groups.items()} if groups else None)
     return spec
