@@ -105,12 +105,43 @@ def table(rows: dict[str, list[dict]], sites: list[str]) -> str:
     return "\n".join(lines)
 
 
+NAMES = {"centralized": "centralized", "fedavg": "federated, FedAvg", "fedavgm": "federated, FedAvgM",
+         "fedbn": "federated, FedBN", "fedprox": "federated, FedProx", "fedadam": "federated, FedAdam",
+         "scaffold": "federated, SCAFFOLD", "fednova": "federated, FedNova",
+         "finetune": "federated, FedAvg + fine-tuning"}
+
+
+def results_rows(rows: dict[str, list[dict]], sites: list[str]) -> tuple[list[str], list[list[str]]]:
+    """Columns and rows of the Results page table (``benchmarks/results/*.json``) for these runs."""
+    columns = ["run", "seeds", "selected", "test bal. ACC", "test macro-F1", "test AUROC",
+               *[f"bal. ACC @ {s}" for s in sites], "wall time (s)"]
+    out = []
+    for label, rs in rows.items():
+        name = f"{label.removeprefix('local:')} alone" if label.startswith("local:") else NAMES.get(label, label)
+        cells = [name, " ".join(str(r["seed"]) for r in rs), "; ".join(r["selected"] for r in rs)]
+        cells += [ms([r["test_sites"]["pooled"][k] for r in rs]) for k in ("balanced_acc", "f1", "auroc")]
+        cells += [ms([r["test_sites"][s]["balanced_acc"] for r in rs]) for s in sites]
+        cells.append(f"{statistics.mean(r['seconds'] for r in rs):.0f}")
+        out.append(cells)
+    return columns, out
+
+
+def write_results(path: Path, rows: dict[str, list[dict]], sites: list[str]) -> None:
+    """Put this run's columns and rows into a Results page JSON file (its other keys are kept)."""
+    table = json.loads(path.read_text()) if path.exists() else {}
+    table["columns"], table["rows"] = results_rows(rows, sites)
+    path.write_text(json.dumps(table, indent=1, ensure_ascii=False) + "\n")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seeds", type=int, nargs="+", default=[42])
     ap.add_argument("--runs", nargs="+", default=["centralized", "fedavg", "fedbn", "locals"])
     ap.add_argument("--finetune-epochs", type=int, default=1)
     ap.add_argument("--name", default="ham10000_sites", help="JSON name in bench_out/")
+    ap.add_argument("--results", type=Path, default=None,
+                    help="also write the table's columns and rows into this benchmarks/results/*.json file")
+    ap.add_argument("--only", action="store_true", help="run nothing; print (and --results) what bench_out holds")
     ap.add_argument("overrides", nargs="*", help="Hydra overrides applied to every run, e.g. federation.rounds=6 "
                     "(strategy.* ones to the federated runs only)")
     args = ap.parse_args()
@@ -124,8 +155,8 @@ def main() -> None:
     cfg = compose("fit", [*base, f"seed={args.seeds[0]}"])
     sites = list(cfg.federation.sites)
     labels = [x for r in args.runs for x in ([f"local:{s}" for s in sites] if r == "locals" else [r])]
-    tests = TestSets(cfg)
-    for seed in args.seeds:
+    tests = None if args.only else TestSets(cfg)
+    for seed in [] if args.only else args.seeds:
         for label in labels:
             if any(d["label"] == label and d["seed"] == seed for d in done):
                 continue
@@ -138,7 +169,7 @@ def main() -> None:
             wall = time.perf_counter() - t0
             module = build_module(cfg)
             module.net.load_state_dict(selected_weights(cfg, res["run_id"]))
-            per_site = tests.evaluate(module.net, cfg.data.num_classes)
+            per_site = tests.evaluate(module.net, cfg.data.num_classes)  # type: ignore[union-attr]
             xai = metric_history(cfg, res["run_id"], "xai_site_consistency") if res["mode"] == "federated" else []
             row = {"label": label, "seed": seed, "run_id": res["run_id"], "selected": res["selected"],
                    "seconds": wall, "train_seconds": res["seconds"], "overrides": overrides,
@@ -155,6 +186,8 @@ def main() -> None:
     print(f"\nham10000, {cfg.model.name}, {cfg.data.image_size} px, {cfg.federation.rounds} rounds x "
           f"{cfg.federation.local_epochs} local epochs; seeds {sorted({d['seed'] for d in done})}\n")
     print(table(rows, sites))
+    if args.results:
+        write_results(args.results, rows, sites)
 
 
 if __name__ == "__main__":
