@@ -126,10 +126,22 @@ def results_rows(rows: dict[str, list[dict]], sites: list[str]) -> tuple[list[st
     return columns, out
 
 
-def write_results(path: Path, rows: dict[str, list[dict]], sites: list[str]) -> None:
-    """Put this run's columns and rows into a Results page JSON file (its other keys are kept)."""
+def per_site_rows(rows: dict[str, list[dict]], sites: list[str]) -> tuple[list[str], list[list[str]]]:
+    """Every run on the pooled test split and on each site's own test lesions, all four metrics."""
+    columns = ["run", "seeds", "test data", "n", "bal. ACC", "macro-F1", "AUROC", "ACC"]
+    out = []
+    for label, rs in rows.items():
+        name = f"{label.removeprefix('local:')} alone" if label.startswith("local:") else NAMES.get(label, label)
+        for where in ("pooled", *sites):
+            out.append([name, " ".join(str(r["seed"]) for r in rs), where, str(rs[0]["test_sites"][where]["n"]),
+                        *[ms([r["test_sites"][where][k] for r in rs]) for k in ("balanced_acc", "f1", "auroc", "acc")]])
+    return columns, out
+
+
+def write_results(path: Path, columns: list[str], body: list[list[str]]) -> None:
+    """Put a table's columns and rows into a Results page JSON file (its other keys are kept)."""
     table = json.loads(path.read_text()) if path.exists() else {}
-    table["columns"], table["rows"] = results_rows(rows, sites)
+    table["columns"], table["rows"] = columns, body
     path.write_text(json.dumps(table, indent=1, ensure_ascii=False) + "\n")
 
 
@@ -141,6 +153,8 @@ def main() -> None:
     ap.add_argument("--name", default="ham10000_sites", help="JSON name in bench_out/")
     ap.add_argument("--results", type=Path, default=None,
                     help="also write the table's columns and rows into this benchmarks/results/*.json file")
+    ap.add_argument("--results-per-site", type=Path, default=None,
+                    help="also write the per-site table (every metric at every site) into this file")
     ap.add_argument("--only", action="store_true", help="run nothing; print (and --results) what bench_out holds")
     ap.add_argument("overrides", nargs="*", help="Hydra overrides applied to every run, e.g. federation.rounds=6 "
                     "(strategy.* ones to the federated runs only)")
@@ -187,7 +201,9 @@ def main() -> None:
           f"{cfg.federation.local_epochs} local epochs; seeds {sorted({d['seed'] for d in done})}\n")
     print(table(rows, sites))
     if args.results:
-        write_results(args.results, rows, sites)
+        write_results(args.results, *results_rows(rows, sites))
+    if args.results_per_site:
+        write_results(args.results_per_site, *per_site_rows(rows, sites))
 
 
 if __name__ == "__main__":
