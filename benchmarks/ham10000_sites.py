@@ -197,8 +197,9 @@ def main() -> None:
     rows: dict[str, list[dict]] = {}
     for d in done:
         rows.setdefault(d["label"], []).append(d)
-    print(f"\nham10000, {cfg.model.name}, {cfg.data.image_size} px, {cfg.federation.rounds} rounds x "
-          f"{cfg.federation.local_epochs} local epochs; seeds {sorted({d['seed'] for d in done})}\n")
+    if not args.only:
+        print(f"\nham10000, {cfg.model.name}, {cfg.data.image_size} px, {cfg.federation.rounds} rounds x "
+              f"{cfg.federation.local_epochs} local epochs; seeds {sorted({d['seed'] for d in done})}\n")
     print(table(rows, sites))
     if args.results:
         write_results(args.results, *results_rows(rows, sites))
