@@ -72,7 +72,8 @@ def test_ham10000_split_by_lesion_and_natural_partition_by_source():
         build_manifests(src, ["hospital_a"], "natural", None, 0, column="source")
     assert manifests[0].partition["seed"] is None  # nothing is drawn: the same manifests serve every seed
     again = build_manifests(src, sites, "natural", None, 7, column="source")
-    assert [m.training for m in again] == [m.training for m in manifests] and again[0].partition == manifests[0].partition
+    assert [m.training for m in again] == [m.training for m in manifests]
+    assert again[0].partition == manifests[0].partition
     grouped = build_manifests(src, ["east", "west"], "natural", None, 0, column="source",
                               groups={"east": ["rosendahl", "vienna_dias"], "west": ["vidir_modern", "vidir_molemax"]})
     assert {src_of[e["image"]] for e in grouped[0].training} == {"rosendahl", "vienna_dias"}
