@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import shlex
+import signal
 import subprocess
 import sys
 import tempfile
@@ -295,7 +296,7 @@ class _Keeper:
     """This site's SuperNode, kept running until the federation ends.
 
     Between two messages it checks the SuperNode. One that gave up reaching the SuperLink (exit
-    status 0, e.g. while the aggregator restarts to ``resume=``) or was not yet known to it
+    status 0 or SIGINT, e.g. while the aggregator restarts to ``resume=``) or was not yet known to it
     (Flower's "Failed to activate SuperNode": the SuperLink is up but has not registered the key
     yet) is started again, for up to ``connect_timeout`` seconds without a message; then, or if it
     failed otherwise (a bad key file, a bad certificate), the site ends with its reason.
@@ -321,7 +322,9 @@ class _Keeper:
         reason = self.proc.last_line()
         if NOT_ACTIVATED in reason:
             self.refused_key = reason
-        if code != 0 and NOT_ACTIVATED not in reason:
+        # 0 or SIGINT: the SuperNode gave up reaching the SuperLink (Flower ends it either way; it runs
+        # in its own process group, so a Ctrl-C at the terminal does not reach it)
+        if code not in (0, -signal.SIGINT) and NOT_ACTIVATED not in reason:
             self.proc.check()  # raises with the SuperNode's reason
         if not self.waiting:
             self.waiting, self.lost = True, now
