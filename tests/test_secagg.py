@@ -171,7 +171,10 @@ def test_federation_under_secure_aggregation_matches_plain_fedavg():
     plain, secure = runs[False], runs[True]
     for k, v in plain.final_weights.items():
         assert secure.final_weights[k].dtype == v.dtype
-        assert torch.allclose(secure.final_weights[k].double(), v.double(), atol=1e-5), k
+        # round 1's sums agree to the 2^-24 fixed point; round 2 trains from them, which amplifies that
+        # to about 3e-5 with torch 2.14 (weights are ~1e-2; a wrong mask would be off by O(1))
+        diff = (secure.final_weights[k].double() - v.double()).abs().max().item()
+        assert diff < 1e-4, (k, diff)
     assert secure.history[1].sites == ["s0", "s1"]  # round 2 went on without the dropped site
     # a masked update is 64-bit per value: twice the float32 weights
     assert secure.history[0].bytes_up == pytest.approx(2 * plain.history[0].bytes_up, rel=0.01)
