@@ -24,6 +24,7 @@ from fedmed.federated.secure_round import collect_keys, unmask
 from fedmed.federated.strategies.base import Strategy
 from fedmed.federated.transport import SiteTransport
 from fedmed.federated.updates import check_masked, check_update, receive
+from fedmed.models.metrics import balanced_accuracy
 from fedmed.privacy.dp import PrivacyBudgetExhausted
 from fedmed.privacy.secagg import vector_length
 from fedmed.tracking import RunLog
@@ -42,10 +43,7 @@ def pooled_balanced_acc(results: Sequence[EvalResult]) -> float:
     mats = [r.confmat for r in results]
     if not mats or any(m is None for m in mats):
         return float("nan")
-    confmat = torch.stack([m.to(torch.float64) for m in mats if m is not None]).sum(0)
-    support = confmat.sum(1)
-    present = support > 0
-    return float((confmat.diagonal()[present] / support[present]).mean()) if present.any() else float("nan")
+    return balanced_accuracy(torch.stack([m.to(torch.float64) for m in mats if m is not None]).sum(0))
 
 
 def selection_score(select: str, metrics: Mapping[str, float]) -> float:

@@ -57,6 +57,15 @@ def compute_metrics(metrics: MetricCollection) -> tuple[dict[str, float], torch.
         return flatten_metrics(metrics.compute())
 
 
+def balanced_accuracy(confmat: torch.Tensor) -> float:
+    """Mean recall over the classes present in the labels (rows of ``confmat``); NaN if none is."""
+    support = confmat.sum(1)
+    present = support > 0
+    if not present.any():
+        return float("nan")
+    return float((confmat.diagonal()[present].double() / support[present].double()).mean())
+
+
 def flatten_metrics(values: dict[str, torch.Tensor]) -> tuple[dict[str, float], torch.Tensor]:
     """Turn a computed collection into scalar floats (``f1_class<i>`` per class) and the confusion matrix.
 
@@ -70,9 +79,7 @@ def flatten_metrics(values: dict[str, torch.Tensor]) -> tuple[dict[str, float], 
     defined = (support > 0) & (support < support.sum())  # one-vs-rest AUROC needs positives and negatives
     auroc = values["auroc"].cpu()
     scalars["auroc"] = float(auroc[defined].mean()) if defined.any() else float("nan")
-    present = support > 0
-    recalls = confmat.diagonal()[present].double() / support[present].double()
-    scalars["balanced_acc"] = float(recalls.mean()) if present.any() else float("nan")
+    scalars["balanced_acc"] = balanced_accuracy(confmat)
     for name, v in values.items():
         if name in ("confmat", "auroc"):
             continue
