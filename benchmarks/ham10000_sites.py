@@ -67,10 +67,14 @@ class TestSets:
 
     def evaluate(self, net: torch.nn.Module, num_classes: int) -> dict[str, dict[str, float]]:
         out = {"pooled": self._metrics(net, self.pooled, num_classes)}
-        for site, rows in self.sites.items():
-            sub = type(self.pooled)(self.pooled.x[rows], self.pooled.y[rows])
-            out[site] = self._metrics(net, sub, num_classes)
+        for site in self.sites:
+            out[site] = self.evaluate_site(net, site, num_classes)
         return out
+
+    def evaluate_site(self, net: torch.nn.Module, site: str, num_classes: int) -> dict[str, float]:
+        """``net`` on the test lesions of ``site`` only."""
+        rows = self.sites[site]
+        return self._metrics(net, type(self.pooled)(self.pooled.x[rows], self.pooled.y[rows]), num_classes)
 
     @staticmethod
     def _metrics(net, ds, num_classes: int) -> dict[str, float]:
@@ -78,8 +82,22 @@ class TestSets:
         return {**{k: m[k] for k in KEYS}, "n": len(ds)}
 
 
+def personalized(cfg, run_id: str, tests: TestSets) -> dict[str, dict[str, float]]:
+    """Each site's fine-tuned model (`checkpoint/model.pt` in its site run) on that site's own test lesions."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(cfg.logger.tracking_uri)
+    exp = client.get_run(run_id).info.experiment_id
+    out = {}
+    for r in client.search_runs([exp], filter_string=f"tags.mlflow.parentRunId = '{run_id}'"):
+        module = build_module(cfg)
+        module.net.load_state_dict(selected_weights(cfg, r.info.run_id))
+        out[r.info.run_name] = tests.evaluate_site(module.net, r.info.run_name, cfg.data.num_classes)
+    return out
+
+
 def selected_weights(cfg, run_id: str) -> dict[str, torch.Tensor]:
-    """The weights `fedmed fit` selected, from its MLflow run (`checkpoint/model.pt`)."""
+    """The weights `fedmed fit` selected (or a site fine-tuned), from its MLflow run (`checkpoint/model.pt`)."""
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(cfg.logger.tracking_uri)
@@ -189,6 +207,8 @@ def main() -> None:
                    "seconds": wall, "train_seconds": res["seconds"], "overrides": overrides,
                    "test": res["test"], "test_sites": per_site, "val": res["sites"],
                    "xai_site_consistency": xai}
+            if label == "finetune":
+                row["personalized_sites"] = personalized(cfg, res["run_id"], tests)  # type: ignore[arg-type]
             done.append(row)
             save_json(args.name, done)
             print(f"{label} seed {seed}: selected {res['selected']}, pooled test bal. ACC "

@@ -124,6 +124,34 @@ def test_selection_on_validation_balanced_accuracy(tmp_path, isolated):
         assert client.get_run(res["run_id"]).data.tags[tag] == str(best), hist
 
 
+def test_finetuned_site_models_are_logged_in_their_site_runs(tmp_path, isolated):
+    """federation.finetune_epochs=1: each site run holds its personalised model as checkpoint/model.pt,
+    which differs from the global one and scores on the site's validation data what the run logged."""
+    from fedmed import build
+    from fedmed.data.datamodule import Pipeline, make_loader
+    from fedmed.models.metrics import evaluate
+
+    cfg = compose("fit", [*isolated, "experiment=smoke", "logger.log_model=false", "privacy.audit=none",
+                          "explain.every_n_rounds=0", "federation.finetune_epochs=1"])
+    res = fit.run(cfg)
+    client, _, runs = runs_of(tmp_path)
+    global_sd = torch.load(client.download_artifacts(res["run_id"], "checkpoint/model.pt", str(tmp_path / "g")),
+                           weights_only=False)["state_dict"]
+    _, datas = build.load_sites(cfg, Pipeline.from_config(cfg.data).source, list(cfg.federation.sites))
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == res["run_id"]]
+    assert sorted(r.info.run_name for r in children) == ["hospital_a", "hospital_b"]
+    for r in children:
+        path = client.download_artifacts(r.info.run_id, "checkpoint/model.pt", str(tmp_path / r.info.run_name))
+        ckpt = build.load_model_checkpoint(path, None, tmp_path)
+        assert ckpt["run_id"] == r.info.run_id and ckpt["epochs"] == 2
+        sd = ckpt["state_dict"]
+        assert any(not torch.equal(sd[k], global_sd[k]) for k in global_sd)
+        net = build.build_module(cfg).net
+        net.load_state_dict(sd)
+        metrics, _ = evaluate(net, make_loader(datas[r.info.run_name].val, 256, False), cfg.data.num_classes)
+        assert abs(metrics["acc"] - r.data.metrics["personalized_val_acc"]) < 1e-6
+
+
 def test_missing_data_is_a_clear_cli_error(tmp_path, isolated, capsys):
     code = main(["fit", *isolated, f"data.source.root={tmp_path / 'nowhere'}", "data.source.download=false"])
     err = capsys.readouterr().err
