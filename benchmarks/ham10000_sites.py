@@ -62,7 +62,8 @@ class TestSets:
         self.pipeline = Pipeline.from_config(cfg.data)
         src = self.pipeline.source
         self.pooled = self.pipeline.dataset("test")
-        where = np.asarray(src.column("test", cfg.partition.column))
+        # each site's own test lesions: by the acquisition source, whatever the partition (iid too)
+        where = np.asarray(src.column("test", cfg.partition.get("column", "source")))
         self.sites = {s: np.flatnonzero(where == s) for s in cfg.federation.sites}
 
     def evaluate(self, net: torch.nn.Module, num_classes: int) -> dict[str, dict[str, float]]:

@@ -143,11 +143,11 @@ def _federate(cfg, strategy, sites, datas, site_cfgs, class_names, initial, trac
         for c in clients:
             tuned = c.train(result.weights, fed.rounds + 1, fed.finetune_epochs, instructions, send=False).weights
             ev = c.evaluate(tuned, fed.rounds + 1, log_metrics=False)
-            tracker.log_metrics(c.run.run_id, {f"personalized_val_{k}": v for k, v in ev.metrics.items()},  # type: ignore[arg-type]
-                                step=fed.rounds)
+            site_run = site_runs[c.name]
+            tracker.log_metrics(site_run, {f"personalized_val_{k}": v for k, v in ev.metrics.items()}, step=fed.rounds)
             own = {"state_dict": c.part.local_weights(tuned), "config": config, "class_names": class_names,
-                   "run_id": c.run.run_id, "epochs": result.round * fed.local_epochs + fed.finetune_epochs}
-            tracker.log_state_dict(c.run.run_id, own, "checkpoint/model.pt")  # the site's personalised model
+                   "run_id": site_run, "epochs": result.round * fed.local_epochs + fed.finetune_epochs}
+            tracker.log_state_dict(site_run, own, "checkpoint/model.pt")  # the site's personalised model
             rows.append((f"fine-tuned {fed.finetune_epochs} ep", c.name, "val", ev))
     seconds = time.perf_counter() - t0
     last = result.history[-1]
