@@ -34,7 +34,8 @@ def main() -> None:
     rows: dict[str, list[dict]] = {}
     for seed in args.seeds:
         cfg = compose("fit", [*base, f"seed={seed}"])
-        runs = [("federated (FedAvg)", [])] + ([] if args.no_central else [("centralized", ["mode=centralized"])])
+        strategy = cfg.strategy._target_.rsplit(".", 1)[-1]  # e.g. FedAvg, FedAvgM
+        runs = [(f"federated ({strategy})", [])] + ([] if args.no_central else [("centralized", ["mode=centralized"])])
         runs += [] if args.no_local else [(f"local: {s}", [f"site={s}"]) for s in cfg.federation.sites]
         for label, extra in runs:
             t0 = time.perf_counter()

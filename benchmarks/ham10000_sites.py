@@ -142,6 +142,10 @@ def results_rows(rows: dict[str, list[dict]], sites: list[str]) -> tuple[list[st
         cells += [ms([r["test_sites"][s]["balanced_acc"] for r in rs]) for s in sites]
         cells.append(f"{statistics.mean(r['seconds'] for r in rs):.0f}")
         out.append(cells)
+        if all("personalized_sites" in r for r in rs):  # finetune: each site's own model on its own lesions
+            cells = [f"{name}: each site's fine-tuned model", cells[1], "-", "-", "-", "-",
+                     *[ms([r["personalized_sites"][s]["balanced_acc"] for r in rs]) for s in sites], "-"]
+            out.append(cells)
     return columns, out
 
 
