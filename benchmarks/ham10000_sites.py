@@ -14,7 +14,9 @@ Usage:
         [--seeds 42] [--runs centralized fedavg fedbn locals] [--name ham10000_sites] [override ...]
 
 Run labels: centralized, fedavg, fedavgm, fedbn, fedprox, fedadam, scaffold, fednova, finetune (FedAvg plus
-`federation.finetune_epochs`, validation only), locals (every site alone) or local:<site>.
+`federation.finetune_epochs`; each site's fine-tuned model is also scored on that site's own test lesions),
+locals (every site alone) or local:<site>. Any partition works (`partition=iid` for the reference without
+site shift); the per-site columns always score each acquisition source's own test lesions.
 Prints a markdown table (mean +- std over seeds) and writes bench_out/<name>.json after every run;
 rows already in that file (same label and seed) are kept and not run again.
 """
