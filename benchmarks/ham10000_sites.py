@@ -1,7 +1,7 @@
 """Benchmark: HAM10000 on its four real acquisition sites (natural partition by `source`).
 
 Centralized, federated strategies and each site alone, with the same model, resolution, total
-epochs (rounds x local epochs) and selection rule (best validation loss, never the test split).
+epochs (rounds x local epochs) and selection rule (`federation.select`, on validation data, never the test split).
 The selected model of every run is evaluated on the pooled test split and on each site's own test
 lesions (the test rows whose `source` is that site): balanced accuracy, macro-F1, macro AUROC.
 
