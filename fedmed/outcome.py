@@ -129,9 +129,8 @@ def finish(cfg: DictConfig, pipeline: Pipeline, trained: Trained, tracker: Track
     tracker.log_metrics(run_id, {"fit_seconds": t.seconds}, step=0)
     title = f"{cfg.data.name} test, {t.mode} {cfg.model.name} ({t.chosen})"
     tracker.log_figure(run_id, confusion_figure(confmat, source.class_names, title), "confusion_matrix_test.png")
-    tracker.log_state_dict(run_id, {"state_dict": t.weights, "config": OmegaConf.to_container(cfg, resolve=True),
-                                    "class_names": source.class_names, "run_id": run_id, "epochs": t.epochs},
-                           "checkpoint/model.pt")
+    tracker.log_checkpoint(run_id, t.weights, OmegaConf.to_container(cfg, resolve=True),
+                           source.class_names, t.epochs)
     if cfg.logger.log_model:
         log_model(cfg, source, tracker, run_id, t.weights)
 

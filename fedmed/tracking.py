@@ -228,6 +228,12 @@ class Tracker:
             path.write_bytes(buf.getvalue())
             self.client.log_artifact(run_id, str(path), str(Path(artifact_file).parent) or None)
 
+    def log_checkpoint(self, run_id: str, weights: Mapping[str, Any], config: Any,
+                       class_names: list[str], epochs: int) -> None:
+        """A model as ``checkpoint/model.pt``: what ``checkpoint=runs:/<run id>`` loads (weights, config, classes)."""
+        self.log_state_dict(run_id, {"state_dict": weights, "config": config, "class_names": class_names,
+                                     "run_id": run_id, "epochs": epochs}, "checkpoint/model.pt")
+
 
 def _as_uri(location: str | None) -> str | None:
     folder = local_path(location) if location else None

@@ -145,9 +145,8 @@ def _federate(cfg, strategy, sites, datas, site_cfgs, class_names, initial, trac
             ev = c.evaluate(tuned, fed.rounds + 1, log_metrics=False)
             site_run = site_runs[c.name]
             tracker.log_metrics(site_run, {f"personalized_val_{k}": v for k, v in ev.metrics.items()}, step=fed.rounds)
-            own = {"state_dict": c.part.local_weights(tuned), "config": config, "class_names": class_names,
-                   "run_id": site_run, "epochs": result.round * fed.local_epochs + fed.finetune_epochs}
-            tracker.log_state_dict(site_run, own, "checkpoint/model.pt")  # the site's personalised model
+            tracker.log_checkpoint(site_run, c.part.local_weights(tuned), config, class_names,  # the site's own model
+                                   result.round * fed.local_epochs + fed.finetune_epochs)
             rows.append((f"fine-tuned {fed.finetune_epochs} ep", c.name, "val", ev))
     seconds = time.perf_counter() - t0
     last = result.history[-1]
