@@ -27,8 +27,7 @@ from fedmed.data.datamodule import ArrayDataset, Pipeline, SiteData, make_loader
 from fedmed.data.manifest import Manifest, read_manifest
 from fedmed.data.sites import describe_partition, site_class_counts
 from fedmed.errors import FedmedError
-from fedmed.federated.messages import EvalResult
-from fedmed.federated.orchestrator import RoundRecord
+from fedmed.federated.messages import EvalResult, RoundRecord
 from fedmed.federated.site import SiteClient
 from fedmed.federated.training import TrainingSettings
 from fedmed.model_export import ImageClassifier, log_pyfunc, raw_examples

@@ -229,7 +229,7 @@ class Tracker:
             self.client.log_artifact(run_id, str(path), str(Path(artifact_file).parent) or None)
 
     def log_checkpoint(self, run_id: str, weights: Mapping[str, Any], config: Any,
-                       class_names: list[str], epochs: int) -> None:
+                       class_names: list[str] | None, epochs: int) -> None:
         """A model as ``checkpoint/model.pt``: what ``checkpoint=runs:/<run id>`` loads (weights, config, classes)."""
         self.log_state_dict(run_id, {"state_dict": weights, "config": config, "class_names": class_names,
                                      "run_id": run_id, "epochs": epochs}, "checkpoint/model.pt")

@@ -27,11 +27,13 @@ from flwr.supercore.task_identity import TaskIdentity
 from mlflow import MlflowClient
 
 from fedmed.errors import FedmedError
-from fedmed.federated import FederationSettings, InProcessSite, Orchestrator, SiteClient, TrainingSettings, runtime
-from fedmed.federated import flower_app as fa
+from fedmed.federated import FederationSettings, InProcessSite, Orchestrator, SiteClient, TrainingSettings
 from fedmed.federated.channel import UpdateChannel
 from fedmed.federated.compression import UpdateEncoder
 from fedmed.federated.strategies.base import Strategy
+from fedmed.flower import grid as fgrid
+from fedmed.flower import node as fnode
+from fedmed.flower import protocol, runtime
 from fedmed.privacy.dp import PrivacyBudgetExhausted
 from tests.conftest import DATA_DIR, PNEUMONIA, needs
 from tests.helpers import strategy as make_strategy
@@ -98,16 +100,16 @@ class LoopbackGrid(Grid):
         nid, kind = msg.metadata.dst_node_id, msg.metadata.message_type
         self.sent.append((nid, kind))
         msg.content = over_the_wire(msg.content)
-        if kind == fa.REFUSED:
+        if kind == protocol.REFUSED:
             self.refused[nid] = str(msg.content.config_records["refused"]["reason"])
             return Message(RecordDict(), reply_to=msg)
         try:
             client = self.nodes[nid]()
-            fa.restore_state(client, self.states[nid])
-            content = fa.hello_reply(client) if kind == fa.HELLO else fa.answer(client, kind, msg.content)
-            fa.keep_state(client, self.states[nid])
+            fnode.restore_state(client, self.states[nid])
+            content = fnode.hello_reply(client) if kind == protocol.HELLO else fnode.answer(client, kind, msg.content)
+            fnode.keep_state(client, self.states[nid])
         except Exception as exc:  # noqa: BLE001 - the site's error reply
-            return fa.error_reply(msg, exc)
+            return protocol.error_reply(msg, exc)
         return Message(over_the_wire(content), reply_to=msg)
 
 
@@ -133,7 +135,7 @@ def test_grid_sites_train_what_in_process_sites_train(serverapp, name, secure, c
         makers = [site_factory(k, n, strategy, codec) for k, n in enumerate((40, 90))]
         if remote:
             grid = LoopbackGrid({10 + k: make for k, make in enumerate(makers)})
-            sites = fa.accept(grid, ["s0", "s1"], timeout=30, hello={})
+            sites = fgrid.accept(grid, ["s0", "s1"], timeout=30, hello={})
         else:
             sites = [InProcessSite(make()) for make in makers]
         results.append(Orchestrator(sites, strategy, settings).run(initial))
@@ -149,12 +151,13 @@ def test_nodes_naming_unknown_or_taken_sites_are_refused_and_never_sent_weights(
     stranger = site_factory(1, 20, s, None)
     grid = LoopbackGrid({1: site_factory(0, 20, s, None), 2: lambda: SiteClient("s9", stranger().data, factory),
                          3: site_factory(0, 20, s, None), 4: site_factory(1, 20, s, None)})
-    sites = fa.accept(grid, ["s0", "s1"], timeout=30, hello={})
+    sites = fgrid.accept(grid, ["s0", "s1"], timeout=30, hello={})
     assert [(x.name, x.node_id) for x in sites] == [("s0", 1), ("s1", 4)]
     assert "node 2 says it is site 's9': not one of ['s0', 's1']; refused" in caplog.text
     assert "node 3 says it is site 's0': already connected; refused" in caplog.text
     Orchestrator(sites, s, FederationSettings(rounds=1)).run(factory().net.state_dict())
-    assert {kind for nid, kind in grid.sent if nid in (2, 3)} == {fa.HELLO, fa.REFUSED}  # told why, never weights
+    told = {kind for nid, kind in grid.sent if nid in (2, 3)}
+    assert told == {protocol.HELLO, protocol.REFUSED}  # told why, never weights
     assert grid.refused == {2: "site s9: not one of ['s0', 's1']", 3: "site s0: already connected"}
 
 
@@ -172,7 +175,7 @@ def test_with_registered_keys_only_the_key_of_the_site_is_admitted_and_others_ar
                          3: site_factory(1, 20, s, None), 4: site_factory(1, 20, s, None),
                          5: site_factory(0, 20, s, None)})
     grid.keys = {1: pem(keys["stranger"]), 2: pem(keys["s1"]), 3: b"", 4: pem(keys["s1"]), 5: pem(keys["s0"])}
-    sites = fa.accept(grid, ["s0", "s1"], timeout=30, hello={},
+    sites = fgrid.accept(grid, ["s0", "s1"], timeout=30, hello={},
                       keys={"s0": keys["s0"].read_bytes(), "s1": keys["s1"].read_bytes()})
     assert [(x.name, x.node_id) for x in sites] == [("s0", 5), ("s1", 4)]
     assert grid.refused == {
@@ -180,7 +183,7 @@ def test_with_registered_keys_only_the_key_of_the_site_is_admitted_and_others_ar
         2: "site s0: its SuperNode's key is the one of site s1",
         3: "site s1: its SuperNode did not authenticate with a key (the SuperLink must run with "
            "--enable-supernode-auth)"}
-    assert {kind for nid, kind in grid.sent if nid in (1, 2, 3)} == {fa.HELLO, fa.REFUSED}  # never weights
+    assert {kind for nid, kind in grid.sent if nid in (1, 2, 3)} == {protocol.HELLO, protocol.REFUSED}  # never weights
 
 
 def test_a_node_site_checks_the_strategy_opens_its_run_at_hello_and_hears_refusals_and_the_end(tmp_path):
@@ -188,16 +191,16 @@ def test_a_node_site_checks_the_strategy_opens_its_run_at_hello_and_hears_refusa
 
     client = site_factory(0, 20, make_strategy("fedavg"), None)()
     store = lambda: Tracker(f"sqlite:///{tmp_path / 'm.db'}", "fedmed", str(tmp_path / "mlruns"))  # noqa: E731
-    node = fa.NodeSite(client, "fedprox", store, {"manifest": "m.json"}, {"dataset": "d"})
+    node = fnode.NodeSite(client, "fedprox", store, {"manifest": "m.json"}, {"dataset": "d"})
     with pytest.raises(FedmedError, match="the server runs strategy=fedavg, this site is configured with "
                                           "strategy=fedprox"):
-        node.handle(fa.HELLO, fa.hello_request({"strategy": "fedavg", "run_id": ""}))
+        node.handle(protocol.HELLO, protocol.hello_request({"strategy": "fedavg", "run_id": ""}))
     assert not node.run.active  # no run opened for a federation it does not take part in
-    node = fa.NodeSite(client, "fedavg", store, {"manifest": "m.json"}, {"dataset": "d"})
-    reply = node.handle(fa.HELLO, fa.hello_request({"strategy": "fedavg", "run_id": ""}))
+    node = fnode.NodeSite(client, "fedavg", store, {"manifest": "m.json"}, {"dataset": "d"})
+    reply = node.handle(protocol.HELLO, protocol.hello_request({"strategy": "fedavg", "run_id": ""}))
     assert reply.config_records["hello"]["site"] == "s0" and node.run.active
-    node.handle(fa.REFUSED, RecordDict({"refused": ConfigRecord({"reason": "site s0: already connected"})}))
-    node.handle(fa.FINISH, RecordDict({"finish": ConfigRecord({"status": "FAILED"})}))
+    node.handle(protocol.REFUSED, RecordDict({"refused": ConfigRecord({"reason": "site s0: already connected"})}))
+    node.handle(protocol.FINISH, RecordDict({"finish": ConfigRecord({"status": "FAILED"})}))
     assert (node.refused, node.finished, node.messages) == ("site s0: already connected", "FAILED", 3)
 
 
@@ -213,14 +216,14 @@ def test_site_errors_come_back_by_kind(serverapp):
 
     grid = LoopbackGrid({1: spent, 2: broke})
     with pytest.raises(PrivacyBudgetExhausted, match="at site a: epsilon would pass 8"):
-        fa.GridSite(grid, 1, "a").public_key()
-    with pytest.raises(fa.RemoteSiteError, match="Broke at site b: no data") as info:
-        fa.GridSite(grid, 2, "b").fit({}, 1, 1)
+        fgrid.GridSite(grid, 1, "a").public_key()
+    with pytest.raises(protocol.RemoteSiteError, match="Broke at site b: no data") as info:
+        fgrid.GridSite(grid, 2, "b").fit({}, 1, 1)
     assert info.value.kind == "Broke"
-    escaped = fa.reply_error("c", Error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION, "<class 'KeyError'>:<'site'>"))
-    assert isinstance(escaped, fa.RemoteSiteError) and escaped.kind == "KeyError"
-    gone = fa.reply_error("d", Error(ErrorCode.NODE_UNAVAILABLE, "node went offline"))
-    assert isinstance(gone, fa.RemoteSiteError) and gone.kind == "ConnectionError"
+    escaped = protocol.reply_error("c", Error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION, "<class 'KeyError'>:<'site'>"))
+    assert isinstance(escaped, protocol.RemoteSiteError) and escaped.kind == "KeyError"
+    gone = protocol.reply_error("d", Error(ErrorCode.NODE_UNAVAILABLE, "node went offline"))
+    assert isinstance(gone, protocol.RemoteSiteError) and gone.kind == "ConnectionError"
 
 
 # -- the real runtime on loopback --------------------------------------------------------------

@@ -23,7 +23,8 @@ def test_the_flower_app_is_declared_and_no_deprecated_flower_transport_is_import
     import ast
 
     app = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["flwr"]["app"]
-    assert app["components"] == {"serverapp": "fedmed.app:server_app", "clientapp": "fedmed.app:client_app"}
+    assert app["components"] == {"serverapp": "fedmed.flower.app:server_app",
+                                 "clientapp": "fedmed.flower.app:client_app"}
     assert "config-overrides" in app["config"]
     imported = set()
     for path in (REPO / "fedmed").rglob("*.py"):

@@ -9,9 +9,9 @@ from flwr.app import RecordDict
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 from flwr.supercore.inflatable.inflatable_utils import inflate_object_from_contents
 
-from fedmed.federated import records
 from fedmed.federated.compression import CODECS, UpdateEncoder
 from fedmed.federated.messages import EvalResult, FitResult
+from fedmed.flower import records
 
 
 def over_the_wire(content: RecordDict) -> RecordDict:

@@ -29,14 +29,6 @@ log = logging.getLogger("fedmed")
 CACHES = ("memory", "disk")
 
 
-def to_tensor(images: np.ndarray) -> torch.Tensor:
-    """uint8 (N,H,W) or (N,H,W,C) or (N,D,H,W) -> float32 channel-first in [0, 1]."""
-    x = torch.from_numpy(np.ascontiguousarray(images)).float().div_(255.0)
-    if x.ndim == 4 and x.shape[-1] in (1, 3):  # (N,H,W,C) -> (N,C,H,W)
-        return x.permute(0, 3, 1, 2).contiguous()
-    return x.unsqueeze(1)  # (N,H,W) -> (N,1,H,W); (N,D,H,W) -> (N,1,D,H,W)
-
-
 class ArrayDataset(Dataset):
     """(image, label) pairs held as tensors: x (N,C,H,W[,D]) float32, y (N,) int64.
 

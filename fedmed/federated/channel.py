@@ -27,6 +27,15 @@ class UpdateChannel:
         self._key: secagg.MaskingKey | None = None  # secure aggregation key pair, made on first use
         self._round: dict[str, Any] = {}  # the last masked round: its number, peers, what was attested, revealed
 
+    @property
+    def masking_key(self) -> secagg.MaskingKey | None:
+        """This site's secure-aggregation key pair (None until first used)."""
+        return self._key
+
+    @masking_key.setter
+    def masking_key(self, key: secagg.MaskingKey | None) -> None:
+        self._key = key
+
     def public_key(self) -> bytes:
         """This site's public key for secure aggregation (the private half stays here)."""
         if self._key is None:

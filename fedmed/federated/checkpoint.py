@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from fedmed.errors import FedmedError
+from fedmed.federated.messages import EvalResult, RoundRecord
 
 CHECKPOINT = "server.pt"
 
@@ -59,11 +60,9 @@ _FAULTS = {
 def _safe_globals() -> list[Any]:
     """What a server checkpoint holds besides tensors and plain containers: the records of its
     rounds and sites, and numpy's RNG state. Nothing else may be unpickled."""
-    from fedmed.federated.messages import EvalResult
-    from fedmed.federated.orchestrator import RoundRecord
-
     reconstruct = getattr(np, "_core", np.core).multiarray._reconstruct
-    return [RoundRecord, EvalResult, np.ndarray, np.dtype, reconstruct, type(np.dtype(np.uint32))]
+    return [RoundRecord, (RoundRecord, "fedmed.federated.orchestrator.RoundRecord"),  # where older releases kept it
+            EvalResult, np.ndarray, np.dtype, reconstruct, type(np.dtype(np.uint32))]
 
 
 def unsafe_reason(exc: Exception) -> str:

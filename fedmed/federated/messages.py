@@ -43,3 +43,16 @@ class EvalResult:
 def clone_state(state: StateDict) -> dict[str, torch.Tensor]:
     """Detached CPU copies, so later training never mutates what was sent."""
     return {k: v.detach().to("cpu", copy=True) for k, v in state.items()}
+
+
+@dataclass
+class RoundRecord:
+    """One round as the server saw it: who trained, the logged metrics, bytes each way, what each site reported."""
+
+    round: int
+    sites: list[str]
+    metrics: dict[str, float]
+    bytes_up: int
+    bytes_down: int
+    seconds: float
+    site_metrics: dict[str, dict[str, float]] = field(default_factory=dict)  # what each site reported

@@ -19,7 +19,7 @@ from fedmed.aggregation import state_nbytes
 from fedmed.errors import BudgetSpent, FederationError, FedmedError
 from fedmed.federated.calls import SiteTimeout, call_with_timeout, concurrently
 from fedmed.federated.checkpoint import CHECKPOINT, save_checkpoint
-from fedmed.federated.messages import EvalResult, FitResult, clone_state
+from fedmed.federated.messages import EvalResult, FitResult, RoundRecord, clone_state
 from fedmed.federated.secure_round import collect_keys, unmask
 from fedmed.federated.strategies.base import Strategy
 from fedmed.federated.transport import SiteTransport
@@ -94,17 +94,6 @@ class FederationSettings:
 
 
 @dataclass
-class RoundRecord:
-    round: int
-    sites: list[str]
-    metrics: dict[str, float]
-    bytes_up: int
-    bytes_down: int
-    seconds: float
-    site_metrics: dict[str, dict[str, float]] = field(default_factory=dict)  # what each site reported
-
-
-@dataclass
 class FederationResult:
     """Final and selected global weights, and the per-round history."""
 
@@ -167,9 +156,8 @@ class Orchestrator:
                  run: RunLog | None = None, checkpoint_dir: str | Path | None = None,
                  extra_state: Mapping[str, Any] | None = None):
         if settings.secure_aggregation and not strategy.summable:
-            raise FedmedError(f"privacy.secure_aggregation needs a strategy that aggregates only the sum of the "
-                              f"updates (fedavg, fedprox, fedbn, fedadam, fedyogi); strategy={strategy.name} "
-                              "needs each update")
+            raise FedmedError(f"privacy.secure_aggregation with strategy={strategy.name}: secure aggregation shows "
+                              "the server only the sum of the updates, and this strategy needs each one")
         if settings.secure_aggregation and len(sites) < 2:
             raise FedmedError("privacy.secure_aggregation needs at least 2 sites (a sum of one update is the update)")
         if settings.min_sites > len(sites):

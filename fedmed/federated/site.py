@@ -41,12 +41,13 @@ class SiteClient:
         heatmaps: explanations during :meth:`evaluate` (default: Grad-CAM of 16 validation images).
         attack: robustness testing only: this site poisons its updates.
         run: this site's own MLflow run (default: none).
+        model_config: the config a model this site logs carries (the fine-tuned model of :meth:`finetune`).
     """
 
     def __init__(self, name: str, data: SiteData, module_factory: Callable[[], Classifier],
                  settings: TrainingSettings | None = None, site_index: int = 0, part: SitePart | None = None,
                  channel: UpdateChannel | None = None, heatmaps: SiteHeatmaps | None = None,
-                 attack: Attack | None = None, run: RunLog | None = None):
+                 attack: Attack | None = None, run: RunLog | None = None, model_config: Any = None):
         self.name, self.data = name, data
         self.settings = settings or TrainingSettings()
         self.training = LocalTraining(name, data, module_factory(), self.settings, site_index)
@@ -56,6 +57,7 @@ class SiteClient:
                                                  self.settings.seed)
         self.attack = attack
         self.run = run or RunLog()
+        self.model_config = model_config
 
     @property
     def module(self) -> Classifier:
@@ -127,6 +129,24 @@ class SiteClient:
             self.run.log_metrics({f"val_{k}": v for k, v in metrics.items()}, step=round_idx)
         return EvalResult(self.name, len(self.data.val), metrics, confmat, summary)
 
+    def finetune(self, weights: StateDict, round_idx: int, epochs: int,
+                 instructions: Mapping[str, Any] | None = None) -> EvalResult:
+        """Personalisation after the federation: train ``weights`` ``epochs`` epochs on this site's data
+        and keep the result here. Logs ``personalized_val_*`` (step ``round_idx - 1``) and, in this
+        site's run, the model as ``checkpoint/model.pt``; returns only the validation numbers.
+
+        ``instructions``: the strategy's (as for a round), and ``trained_epochs``, the epochs behind ``weights``.
+        """
+        instructions = dict(instructions or {})
+        tuned = self.train(weights, round_idx, epochs, instructions, send=False).weights
+        ev = self.evaluate(tuned, round_idx, log_metrics=False)
+        self.run.log_metrics({f"personalized_val_{k}": v for k, v in ev.metrics.items()}, step=round_idx - 1)
+        if self.run.tracker is not None and self.run.run_id is not None:
+            self.run.tracker.log_checkpoint(self.run.run_id, self.part.local_weights(tuned), self.model_config,
+                                            self.heatmaps.class_names,
+                                            int(instructions.get("trained_epochs", 0)) + epochs)
+        return ev
+
     def train_alone(self, epochs: int, select: str = "best_val_loss") -> tuple[dict[str, torch.Tensor], int]:
         """Train continuously with validation after each epoch (local and centralized baselines)."""
         return self.training.fit_alone(epochs, select, on_epoch=lambda e, m: self.run.log_metrics(m, step=e))
@@ -146,6 +166,3 @@ class SiteClient:
         if self.training.dp is not None and state.get("dp"):
             self.training.dp.load_state_dict(state["dp"])
         self.channel.load_state_dict(state)
-
-    def finalize(self, status: str = "FINISHED") -> None:
-        self.run.end(status)

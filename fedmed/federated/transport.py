@@ -25,6 +25,12 @@ class SiteTransport(Protocol):
 
     def evaluate(self, weights: Mapping[str, torch.Tensor], round_idx: int, explain: bool = False) -> EvalResult: ...
 
+    def finetune(self, weights: Mapping[str, torch.Tensor], round_idx: int, epochs: int,
+                 instructions: Mapping[str, Any] | None = None) -> EvalResult:
+        """Personalisation: the site trains ``weights`` on its own data, keeps the result in its own
+        run (metrics ``personalized_val_*``, its model) and returns only its validation numbers."""
+        ...
+
     def public_key(self) -> bytes: ...
 
     def attest(self, round_idx: int, survivors: list[str]) -> dict[str, bytes]: ...
@@ -74,3 +80,7 @@ class InProcessSite:
 
     def evaluate(self, weights: Mapping[str, torch.Tensor], round_idx: int, explain: bool = False) -> EvalResult:
         return self.client.evaluate(clone_state(weights), round_idx, explain=explain)
+
+    def finetune(self, weights: Mapping[str, torch.Tensor], round_idx: int, epochs: int,
+                 instructions: Mapping[str, Any] | None = None) -> EvalResult:
+        return self.client.finetune(clone_state(weights), round_idx, epochs, instructions)

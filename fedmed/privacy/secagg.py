@@ -57,16 +57,20 @@ FRAC_BITS = 24  # fixed-point resolution 2^-24 on n_k * w
 class MaskingKey:
     """A site's key pair for pairwise masks (generated fresh; never leaves the site but for its public half)."""
 
-    def __init__(self):
-        self._private = X25519PrivateKey.generate()
+    def __init__(self, private: bytes | None = None):
+        self._private = X25519PrivateKey.generate() if private is None else X25519PrivateKey.from_private_bytes(private)
         self.public = self._private.public_key().public_bytes(serialization.Encoding.Raw,
                                                               serialization.PublicFormat.Raw)
 
+    def private_bytes(self) -> bytes:
+        """The raw private key, for a site that keeps it between processes on its own machine."""
+        return self._private.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw,
+                                           serialization.NoEncryption())
+
     def self_seed(self, round_idx: int) -> bytes:
         """32-byte seed of this site's self mask for the round (derivable only from its private key)."""
-        raw = self._private.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw,
-                                          serialization.NoEncryption())
-        return HKDF(hashes.SHA256(), 32, salt=None, info=f"fedmed secagg self mask {round_idx}".encode()).derive(raw)
+        return HKDF(hashes.SHA256(), 32, salt=None,
+                    info=f"fedmed secagg self mask {round_idx}".encode()).derive(self.private_bytes())
 
     def seed_with(self, peer_public: bytes, round_idx: int) -> bytes:
         """32-byte seed shared with the peer for this round (the same at both ends)."""

@@ -1,6 +1,6 @@
 """``fedmed serve``: the federation's server; sites on other machines connect through Flower.
 
-Wiring only: :func:`fedmed.deploy.serve_federation` runs it.
+Wiring only: :func:`fedmed.flower.serve.serve_federation` runs it.
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from fedmed.deploy import serve_federation
+from fedmed.flower.serve import serve_federation
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:

@@ -5,12 +5,12 @@ SuperLink; each hospital runs a SuperNode.
   ``fedmed serve``, or ``config-overrides``: Hydra overrides in one string, e.g.
   ``"experiment=smoke strategy=fedprox"``), waits until a SuperNode of every site of
   ``federation.sites`` has introduced itself and runs fedmed's orchestrator over the Grid
-  (:func:`fedmed.deploy.run_on_grid`).
+  (:func:`fedmed.flower.serve.run_on_grid`).
 - :data:`client_app` is one hospital's site; its SuperNode says which:
   ``flower-supernode ... --node-config "site='hospital_a'"``. Started by ``fedmed fit site=<name>
   federation.server=<host:port>``, the node config also names that command's relay
   (``fedmed-relay``) and each message is handed to the site it holds in memory
-  (:mod:`fedmed.relay`). A SuperNode started by hand builds the site for each message from
+  (:mod:`fedmed.flower.relay`). A SuperNode started by hand builds the site for each message from
   the run's overrides and its own ``config-overrides`` (e.g. where its data is), keeping what it
   carries between rounds in the node's state.
 
@@ -27,7 +27,7 @@ from flwr.clientapp import ClientApp
 from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid, ServerApp
 
-from fedmed import relay
+from fedmed.flower import relay
 
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")  # no phoning home from hospitals
 
@@ -39,11 +39,11 @@ client_app = ClientApp()
 
 @server_app.main()
 def main(grid: Grid, context: Context) -> None:
-    from fedmed import deploy
+    from fedmed.flower import serve
     from fedmed.logs import setup_logging
 
     setup_logging()
-    deploy.run_on_grid(grid, deploy.server_config(context.run_config), context.run_config)
+    serve.run_on_grid(grid, serve.server_config(context.run_config), context.run_config)
 
 
 def _error(message: Message, kind: str, text: str) -> Message:
@@ -57,8 +57,10 @@ def _reply(message: Message, context: Context) -> Message:
     try:
         if at:
             return Message(relay.ask(at, kind, message.content), reply_to=message)
-        from fedmed import node
+        from fedmed.flower import node
+        from fedmed.logs import setup_logging
 
+        setup_logging()
         return Message(node.answer_here(kind, message.content, context), reply_to=message)
     except relay.RelayError as exc:
         return _error(message, exc.kind, exc.text)
@@ -74,6 +76,11 @@ def hello(message: Message, context: Context) -> Message:
 
 @client_app.train()
 def train(message: Message, context: Context) -> Message:
+    return _reply(message, context)
+
+
+@client_app.train("finetune")
+def finetune(message: Message, context: Context) -> Message:
     return _reply(message, context)
 
 

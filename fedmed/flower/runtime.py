@@ -28,6 +28,9 @@ _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 _ERROR = re.compile(r"ERROR|Error|Failed|failed|refused|denied|Exit Code")
 BIN = Path(sys.executable).parent  # flower-superlink, flower-supernode and flwr of this environment
 CONNECTION = "fedmed"  # the flwr CLI's name for the SuperLink fedmed serve started
+# the App's run config (``[tool.flwr.app.config]``): the config fedmed serve wrote, or Hydra overrides in one
+# string (flwr run by hand); where the ServerApp writes its result; whether the sites' data is on this machine
+CONFIG_FILE, RESULT_FILE, LOCAL_DATA, OVERRIDES = "config-file", "result-file", "local-data", "config-overrides"
 
 APP_PYPROJECT = """[project]
 name = "fedmed-app"
@@ -40,8 +43,8 @@ dependencies = []
 publisher = "fedmed"
 
 [tool.flwr.app.components]
-serverapp = "fedmed.app:server_app"
-clientapp = "fedmed.app:client_app"
+serverapp = "fedmed.flower.app:server_app"
+clientapp = "fedmed.flower.app:client_app"
 
 [tool.flwr.app.config]
 config-overrides = ""
@@ -220,10 +223,6 @@ class Control:
         """``flwr log <run> --stream``: the run's ServerApp log, on this terminal, while it runs."""
         return Process("flwr log", ["flwr", "log", run_id, CONNECTION, "--stream"],
                        env={"FLWR_HOME": str(self.home)}, cwd=self.home)
-
-    def stop(self, run_id: str) -> None:
-        with contextlib.suppress(FedmedError, subprocess.TimeoutExpired):
-            self._flwr(["stop", run_id, CONNECTION], timeout=30)
 
     def wait(self, run_id: str, check, poll: float = 5) -> str:
         """Wait until the run is finished; ``check()`` runs between looks (it raises if the SuperLink died)."""
