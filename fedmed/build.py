@@ -31,6 +31,7 @@ from fedmed.federated.site import SiteClient
 from fedmed.federated.strategies.base import Strategy
 from fedmed.federated.training import TrainingSettings
 from fedmed.models.classifier import Classifier
+from fedmed.models.registry import MODELS, class_names
 from fedmed.privacy.dp import DPConfig, dp_compatible
 from fedmed.tracking import RunLog
 
@@ -229,6 +230,7 @@ def resume_state(cfg: DictConfig, mode: str, config: Any) -> dict[str, Any]:
         raise FedmedError("resume= continues a federation; local and centralized runs start over")
     path = find_checkpoint(cfg)
     state = load_checkpoint(path)
+    checked_config(state.get("config"), f"resume={cfg.resume}: {path}")
     diff = config_diff({k: v for k, v in state["config"].items() if k != "resume"},
                        {k: v for k, v in config.items() if k != "resume"})
     if diff:
@@ -249,9 +251,57 @@ def dp_records_from_history(history: list[RoundRecord]) -> dict[str, dict[str, f
     return out
 
 
+def _targets() -> dict[str, dict[str, type]]:
+    """Config key -> the classes a ``_target_`` there may name, in a config that came with a checkpoint."""
+    from fedmed import data
+    from fedmed.federated import strategies
+
+    def subclasses(base: type) -> tuple[type, ...]:
+        found: list[type] = []
+        todo: list[type] = [base]
+        while todo:
+            below: list[type] = []
+            for cls in todo:
+                below.extend(cls.__subclasses__())
+            found += below
+            todo = below
+        return tuple(found)
+
+    return {"model.net._target_": class_names(MODELS),
+            "data.source._target_": class_names(tuple(getattr(data, n) for n in data.__all__
+                                                      if n.endswith("Source") and n != "DataSource")),
+            "strategy._target_": class_names(subclasses(strategies.Strategy))}
+
+
+def checked_config(config: Any, where: str) -> DictConfig:
+    """The config a checkpoint carries (it comes from elsewhere), refused in one line naming the key if it
+    could choose code: a ``_target_`` other than fedmed's own class for that key, or an interpolation."""
+    if not isinstance(config, dict):
+        raise FedmedError(f"{where}: its 'config' is not a mapping")
+    allowed = _targets()
+
+    def walk(node: Any, key: str) -> None:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                walk(v, f"{key}.{k}" if key else str(k))
+        elif isinstance(node, list):
+            for i, v in enumerate(node):
+                walk(v, f"{key}[{i}]")
+        elif key.endswith("_target_"):
+            if key not in allowed or node not in allowed[key]:
+                raise FedmedError(f"{where}: {key}={node!r} is not one of fedmed's own classes for that key; a "
+                                  "checkpoint never chooses code")
+        elif isinstance(node, str) and "${" in node:
+            raise FedmedError(f"{where}: {key}={node!r} is an interpolation; a checkpoint's config holds values")
+
+    walk(config, "")
+    return OmegaConf.create(config)
+
+
 def load_model_checkpoint(ref: str, tracker, download_dir: Path) -> dict[str, Any]:
     """Read a ``fedmed fit`` model checkpoint from a path or from ``runs:/<run_id>`` in the tracking
-    store, with ``torch.load(weights_only=True)``: a file from elsewhere cannot run code here."""
+    store, with ``torch.load(weights_only=True)``: a file from elsewhere cannot run code here, and its
+    config (``ckpt["config"]``, a DictConfig) names only fedmed's own classes (:func:`checked_config`)."""
     if ref.startswith("runs:/"):
         run_id = ref.removeprefix("runs:/").strip("/").split("/")[0]
         try:
@@ -268,4 +318,5 @@ def load_model_checkpoint(ref: str, tracker, download_dir: Path) -> dict[str, An
                           f"{unsafe_reason(exc)}") from None
     if not isinstance(ckpt, dict) or not {"state_dict", "config"} <= set(ckpt):
         raise FedmedError(f"checkpoint {path} is not a fedmed checkpoint (needs 'state_dict' and 'config')")
+    ckpt["config"] = checked_config(ckpt["config"], f"checkpoint {path}")
     return ckpt

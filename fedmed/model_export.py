@@ -29,6 +29,8 @@ import torch
 from mlflow.pyfunc import PythonModel
 from torch import nn
 
+from fedmed.errors import FedmedError
+
 #: the column that names the most probable class
 PREDICTED = "predicted"
 #: what the model needs installed besides the fedmed code it carries
@@ -80,9 +82,13 @@ class ImageClassifier(PythonModel):
     # -- the same, without MLflow ---------------------------------------------------------------
     def load(self, state_dict: Mapping[str, torch.Tensor]) -> ImageClassifier:
         """Build the network from its config and load ``state_dict`` (strictly: same architecture)."""
-        from hydra.utils import instantiate
+        from fedmed.models.registry import model_class
 
-        net = instantiate(self.net_config, _convert_="all")
+        args = {k: v for k, v in self.net_config.items() if k != "_target_"}
+        nested = [k for k, v in args.items() if isinstance(v, Mapping) or str(k).startswith("_")]
+        if nested:
+            raise FedmedError(f"model.net.{nested[0]}: a logged model's network takes plain arguments")
+        net = model_class(self.net_config.get("_target_"), "model.net._target_")(**args)
         if self.dp_compatible:
             from opacus.validators import ModuleValidator
 

@@ -124,7 +124,7 @@ def test_a_deployment_equals_in_process_with_tls_registered_keys_and_a_resumed_s
     port = free_port()
     certs = make_certificates(tmp_path)
     keys = {s: supernode_key(tmp_path, s) for s in [*SITES, "intruder"]}
-    base = [*common(tmp_path, rounds=2, epochs=1), "strategy=scaffold"]
+    base = [*common(tmp_path, rounds=2, epochs=1), "strategy=scaffold", "federation.finetune_epochs=1"]
     flower = [*base, f"federation.server=127.0.0.1:{port}", f"federation.tls.ca_cert={certs['ca_cert']}",
               f"federation.checkpoint_dir={tmp_path / 'ckpt_flower'}", f"paths.output_dir={tmp_path}"]
     registered = json.dumps({s: str(keys[s][1]) for s in SITES}).replace('"', "")
@@ -188,6 +188,37 @@ def test_a_deployment_equals_in_process_with_tls_registered_keys_and_a_resumed_s
     children = client.search_runs(exp.experiment_id, f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
     assert sorted(r.data.tags["site"] for r in children) == SITES
     assert all(r.info.status == "FINISHED" for r in children)
+    # every path logs the same record: tags and params (but for how the sites were reached), fine-tuned site models
+    runs = {r.data.tags["transport"] + r.data.tags.get("server", ""): r for r in client.search_runs(
+        exp.experiment_id, "tags.mode = 'federated'")}
+    assert len(runs) == 3, sorted(runs)
+    assert same_record(list(runs.values()))
+    for run in runs.values():
+        sites = client.search_runs(exp.experiment_id, f"tags.`mlflow.parentRunId` = '{run.info.run_id}'")
+        assert len(sites) == len(SITES)
+        for site in sites:
+            assert "personalized_val_acc" in site.data.metrics, (run.data.tags["transport"], site.data.tags["site"])
+            assert [a.path for a in client.list_artifacts(site.info.run_id, "checkpoint")] == ["checkpoint/model.pt"]
+
+
+#: tags and params that say where and how the sites were reached, or where files go
+WHERE = ("transport", "server", "tls", "checkpoint_dir", "federation.server", "federation.tls.", "federation.auth.",
+         "federation.checkpoint_dir", "federation.parallel", "paths.", "resume", "mlflow.", "run_name")
+
+
+def same_record(runs) -> bool:
+    """The runs log the same tags and params, leaving out :data:`WHERE`; fails naming the first difference."""
+    def what(run) -> dict[str, str]:
+        both = {**{f"tag {k}": v for k, v in run.data.tags.items()}, **{f"param {k}": v for k, v in
+                                                                           run.data.params.items()}}
+        return {k: v for k, v in both.items() if not k.split(" ", 1)[1].startswith(WHERE)}
+    first = what(runs[0])
+    assert first["tag privacy.dp"] and first["tag federation.compression"]  # the privacy and compression tags
+    for other in runs[1:]:
+        theirs = what(other)
+        diff = sorted(k for k in set(first) | set(theirs) if first.get(k) != theirs.get(k))
+        assert not diff, [(k, first.get(k), theirs.get(k)) for k in diff[:5]]
+    return True
 
 
 def test_a_site_killed_mid_round_is_left_out_and_named(tmp_path):

@@ -26,6 +26,7 @@ from fedmed.tracking import RunLog, run_status
 log = logging.getLogger("fedmed")
 
 NOT_ACTIVATED = "Failed to activate SuperNode"  # Flower: the SuperLink does not (yet) know this node's key
+UNREACHABLE = "Connection attempt failed"  # Flower: the SuperLink cannot be reached (e.g. it is restarting)
 
 
 def join_federation(cfg: DictConfig) -> dict[str, Any]:
@@ -74,7 +75,8 @@ class _Keeper:
     """This site's SuperNode, kept running until the federation ends.
 
     Between two messages it checks the SuperNode. One that gave up reaching the SuperLink (exit
-    status 0 or SIGINT, e.g. while the aggregator restarts to ``resume=``) or was not yet known to it
+    status 0 or SIGINT, or Flower's "Connection attempt failed", e.g. while the aggregator restarts to
+    ``resume=``) or was not yet known to it
     (Flower's "Failed to activate SuperNode": the SuperLink is up but has not registered the key
     yet) is started again, for up to ``connect_timeout`` seconds without a message; then, or if it
     failed otherwise (a bad key file, a bad certificate), the site ends with its reason.
@@ -102,7 +104,7 @@ class _Keeper:
             self.refused_key = reason
         # 0 or SIGINT: the SuperNode gave up reaching the SuperLink (Flower ends it either way; it runs
         # in its own process group, so a Ctrl-C at the terminal does not reach it)
-        if code not in (0, -signal.SIGINT) and NOT_ACTIVATED not in reason:
+        if code not in (0, -signal.SIGINT) and NOT_ACTIVATED not in reason and UNREACHABLE not in reason:
             self.proc.check()  # raises with the SuperNode's reason
         if not self.waiting:
             self.waiting, self.lost = True, now
