@@ -33,6 +33,7 @@ from fedmed.federated.training import TrainingSettings
 from fedmed.models.classifier import Classifier
 from fedmed.models.registry import MODELS, class_names
 from fedmed.privacy.dp import DPConfig, dp_compatible
+from fedmed.privacy.identity import Signer
 from fedmed.tracking import RunLog
 
 log = logging.getLogger("fedmed")
@@ -166,9 +167,11 @@ def training_settings(cfg: DictConfig, federated: bool) -> TrainingSettings:
 
 
 def site_client(cfg: DictConfig, name: str, index: int, data: SiteData, run: RunLog | None = None,
-                class_names: list[str] | None = None, strategy: Strategy | None = None) -> SiteClient:
+                class_names: list[str] | None = None, strategy: Strategy | None = None,
+                signer: Signer | None = None, roster: dict[str, bytes] | None = None) -> SiteClient:
     """The SiteClient of ``name``; with a ``strategy`` (a federation) it gets the strategy's site part,
-    compression and its attack (if any)."""
+    compression and its attack (if any). ``signer`` and ``roster``: secure aggregation's keys are signed
+    and checked (:class:`~fedmed.federated.channel.UpdateChannel`)."""
     fed = cfg.federation
     federated = strategy is not None
     attack = attackers(cfg).get(name) if federated else None
@@ -181,7 +184,7 @@ def site_client(cfg: DictConfig, name: str, index: int, data: SiteData, run: Run
                             ExplainSettings(cfg.explain.method, int(cfg.explain.n)), cfg.seed, class_names)
     return SiteClient(name, data, lambda: build_module(cfg), settings, index,
                       part=strategy.site_part() if strategy is not None else None,
-                      channel=UpdateChannel(name, encoder), heatmaps=heatmaps,
+                      channel=UpdateChannel(name, encoder, signer, roster), heatmaps=heatmaps,
                       attack=Attack(attack, float(fed.attack_scale)) if attack else None, run=run,
                       model_config=OmegaConf.to_container(cfg, resolve=True))
 

@@ -203,7 +203,8 @@ def test_a_deployment_equals_in_process_with_tls_registered_keys_and_a_resumed_s
 
 #: tags and params that say where and how the sites were reached, or where files go
 WHERE = ("transport", "server", "tls", "checkpoint_dir", "federation.server", "federation.tls.", "federation.auth.",
-         "federation.checkpoint_dir", "federation.parallel", "paths.", "resume", "mlflow.", "run_name")
+         "federation.checkpoint_dir", "federation.parallel", "paths.", "data.cache_dir", "resume", "mlflow.",
+         "run_name")
 
 
 def same_record(runs) -> bool:

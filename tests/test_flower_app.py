@@ -37,7 +37,7 @@ from fedmed.flower import protocol, runtime
 from fedmed.privacy.dp import PrivacyBudgetExhausted
 from tests.conftest import DATA_DIR, PNEUMONIA, needs
 from tests.helpers import strategy as make_strategy
-from tests.test_deployment import final_weights, free_port, supernode_key
+from tests.test_deployment import final_weights, free_port, same_record, supernode_key
 from tests.test_orchestrator import factory, synthetic_site
 from tests.test_records import over_the_wire
 
@@ -61,6 +61,7 @@ class LoopbackGrid(Grid):
         self.replies: dict[str, Message] = {}
         self.sent: list[tuple[int, str]] = []
         self.refused: dict[int, str] = {}  # node -> what the server told it
+        self.terms: dict[int, dict[str, str]] = {}  # node -> the terms its site declares in its hello
         self.lock = threading.Lock()  # one site at a time: they share this process's RNG
 
     def set_run(self, run) -> None:
@@ -106,7 +107,8 @@ class LoopbackGrid(Grid):
         try:
             client = self.nodes[nid]()
             fnode.restore_state(client, self.states[nid])
-            content = fnode.hello_reply(client) if kind == protocol.HELLO else fnode.answer(client, kind, msg.content)
+            content = (fnode.hello_reply(client, self.terms.get(nid)) if kind == protocol.HELLO
+                       else fnode.answer(client, kind, msg.content))
             fnode.keep_state(client, self.states[nid])
         except Exception as exc:  # noqa: BLE001 - the site's error reply
             return protocol.error_reply(msg, exc)
@@ -216,7 +218,7 @@ def test_site_errors_come_back_by_kind(serverapp):
 
     grid = LoopbackGrid({1: spent, 2: broke})
     with pytest.raises(PrivacyBudgetExhausted, match="at site a: epsilon would pass 8"):
-        fgrid.GridSite(grid, 1, "a").public_key()
+        fgrid.GridSite(grid, 1, "a").public_key(1)
     with pytest.raises(protocol.RemoteSiteError, match="Broke at site b: no data") as info:
         fgrid.GridSite(grid, 2, "b").fit({}, 1, 1)
     assert info.value.kind == "Broke"
@@ -259,11 +261,9 @@ def wait_for_run(run_id: str, env: dict[str, str], cwd: Path, timeout: float = 6
 
 
 @needs(PNEUMONIA)
-@pytest.mark.skipif(os.environ.get("FEDMED_FLOWER_RUNTIME") != "1",
-                    reason="Flower's own flower-supernode, the site built for every message: about 2.5 minutes on "
-                           "2 cores (tests/test_deployment.py runs the runtime through fedmed's verbs); set "
-                           "FEDMED_FLOWER_RUNTIME=1 to run it")
 def test_a_flower_app_federation_equals_in_process(tmp_path, monkeypatch):
+    """Flower's own commands, no fedmed verb behind them: flower-superlink, two flower-supernode started by hand
+    and flwr run. Each message builds the site afresh in its ClientApp process (about a minute on 2 cores)."""
     monkeypatch.setenv("FEDMED_DATA_DIR", str(DATA_DIR))
     home, app = tmp_path / "flwr", tmp_path / "app"
     home.mkdir()
@@ -274,7 +274,8 @@ def test_a_flower_app_federation_equals_in_process(tmp_path, monkeypatch):
     base = ["experiment=smoke", f"paths.manifests={tmp_path / 'manifests'}",
             f"logger.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
             f"logger.artifact_location={tmp_path / 'mlruns'}", "explain.every_n_rounds=0", "logger.log_model=false",
-            "privacy.audit=none", "federation.select=last"]
+            "privacy.audit=none", "federation.select=last", "federation.finetune_epochs=1",
+            f"data.cache_dir={tmp_path / 'cache'}"]
     env = runtime_env(home)
     logs = {n: tmp_path / f"{n}.log" for n in ("superlink", "hospital_a", "hospital_b")}
     commands = {"superlink": ["flower-superlink", "--insecure", "--host", "127.0.0.1", "--port", str(port),
@@ -330,3 +331,69 @@ def test_a_flower_app_federation_equals_in_process(tmp_path, monkeypatch):
     sites = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == server.info.run_id]
     assert sorted(r.data.tags["site"] for r in sites) == ["hospital_a", "hospital_b"]
     assert all(r.info.status == "FINISHED" for r in sites)
+    assert all("personalized_val_acc" in r.data.metrics for r in sites)  # fine-tuned at each site, over Flower
+    (local,) = client.search_runs(exp.experiment_id, "tags.transport = 'in-process'")
+    assert same_record([local, server])  # the same tags (privacy, compression...) and params as fedmed fit
+
+
+FEDERATION = {"data.name": "pneumoniamnist", "privacy.dp": "DP-SGD epsilon=8, delta=1e-05", "strategy": "fedavg"}
+
+
+def test_a_site_under_other_terms_is_refused_naming_the_first_differing_key(serverapp, caplog):
+    s = make_strategy("fedavg")
+    grid = LoopbackGrid({1: site_factory(0, 20, s, None), 2: site_factory(0, 20, s, None),
+                         3: site_factory(0, 20, s, None), 4: site_factory(1, 20, s, None)})
+    grid.terms = {1: {**FEDERATION, "data.name": "breastmnist"}, 2: {**FEDERATION, "privacy.dp": "off"},
+                  3: dict(FEDERATION), 4: dict(FEDERATION)}
+    sites = fgrid.accept(grid, ["s0", "s1"], timeout=30, hello={}, terms=FEDERATION)
+    assert [(x.name, x.node_id) for x in sites] == [("s0", 3), ("s1", 4)]
+    assert grid.refused[1] == "site s0: its data.name is 'breastmnist', the federation's is 'pneumoniamnist'"
+    assert grid.refused[2].startswith("site s0: its privacy.dp is 'off', the federation's is 'DP-SGD epsilon=8")
+    assert not [kind for nid, kind in grid.sent if nid in (1, 2) and kind not in (protocol.HELLO, protocol.REFUSED)]
+
+
+def test_a_site_must_train_on_no_more_images_than_it_declared(serverapp):
+    s = make_strategy("fedavg")
+    grid = LoopbackGrid({1: site_factory(0, 20, s, None)})
+    (site,) = fgrid.accept(grid, ["s0"], timeout=30, hello={})
+    weights = factory().net.state_dict()
+    assert site.fit(weights, 1, 1).num_samples == site.info["num_train"]
+    site.info["num_train"] = 5  # as if it had said 5 in its hello: its update claims more and is refused
+    with pytest.raises(protocol.RemoteSiteError, match="num_samples=.*declared 5 training images"):
+        site.fit(weights, 1, 1)
+    for bad in (0, True, "20"):
+        def liar(bad=bad) -> SiteClient:
+            client = site_factory(0, 20, s, None)()
+            client.initialize = lambda: {"num_train": bad, "num_val": 5}  # what its hello says
+            return client
+
+        grid2 = LoopbackGrid({1: liar})
+        with pytest.raises(FedmedError, match="never connected"):
+            fgrid.accept(grid2, ["s0"], timeout=1, hello={})
+        assert "its hello says num_train" in grid2.refused[1]
+
+
+def test_a_refused_node_is_asked_again_and_the_real_site_can_join(serverapp, monkeypatch):
+    """Flower ties a node's id to its key: the hospital that first started its site with a wrong site= comes
+    back on the same node id, and is admitted."""
+    monkeypatch.setattr(fgrid, "RETRY", 0.3)
+    s = make_strategy("fedavg")
+    real, said = site_factory(0, 20, s, None), {"name": "s9"}
+
+    def first_wrong_then_right() -> SiteClient:
+        client = real()
+        client.name = said["name"]
+        return client
+
+    grid = LoopbackGrid({1: first_wrong_then_right})
+    original = grid._answer
+
+    def answer(msg):
+        reply = original(msg)
+        if msg.metadata.message_type == protocol.REFUSED:
+            said["name"] = "s0"  # the operator restarts the site with site=s0, same key
+        return reply
+
+    grid._answer = answer
+    (site,) = fgrid.accept(grid, ["s0"], timeout=30, hello={})
+    assert site.node_id == 1 and [k for _, k in grid.sent].count(protocol.HELLO) == 2

@@ -276,3 +276,18 @@ def test_attack_metrics_rank_raw_scores_like_scikit_learn():
     # ties count half, as in scikit-learn
     tied = np.round(scores)
     assert attack_metrics("tied", tied, is_member).auc == pytest.approx(roc_auc_score(is_member, tied), abs=1e-12)
+
+
+def test_the_privacy_record_names_a_site_without_dp_accounting():
+    from fedmed.privacy.record import format_record, privacy_record
+
+    report = {"epsilon": 8.0, "delta": 1e-5, "noise_multiplier": 1.1, "dp_steps": 10}
+    rec = privacy_record(mode="federated", sites=["a", "b"], rounds_done=1, bytes_up=[1], bytes_down=[1],
+                         compression="none", secure_aggregation=False, dp={"a": report},
+                         dp_setting="DP-SGD epsilon=8", audit=[], num_train=10)
+    assert rec["dp_unreported"] == ["b"]
+    assert "b: NO DP-SGD accounting reported" in format_record(rec)
+    off = privacy_record(mode="federated", sites=["a", "b"], rounds_done=1, bytes_up=[1], bytes_down=[1],
+                         compression="none", secure_aggregation=False, dp=None, dp_setting="off", audit=[],
+                         num_train=10)
+    assert off["dp_unreported"] == []

@@ -191,9 +191,9 @@ class Orchestrator:
         peers: dict[str, bytes] = {}
         length = 0
         if s.secure_aggregation:
-            peers = collect_keys(chosen, lambda name, why: self._exclude(r, name, why))
+            peers, signatures = collect_keys(chosen, r, lambda name, why: self._exclude(r, name, why))
             chosen = [c for c in chosen if c.name in peers]
-            instructions = {**instructions, "secagg": {"round": r, "peers": peers,
+            instructions = {**instructions, "secagg": {"round": r, "peers": peers, "signatures": signatures,
                                                        "pooled_bn": self.strategy.bn_stats == "pooled"}}
             length = vector_length(global_w)
         fits: list[FitResult] = []

@@ -7,20 +7,23 @@ from collections.abc import Callable, Sequence
 
 from fedmed.errors import FederationError
 from fedmed.federated.messages import FitResult, StateDict
-from fedmed.privacy.secagg import mean_state, unmask_sum, vector_length
+from fedmed.privacy.secagg import mean_state, threshold, unmask_sum, vector_length
 
 log = logging.getLogger("fedmed")
 
 
-def collect_keys(sites: Sequence, exclude: Callable[[str, str], None]) -> dict[str, bytes]:
-    """Each sampled site's public key; a site that cannot give one is excluded."""
+def collect_keys(sites: Sequence, round_idx: int, exclude: Callable[[str, str], None]
+                 ) -> tuple[dict[str, bytes], dict[str, bytes]]:
+    """Each sampled site's fresh masking key for the round and its signature over it; a site that cannot give
+    one is excluded. Returns (site -> key, site -> signature)."""
     peers: dict[str, bytes] = {}
+    signatures: dict[str, bytes] = {}
     for site in sites:
         try:
-            peers[site.name] = site.public_key()
+            peers[site.name], signatures[site.name] = site.public_key(round_idx)
         except Exception as exc:  # noqa: BLE001
             exclude(site.name, f"no public key for secure aggregation: {type(exc).__name__}: {exc}")
-    return peers
+    return peers, signatures
 
 
 def unmask(r: int, fits: list[FitResult], peers: dict[str, bytes], global_w: StateDict, sites: Sequence,
@@ -35,9 +38,11 @@ def unmask(r: int, fits: list[FitResult], peers: dict[str, bytes], global_w: Sta
     """
     by_name = {s.name: s for s in sites}
     survivors = sorted(f.site for f in fits)
-    if len(survivors) < max(min_sites, 1):
-        raise FederationError(f"round {r}: only {len(survivors)} sites completed secure aggregation "
-                              f"(federation.min_sites={min_sites})")
+    need = max(min_sites, threshold(len(peers)))
+    if len(survivors) < need:
+        raise FederationError(f"round {r}: only {len(survivors)} of {len(peers)} sites completed secure aggregation; "
+                              f"the sites reveal their masks only for at least {need} (a majority, at least 2, and "
+                              f"federation.min_sites={min_sites})")
     dropped = sorted(n for n in peers if n not in survivors)
     length = vector_length(global_w)
     tags = {u: _step(r, u, "attesting the survivors", lambda u=u: by_name[u].attest(r, survivors))

@@ -94,8 +94,9 @@ class SiteClient:
         result = FitResult(self.name, new, len(self.data.train), out.metrics, out.extras)
         return self.channel.package(result, out.start, instructions) if send else result
 
-    def public_key(self) -> bytes:
-        return self.channel.public_key()
+    def public_key(self, round_idx: int) -> tuple[bytes, bytes]:
+        """Secure aggregation: a fresh masking key for the round, and this site's signature over it."""
+        return self.channel.public_key(round_idx)
 
     def attest(self, round_idx: int, survivors: list[str]) -> dict[str, bytes]:
         return self.channel.attest(round_idx, survivors)

@@ -31,7 +31,7 @@ class SiteTransport(Protocol):
         run (metrics ``personalized_val_*``, its model) and returns only its validation numbers."""
         ...
 
-    def public_key(self) -> bytes: ...
+    def public_key(self, round_idx: int) -> tuple[bytes, bytes]: ...
 
     def attest(self, round_idx: int, survivors: list[str]) -> dict[str, bytes]: ...
 
@@ -62,8 +62,8 @@ class InProcessSite:
         result.weights = clone_state(result.weights)
         return result
 
-    def public_key(self) -> bytes:
-        return self.client.public_key()
+    def public_key(self, round_idx: int) -> tuple[bytes, bytes]:
+        return self.client.public_key(round_idx)
 
     def attest(self, round_idx: int, survivors: list[str]) -> dict[str, bytes]:
         return self.client.attest(round_idx, list(survivors))

@@ -18,6 +18,7 @@ import torch
 from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
+from fedmed import contract
 from fedmed.errors import FedmedError
 from fedmed.federated.messages import EvalResult, FitResult
 from fedmed.flower import records
@@ -41,6 +42,7 @@ from fedmed.flower.protocol import (
 log = logging.getLogger("fedmed")
 
 POLL = 0.25  # seconds between two looks for replies at the SuperLink
+RETRY = 5.0  # seconds before a refused node is asked again who it is
 
 
 def exchange(grid: Grid, messages: Sequence[Message], timeout: float | None) -> dict[int, Message]:
@@ -90,7 +92,13 @@ class GridSite:
     def fit(self, weights: Mapping[str, torch.Tensor], round_idx: int, epochs: int,
             instructions: Mapping[str, Any] | None = None) -> FitResult:
         content = self.ask(TRAIN, records.fit_request(weights, round_idx, epochs, instructions), str(round_idx))
-        return self._own(records.records_fit_result(content))
+        result = self._own(records.records_fit_result(content))
+        declared = self.info.get("num_train")
+        n = result.num_samples  # it weighs the site's update: at most the training images it declared
+        if declared is not None and not (isinstance(n, int) and not isinstance(n, bool) and 0 < n <= int(declared)):
+            raise RemoteSiteError(self.name, "ValueError", f"num_samples={n!r}, but it declared {declared} training "
+                                  "images in its hello")
+        return result
 
     def evaluate(self, weights: Mapping[str, torch.Tensor], round_idx: int, explain: bool = False) -> EvalResult:
         content = self.ask(EVALUATE, records.evaluate_request(weights, round_idx, explain), str(round_idx))
@@ -106,11 +114,13 @@ class GridSite:
             raise RemoteSiteError(self.name, "ValueError", f"answered as site {result.site!r}")
         return result
 
-    def public_key(self) -> bytes:
-        key = self.ask(PUBLIC_KEY, RecordDict()).config_records["key"]["public"]
-        if not isinstance(key, bytes):
-            raise RemoteSiteError(self.name, "ValueError", "its public key is not bytes")
-        return key
+    def public_key(self, round_idx: int) -> tuple[bytes, bytes]:
+        asked = RecordDict({"round": ConfigRecord({"round": round_idx})})
+        key = self.ask(PUBLIC_KEY, asked, str(round_idx)).config_records["key"]
+        public, signature = key.get("public"), key.get("signature", b"")
+        if not isinstance(public, bytes) or not isinstance(signature, bytes):
+            raise RemoteSiteError(self.name, "ValueError", "its masking key or signature is not bytes")
+        return public, signature
 
     def attest(self, round_idx: int, survivors: list[str]) -> dict[str, bytes]:
         content = RecordDict({"round": ConfigRecord({"round": round_idx})})
@@ -132,23 +142,31 @@ class GridSite:
 
 
 def accept(grid: Grid, expected: list[str], timeout: float, hello: Mapping[str, str],
-           site_timeout: float | None = None, keys: Mapping[str, bytes] | None = None) -> list[GridSite]:
+           site_timeout: float | None = None, keys: Mapping[str, bytes] | None = None,
+           terms: Mapping[str, str] | None = None) -> list[GridSite]:
     """Wait until every site of ``expected`` is a node of the grid that introduced itself; return them in that order.
 
     Every new node is asked which site it is (``query.hello``). A node is refused, told why
     (``query.refused``) and never sent weights if it names a site outside ``expected`` or one
-    already taken, if its hello fails, or, with ``keys`` (site -> the public key its SuperNode
-    must authenticate with, PEM or OpenSSH), if its key is not the one of the site it names.
+    already taken, if its hello fails, with ``keys`` (site -> the public key its SuperNode must
+    authenticate with, PEM or OpenSSH) if its key is not the one of the site it names, and with
+    ``terms`` (:func:`fedmed.contract.terms`) if it declared other terms. A refused node is asked
+    again after :data:`RETRY` seconds: Flower keeps a node's id for its key, so the real site may
+    come back on it (with the right ``site=``).
     """
     sites: dict[str, GridSite] = {}
     nodes: dict[int, Any] = {}
+    refused: dict[int, float] = {}  # node -> when it was refused
     pending: dict[str, int] = {}  # hello message id -> node
     deadline = time.monotonic() + timeout
     while len(sites) < len(expected):
-        if time.monotonic() > deadline:
+        now = time.monotonic()
+        if now > deadline:
             missing = sorted(set(expected) - set(sites))
             raise FedmedError(f"federation.connect_timeout={timeout:g}s passed and these sites never connected: "
                               f"{', '.join(missing)} (connected: {', '.join(sorted(sites)) or 'none'})")
+        for nid in [n for n, at in refused.items() if now - at > RETRY and n not in pending.values()]:
+            del refused[nid], nodes[nid]
         new = [n for n in grid.get_nodes() if n.node_id not in nodes]
         nodes.update({n.node_id: n for n in new})
         if new:
@@ -160,13 +178,15 @@ def accept(grid: Grid, expected: list[str], timeout: float, hello: Mapping[str, 
             nid = pending.pop(reply.metadata.reply_to_message_id)
             info = _introduction(nid, reply)
             if info is None:
+                refused[nid] = time.monotonic()
                 continue
-            name, why = str(info.get("site")), _refusal(info, expected, sites, nodes[nid], keys)
+            name, why = str(info.get("site")), _refusal(info, expected, sites, nodes[nid], keys, terms)
             if why is None:
                 log.info("site %s connected (%s train / %s val samples)", name, info.get("num_train"),
                          info.get("num_val"))
                 sites[name] = GridSite(grid, nid, name, site_timeout, info)
             else:
+                refused[nid] = time.monotonic()
                 log.warning("node %s says it is site %r: %s; refused", nid, name, why)
                 refusals.append(Message(RecordDict({"refused": ConfigRecord({"reason": f"site {name}: {why}"})}),
                                         nid, REFUSED))
@@ -188,7 +208,7 @@ def _introduction(nid: int, reply: Message) -> dict[str, Any] | None:
 
 
 def _refusal(info: Mapping[str, Any], expected: list[str], sites: Mapping[str, GridSite], node: Any,
-             keys: Mapping[str, bytes] | None) -> str | None:
+             keys: Mapping[str, bytes] | None, terms: Mapping[str, str] | None) -> str | None:
     """Why a node that says it is site ``info["site"]`` is refused (None: it is admitted)."""
     name = str(info.get("site"))
     if name not in expected:
@@ -203,6 +223,12 @@ def _refusal(info: Mapping[str, Any], expected: list[str], sites: Mapping[str, G
             owner = next((s for s, k in keys.items() if public_key_der(k) == public_key_der(theirs)), None)
             return (f"its SuperNode's key is the one of site {owner}" if owner else
                     f"its SuperNode's key is not the one configured for {name} (federation.auth.supernode_keys)")
+    for key in ("num_train", "num_val"):
+        value = info.get(key)
+        if isinstance(value, bool) or not isinstance(value, int) or value < (1 if key == "num_train" else 0):
+            return f"its hello says {key}={value!r}"
+    if terms is not None:
+        return contract.first_difference(terms, contract.declared(info))
     return None
 
 

@@ -6,21 +6,13 @@ import logging
 from collections.abc import Mapping
 from pathlib import Path
 
-from cryptography.hazmat.primitives import serialization
 from omegaconf import DictConfig, OmegaConf
 
 from fedmed.errors import FedmedError
 from fedmed.flower.runtime import Tls
+from fedmed.privacy.identity import Signer, public_key_der, roster_from_files
 
 log = logging.getLogger("fedmed")
-
-
-def public_key_der(key: bytes) -> bytes:
-    """A public key (PEM, as Flower keeps it, or OpenSSH, as ``flwr supernode register`` reads it) as DER."""
-    text = key.strip()
-    loaded = (serialization.load_ssh_public_key(text) if text.startswith(b"ecdsa-") or text.startswith(b"ssh-")
-              else serialization.load_pem_public_key(text))
-    return loaded.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
 
 
 def existing_file(path: str | None, what: str) -> Path | None:
@@ -75,3 +67,36 @@ def check_security(cfg: DictConfig, tls: Tls | None, keys: Mapping[str, Path] | 
     if tls is None and host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("federation.server=%s without TLS: updates cross the network in the clear and any node can "
                     "join; set federation.tls.* and federation.auth.supernode_keys", cfg.federation.server)
+
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def secagg_identity(cfg: DictConfig) -> tuple[Signer | None, dict[str, bytes] | None]:
+    """This site's signer and the federation's roster, for secure aggregation across machines.
+
+    Without them a lying server could hand the site masking keys it made itself; so off loopback a
+    site refuses to start with ``privacy.secure_aggregation`` and no ``federation.auth.private_key``
+    (its SuperNode key) and ``federation.auth.supernode_keys`` (every site's public key).
+    """
+    if not cfg.privacy.secure_aggregation:
+        return None, None
+    name = str(cfg.site.name)
+    key = existing_file(cfg.federation.auth.get("private_key"), "federation.auth.private_key")
+    files = supernode_keys(cfg)
+    if key is None or files is None:
+        if str(cfg.federation.server).rsplit(":", 1)[0] in LOOPBACK:
+            log.warning("[%s] privacy.secure_aggregation on loopback without federation.auth keys: masking keys are "
+                        "not signed, so the sites trust the server to relay them (across machines this is refused)",
+                        name)
+            return None, None
+        raise FedmedError("privacy.secure_aggregation across machines needs, at every site, "
+                          "federation.auth.private_key (its SuperNode key signs its masking keys) and "
+                          "federation.auth.supernode_keys (every site's public key, to check theirs); without them the "
+                          "server could hand this site masking keys it made")
+    signer = Signer.from_file(key, "federation.auth.private_key")
+    roster = roster_from_files(files)
+    if roster.get(name) != signer.public_der:
+        raise FedmedError(f"federation.auth.private_key={key} is not the key federation.auth.supernode_keys.{name} "
+                          "names; the other sites would refuse this site's masking keys")
+    return signer, roster

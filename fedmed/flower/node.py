@@ -20,11 +20,12 @@ from flwr.app import ConfigRecord, Context, RecordDict
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from fedmed import build
+from fedmed import build, contract
 from fedmed.config import site_config
 from fedmed.errors import FedmedError
 from fedmed.federated.site import SiteClient
 from fedmed.flower import records
+from fedmed.flower.keys import secagg_identity
 from fedmed.flower.protocol import (
     ATTEST,
     DROPOUT,
@@ -39,12 +40,11 @@ from fedmed.flower.protocol import (
     read_hello,
 )
 from fedmed.flower.runtime import OVERRIDES
-from fedmed.privacy.secagg import MaskingKey
 from fedmed.tracking import RunLog, Tracker
 
 log = logging.getLogger("fedmed")
 
-STATE, KEY = "fedmed.site_state", "fedmed.masking_key"  # what a node keeps in context.state between messages
+STATE, KEYS = "fedmed.site_state", "fedmed.secagg_keys"  # what a node keeps in context.state between messages
 SITE_RUN = "fedmed.site_run"  # context.state: the site's MLflow run id
 
 
@@ -57,12 +57,13 @@ class NodeSite:
         tracker: opens the site's MLflow run at the hello.
         params: logged to the site's run with the client's own (e.g. its manifest).
         tags: set on the site's run (e.g. its dataset).
+        terms: what this site agrees to (:func:`fedmed.contract.terms`), declared in its hello.
     """
 
     def __init__(self, client: SiteClient, strategy: str | None, tracker: Callable[[], Tracker],
-                 params: Mapping[str, str], tags: Mapping[str, str]):
+                 params: Mapping[str, str], tags: Mapping[str, str], terms: Mapping[str, str] | None = None):
         self.client, self.strategy, self.tracker = client, strategy, tracker
-        self.params, self.tags = dict(params), dict(tags)
+        self.params, self.tags, self.terms = dict(params), dict(tags), dict(terms or {})
         self.messages = 0  # how many the server sent
         self.finished: str | None = None  # the server's status, once it said the federation is over
         self.refused: str | None = None  # why the server did not admit this site
@@ -96,11 +97,12 @@ class NodeSite:
             self.run.run_id = tracker.start_run(name, {**self.tags, "site": name, "role": "site",
                                                        "transport": "flower"}, parent_id=hello.get("run_id") or None)
             tracker.log_params(self.run.run_id, {**self.client.initialize(), **self.params})
-        return hello_reply(self.client)
+        return hello_reply(self.client, self.terms)
 
 
-def hello_reply(client: SiteClient) -> RecordDict:
-    return RecordDict({"hello": ConfigRecord({"site": client.name, **client.initialize()})})
+def hello_reply(client: SiteClient, terms: Mapping[str, str] | None = None) -> RecordDict:
+    return RecordDict({"hello": ConfigRecord({"site": client.name, **client.initialize(),
+                                              **contract.as_hello(terms or {})})})
 
 
 def _train(client: SiteClient, content: RecordDict) -> RecordDict:
@@ -119,7 +121,8 @@ def _finetune(client: SiteClient, content: RecordDict) -> RecordDict:
 
 
 def _public_key(client: SiteClient, content: RecordDict) -> RecordDict:
-    return RecordDict({"key": ConfigRecord({"public": client.public_key()})})
+    public, signature = client.public_key(records.config_int(content.config_records["round"], "round"))
+    return RecordDict({"key": ConfigRecord({"public": public, "signature": signature})})
 
 
 def _attest(client: SiteClient, content: RecordDict) -> RecordDict:
@@ -153,21 +156,17 @@ def answer(client: SiteClient, message_type: str, content: RecordDict) -> Record
 
 
 def keep_state(client: SiteClient, state: RecordDict) -> None:
-    """Keep what the site needs in its next message's process: its state and its masking key."""
+    """Keep what the site needs in its next message's process: its state and its secure-aggregation keys."""
     records.put_tree(state, STATE, client.state_dict())
-    key = client.channel.masking_key
-    if key is not None:
-        state[KEY] = ConfigRecord({"private": key.private_bytes()})
+    records.put_tree(state, KEYS, client.channel.secret_state())
 
 
 def restore_state(client: SiteClient, state: RecordDict) -> None:
     """Give a freshly built site what :func:`keep_state` kept (nothing on its first message)."""
     if records.has_tree(state, STATE):
         client.load_state_dict(records.get_tree(state, STATE))
-    if KEY in state.config_records:
-        raw = state.config_records[KEY]["private"]
-        assert isinstance(raw, bytes)
-        client.channel.masking_key = MaskingKey(raw)
+    if records.has_tree(state, KEYS):
+        client.channel.load_secret_state(records.get_tree(state, KEYS))
 
 
 def build_site(cfg: DictConfig, run: RunLog) -> NodeSite:
@@ -179,12 +178,14 @@ def build_site(cfg: DictConfig, run: RunLog) -> NodeSite:
     strategy = build.check_settings(cfg, "federated")
     source = instantiate(cfg.data.source)
     source.ensure_available()
+    signer, roster = secagg_identity(cfg)
     _, loaded = build.load_sites(cfg, source, [name])  # a real site brings its own manifest, never overwritten
-    client = build.site_client(cfg, name, sites.index(name), loaded[name], run, source.class_names, strategy)
+    client = build.site_client(cfg, name, sites.index(name), loaded[name], run, source.class_names, strategy,
+                               signer, roster)
     return NodeSite(client, strategy.name if strategy is not None else None,
                     lambda: Tracker(cfg.logger.tracking_uri, cfg.logger.experiment, cfg.logger.artifact_location),
                     {"manifest": str(site_config(cfg, name).manifest), "server": str(cfg.federation.server)},
-                    {"dataset": str(cfg.data.name)})
+                    {"dataset": str(cfg.data.name)}, contract.terms(cfg))
 
 
 # -- a SuperNode started by hand ---------------------------------------------------------------

@@ -20,7 +20,7 @@ from typing import Any
 import lightning as L
 from omegaconf import DictConfig, OmegaConf
 
-from fedmed import build
+from fedmed import build, contract
 from fedmed.config import compose
 from fedmed.data.datamodule import Pipeline
 from fedmed.errors import FedmedError
@@ -110,7 +110,8 @@ def run_on_grid(grid, cfg: DictConfig, run_config: Mapping[str, Any]) -> dict[st
             sites = grid_sites.accept(grid, list(fed.sites), float(fed.connect_timeout),
                                       {"run_id": run_id, "experiment": cfg.logger.experiment,
                                        "strategy": strategy.name}, fed.site_timeout,
-                                      {s: k.read_bytes() for s, k in keys.items()} if keys else None)
+                                      {s: k.read_bytes() for s, k in keys.items()} if keys else None,
+                                      contract.terms(cfg))
             names = list(fed.sites)
             members = site_training_sets(cfg, pipeline, names) if run_config.get(LOCAL_DATA) else []
             L.seed_everything(cfg.seed, verbose=False)

@@ -42,6 +42,9 @@ def privacy_record(
         "secure_aggregation": bool(secure_aggregation),
         "differential_privacy": dp_setting,
         "dp_per_site": {s: dict(v) for s, v in (dp or {}).items()},
+        # every site is named: one that trained without reporting DP-SGD accounting is not covered by it
+        "dp_unreported": [s for s in sites if s not in (dp or {})] if dp_setting != "off" and mode != "centralized"
+        else [],
         "membership_inference": [dict(a) for a in audit],
         # the "privacy score" of the seed literature: only the share of data not pooled, never enough alone
         "privacy_score_P": 1.0 - shared_images / max(num_train, 1),
@@ -60,6 +63,8 @@ def format_record(rec: Mapping[str, Any]) -> str:
     for site, d in rec["dp_per_site"].items():
         lines.append(f"    {site}: epsilon={d['epsilon']:.3f} at delta={d['delta']:g} "
                      f"(noise multiplier {d['noise_multiplier']:.3f}, {d['dp_steps']} private steps)")
+    for site in rec.get("dp_unreported", []):
+        lines.append(f"    {site}: NO DP-SGD accounting reported: its updates are not covered by the setting above")
     for a in rec["membership_inference"]:
         lines.append(f"  membership inference ({a['name']}, {a['members']} members vs {a['non_members']} held out): "
                      f"AUC {a['auc']:.3f}, TPR@1%FPR {a['tpr_at_1pct']:.3f}, TPR@0.1%FPR {a['tpr_at_01pct']:.3f}")

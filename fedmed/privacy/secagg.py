@@ -89,6 +89,18 @@ def layout(global_w: Mapping[str, torch.Tensor]) -> list[tuple[str, int]]:
     return [(k, v.numel()) for k, v in global_w.items()]
 
 
+def threshold(n_sites: int) -> int:
+    """The fewest survivors for which a site reveals anything: a majority of the round's sites, and at least 2
+    (a sum of one update is the update; two disjoint majorities cannot exist, so a server cannot obtain two
+    partial sums by telling two groups different survivor sets)."""
+    return max(2, n_sites // 2 + 1)
+
+
+def key_statement(site: str, round_idx: int, public: bytes) -> bytes:
+    """What a site signs to vouch for its masking key of one round."""
+    return f"fedmed secagg key: site {json.dumps(site)} round {round_idx} public {public.hex()}".encode()
+
+
 def vector_length(global_w: Mapping[str, torch.Tensor]) -> int:
     return sum(n for _, n in layout(global_w)) + 1
 
