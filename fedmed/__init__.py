@@ -3,7 +3,7 @@
 The package reads top to bottom (docs/architecture.md has one line per module):
 
 - ``fedmed.cli`` and ``fedmed.tasks``: the verbs; wiring only.
-- ``fedmed.flower``: everything that talks to Flower (the App, ``fedmed serve``, a hospital's site, the relay).
+- ``fedmed.flower``: everything that talks to Flower (the App, ``fedmed serve``, a hospital's site, what may run).
 - ``fedmed.federate``, ``fedmed.outcome``, ``fedmed.build``: one federation on every path, the end-of-run
   report, and the builders from config to objects.
 - ``fedmed.federated``: the orchestrator (round loop), the site client and its parts, strategies, transports.

@@ -8,6 +8,7 @@ hospital is built and checked here.
   ``parallel``: ``federation.parallel``, every site in its own worker on this machine.
 - ``grid``: the server's end (a site per SuperNode, admission, the end); ``node``: the site's end.
 - ``protocol``: message types, hellos, error replies; ``records``: fedmed's messages as Flower records.
-- ``relay``: a ClientApp process hands its message to the long-lived site; ``runtime``: Flower's
-  processes (SuperLink, SuperNode, the flwr CLI); ``keys``: TLS files and SuperNode keys.
+- ``gate``: fedmed as the task executor of Flower's process isolation: only the federation's own run
+  executes on the aggregator, and a site answers its messages itself; ``runtime``: Flower's processes
+  (SuperLink, SuperNode, the flwr CLI); ``keys``: TLS files, SuperNode keys, the signing roster.
 """

@@ -6,13 +6,12 @@ SuperLink; each hospital runs a SuperNode.
   ``"experiment=smoke strategy=fedprox"``), waits until a SuperNode of every site of
   ``federation.sites`` has introduced itself and runs fedmed's orchestrator over the Grid
   (:func:`fedmed.flower.serve.run_on_grid`).
-- :data:`client_app` is one hospital's site; its SuperNode says which:
-  ``flower-supernode ... --node-config "site='hospital_a'"``. Started by ``fedmed fit site=<name>
-  federation.server=<host:port>``, the node config also names that command's relay
-  (``fedmed-relay``) and each message is handed to the site it holds in memory
-  (:mod:`fedmed.flower.relay`). A SuperNode started by hand builds the site for each message from
-  the run's overrides and its own ``config-overrides`` (e.g. where its data is), keeping what it
-  carries between rounds in the node's state.
+- :data:`client_app` is one hospital's site on a SuperNode started by hand (``flower-supernode ...
+  --node-config "site='hospital_a'"``): it builds the site for each message from the run's
+  overrides and the node's own ``config-overrides`` (e.g. where its data is), keeping what it
+  carries between rounds in the node's state (:func:`fedmed.flower.node.answer_here`).
+  ``fedmed fit site=<name> federation.server=<host:port>`` runs no ClientApp: it answers the
+  messages itself (:mod:`fedmed.flower.gate`).
 
 This module imports only Flower at load time: Flower starts a process per message.
 """
@@ -26,8 +25,6 @@ from flwr.app import Context, Error, Message
 from flwr.clientapp import ClientApp
 from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid, ServerApp
-
-from fedmed.flower import relay
 
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")  # no phoning home from hospitals
 
@@ -46,27 +43,18 @@ def main(grid: Grid, context: Context) -> None:
     serve.run_on_grid(grid, serve.server_config(context.run_config), context.run_config)
 
 
-def _error(message: Message, kind: str, text: str) -> Message:
-    return Message(Error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION, f"{kind}: {text}"), reply_to=message)
-
-
 def _reply(message: Message, context: Context) -> Message:
-    """Answer ``message`` with this node's site: through the relay, or built here (a SuperNode started by hand)."""
+    """Answer ``message`` with this node's site, built here for it."""
     kind = message.metadata.message_type
-    at = str(context.node_config.get(relay.NODE_CONFIG_KEY) or "")
     try:
-        if at:
-            return Message(relay.ask(at, kind, message.content), reply_to=message)
         from fedmed.flower import node
         from fedmed.logs import setup_logging
 
         setup_logging()
         return Message(node.answer_here(kind, message.content, context), reply_to=message)
-    except relay.RelayError as exc:
-        return _error(message, exc.kind, exc.text)
     except Exception as exc:  # noqa: BLE001 - reported to the server, which leaves this site out
         log.warning("%s failed: %s: %s", kind, type(exc).__name__, exc)
-        return _error(message, type(exc).__name__, str(exc))
+        return Message(Error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION, f"{type(exc).__name__}: {exc}"), reply_to=message)
 
 
 @client_app.query("hello")

@@ -3,8 +3,8 @@ the server's messages.
 
 :class:`NodeSite` turns each message into the site call it asks for (:func:`answer`) and opens
 the site's MLflow run at the hello. Started by ``fedmed fit site=<name> federation.server=...``
-the site lives in that process and the ClientApp hands it each message through
-:mod:`fedmed.flower.relay`; on a SuperNode started by hand (``flower-supernode --node-config
+the site lives in that process, which answers each message itself (:mod:`fedmed.flower.gate`);
+on a SuperNode started by hand (``flower-supernode --node-config
 "site='hospital_a'"``) :func:`answer_here` builds it for every message, keeping what it carries
 between rounds in the node's ``context.state`` (:func:`keep_state`, :func:`restore_state`).
 """

@@ -31,6 +31,8 @@ CONNECTION = "fedmed"  # the flwr CLI's name for the SuperLink fedmed serve star
 # the App's run config (``[tool.flwr.app.config]``): the config fedmed serve wrote, or Hydra overrides in one
 # string (flwr run by hand); where the ServerApp writes its result; whether the sites' data is on this machine
 CONFIG_FILE, RESULT_FILE, LOCAL_DATA, OVERRIDES = "config-file", "result-file", "local-data", "config-overrides"
+#: what fedmed's App runs: the only App a site started by fedmed answers (fedmed.flower.gate)
+APP_COMPONENTS = {"serverapp": "fedmed.flower.app:server_app", "clientapp": "fedmed.flower.app:client_app"}
 
 APP_PYPROJECT = """[project]
 name = "fedmed-app"
@@ -137,14 +139,19 @@ def _wait_for_port(proc: Process, address: str, timeout: float = 60) -> None:
     raise FedmedError(f"{proc.name} did not open {address} within {timeout:g}s: {proc.last_line()}")
 
 
-def superlink(address: str, home: Path, tls: Tls | None, supernode_auth: bool, log: Path | None = None) -> Process:
+def superlink(address: str, home: Path, tls: Tls | None, supernode_auth: bool, log: Path | None = None,
+              secret: Path | None = None) -> Process:
     """Start ``flower-superlink`` on ``address`` (host:port: Fleet and Control API) and wait until it listens.
 
     The SuperLink runs the ServerApp from this environment (no dependency installation at run time).
+    With ``secret`` it runs in process isolation: no App runs until an executor holding the secret
+    takes its task (:class:`fedmed.flower.gate.ServerGate`).
     """
     host, port = address.rsplit(":", 1)
     cmd = ["flower-superlink", "--host", host, "--port", port, "--disable-runtime-dependency-installation",
            "--database", str(home / "superlink.db")]
+    if secret is not None:
+        cmd += ["--isolation", "process", "--superexec-auth-secret-file", str(secret)]
     if tls is None:
         cmd.append("--insecure")
     else:
@@ -167,14 +174,18 @@ def node_config(values: Mapping[str, str]) -> str:
 
 
 def supernode(superlink_address: str, values: Mapping[str, str], ca_cert: Path | None, private_key: Path | None,
-              log: Path | None = None) -> Process:
+              log: Path | None = None, runtime_port: int | None = None, secret: Path | None = None) -> Process:
     """Start ``flower-supernode`` connected to ``superlink_address``, with ``values`` as its node config.
 
     ``ca_cert``: TLS to the SuperLink (else ``--insecure``); ``private_key``: the node's SuperNode
     authentication key (OpenSSH EC private key, its public half registered at the SuperLink).
+    ``runtime_port``: its Runtime API on loopback; with ``secret`` it runs in process isolation (no
+    App runs but what an executor holding the secret answers: :class:`fedmed.flower.gate.SiteTasks`).
     """
-    cmd = ["flower-supernode", "--superlink", superlink_address, "--host", "127.0.0.1", "--port", str(free_port()),
-           "--node-config", node_config(values)]
+    cmd = ["flower-supernode", "--superlink", superlink_address, "--host", "127.0.0.1",
+           "--port", str(runtime_port or free_port()), "--node-config", node_config(values)]
+    if secret is not None:
+        cmd += ["--isolation", "process", "--superexec-auth-secret-file", str(secret)]
     cmd += ["--root-certificates", str(ca_cert)] if ca_cert is not None else ["--insecure"]
     if private_key is not None:
         cmd += ["--auth-supernode-private-key", str(private_key)]
@@ -188,9 +199,9 @@ class Control:
         self.home = home
         home.mkdir(parents=True, exist_ok=True)
         host, port = address.rsplit(":", 1)
-        target = f"127.0.0.1:{port}" if host in ("0.0.0.0", "") else address
+        self.target = f"127.0.0.1:{port}" if host in ("0.0.0.0", "") else address  # where this machine reaches it
         security = f'root-certificates = "{ca_cert}"' if ca_cert is not None else "insecure = true"
-        (home / "config.toml").write_text(f'[superlink.{CONNECTION}]\naddress = "{target}"\n{security}\n')
+        (home / "config.toml").write_text(f'[superlink.{CONNECTION}]\naddress = "{self.target}"\n{security}\n')
 
     def _flwr(self, args: Sequence[str], timeout: float = 120) -> dict:
         env = {**os.environ, "FLWR_HOME": str(self.home), "FLWR_TELEMETRY_ENABLED": "0"}

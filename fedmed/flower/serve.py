@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import shlex
+import shutil
 import tempfile
 import time
 from collections.abc import Mapping
@@ -27,6 +28,7 @@ from fedmed.errors import FedmedError
 from fedmed.federate import federate, open_run
 from fedmed.flower import grid as grid_sites
 from fedmed.flower import runtime
+from fedmed.flower.gate import Secret, ServerGate
 from fedmed.flower.keys import check_security, supernode_keys, tls_files
 from fedmed.flower.runtime import CONFIG_FILE, LOCAL_DATA, OVERRIDES, RESULT_FILE
 from fedmed.outcome import site_training_sets
@@ -53,8 +55,12 @@ def serve_federation(cfg: DictConfig, local_data: bool = False) -> dict[str, Any
     folder = Path(tempfile.mkdtemp(prefix="fedmed-serve-"))
     config = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
     (folder / "config.yaml").write_text(OmegaConf.to_yaml(config))
-    link = runtime.superlink(str(fed.server), folder / "superlink", tls, keys is not None, folder / "superlink.log")
-    stream = None
+    secret = Secret()
+    link = runtime.superlink(str(fed.server), folder / "superlink", tls, keys is not None, folder / "superlink.log",
+                             secret.path)
+    stream: runtime.Process | None = None
+    gate: ServerGate | None = None
+    done = False
     try:
         control = runtime.Control(str(fed.server), folder / "flwr", tls.ca_cert if tls else None)
         for site, key in (keys or {}).items():
@@ -64,17 +70,25 @@ def serve_federation(cfg: DictConfig, local_data: bool = False) -> dict[str, Any
         run_id = control.run(runtime.write_app(folder / "app"),
                              {CONFIG_FILE: str(folder / "config.yaml"), RESULT_FILE: str(folder / "result.json"),
                               LOCAL_DATA: "1" if local_data else ""})
+        gate = ServerGate(control.target, secret, int(run_id), tls.ca_cert if tls else None).start()
         stream = control.stream_log(run_id)  # the ServerApp's log, here
         status = control.wait(run_id, link.check)
         result_file = folder / "result.json"
         if status != "finished:completed" or not result_file.exists():
-            raise FedmedError(f"the federation (Flower run {run_id}) ended {status}; the server's log is above")
+            raise FedmedError(f"the federation (Flower run {run_id}) ended {status}; the server's log is above, "
+                              f"the SuperLink's in {link.log}")
+        done = True
         return json.loads(result_file.read_text())
     finally:
         if stream is not None:
             time.sleep(1)  # its last lines
             stream.stop()
+        if gate is not None:
+            gate.stop()
         link.stop()
+        secret.remove()
+        if done:  # kept after a failure: the SuperLink's log is there
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def server_config(run_config: Mapping[str, Any]) -> DictConfig:

@@ -2,7 +2,7 @@
 
 :func:`join_federation` builds the site once (its data decoded, its model and trainer set up),
 starts a SuperNode for it with ``site=<name>`` in its node config, and answers every message the
-server sends through the relay (:mod:`fedmed.flower.relay`) until the server ends the federation.
+server sends itself (:mod:`fedmed.flower.gate`) until the server ends the federation.
 """
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ from omegaconf import DictConfig
 
 from fedmed.errors import FedmedError
 from fedmed.flower import runtime
+from fedmed.flower.gate import Secret, SiteTasks
 from fedmed.flower.keys import existing_file, tls_files
 from fedmed.flower.node import NodeSite, build_site
-from fedmed.flower.relay import NODE_CONFIG_KEY, SiteRelay
 from fedmed.tracking import RunLog, run_status
 
 log = logging.getLogger("fedmed")
@@ -33,8 +33,8 @@ def join_federation(cfg: DictConfig) -> dict[str, Any]:
     """``fedmed fit site=<name> federation.server=<host:port>``: this hospital's site, until the server ends.
 
     The site is built once (its data decoded, its model and trainer set up); a SuperNode is started
-    for it with ``site=<name>`` in its node config, and every message the server sends it is
-    answered here, through the relay.
+    for it in process isolation, and every message the server sends it is answered here, by this
+    process (:class:`~fedmed.flower.gate.SiteTasks`): no App's code runs at the site.
     """
     name = cfg.site.name
     tls = tls_files(cfg, server=False)
@@ -44,19 +44,23 @@ def join_federation(cfg: DictConfig) -> dict[str, Any]:
                           "SuperNodes only over TLS")
     run = RunLog()  # opened at the server's hello, nested under the server's run
     node = build_site(cfg, run)
-    with run_status(run), SiteRelay(node.handle) as relay:
+    port, secret = runtime.free_port(), Secret()
+    tasks = SiteTasks(f"127.0.0.1:{port}", secret, node.handle)
+    with run_status(run):
         def start() -> runtime.Process:
-            return runtime.supernode(str(cfg.federation.server), {"site": name, NODE_CONFIG_KEY: relay.path},
-                                     tls.ca_cert if tls else None, key, _supernode_log(cfg, name))
+            return runtime.supernode(str(cfg.federation.server), {"site": name}, tls.ca_cert if tls else None, key,
+                                     _supernode_log(cfg, name), port, secret.path)
 
         keeper = _Keeper(name, start, float(cfg.federation.connect_timeout), node)
         log.info("[%s] SuperNode started for %s; waiting for the server (%s)", name, cfg.federation.server,
                  "TLS" + (", authenticated" if key else "") if tls else "no TLS")
         try:
-            relay.serve(lambda: node.finished is not None or node.refused is not None, keeper.check)
+            tasks.serve(lambda: node.finished is not None or node.refused is not None, keeper.check)
             time.sleep(3)  # the SuperNode delivers the last answer before it stops
         finally:
             keeper.proc.stop()
+            tasks.close()
+            secret.remove()
         if node.refused is not None:
             raise FedmedError(f"the server refused this node: {node.refused}")
         if node.finished != "FINISHED":
