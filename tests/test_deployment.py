@@ -251,3 +251,38 @@ def test_a_site_killed_mid_round_is_left_out_and_named(tmp_path):
     assert any(k.startswith("excluded.round_002") and k.endswith(".hospital_b") for k in parent.data.tags)
     trained = client.get_metric_history(parent.info.run_id, "sites_trained")
     assert trained[-1].value == 1  # the last round went on with the survivor
+
+
+def test_sites_end_failed_when_the_server_is_gone(tmp_path):
+    """The aggregator is killed mid-federation and not restarted: each site ends within connect_timeout
+    (plus its probe interval), exits 1 with the reason, and its MLflow run is FAILED, not RUNNING forever."""
+    port = free_port()
+    args = [*common(tmp_path, rounds=3, epochs=1), f"federation.server=127.0.0.1:{port}",
+            f"federation.checkpoint_dir={tmp_path / 'ckpt'}", f"paths.output_dir={tmp_path}",
+            "federation.sites=[hospital_a,hospital_b]", "federation.connect_timeout=15"]
+    sites = ["hospital_a", "hospital_b"]
+    logs = {n: tmp_path / f"{n}.log" for n in ["server", *sites]}
+    procs = {"server": fedmed(["serve", *args], logs["server"])}
+    started(procs, logs)
+    for s in sites:
+        procs[s] = fedmed(["fit", f"site={s}", *args], logs[s])
+    deadline = time.monotonic() + 300
+    while "round 2/3: training" not in logs["server"].read_text():
+        assert time.monotonic() < deadline, logs["server"].read_text()[-3000:]
+        time.sleep(0.2)
+    procs["server"].send_signal(signal.SIGKILL)
+    gone = time.monotonic()
+    for s in sites:
+        assert procs[s].wait(90) == 1, logs[s].read_text()[-2000:]
+    assert time.monotonic() - gone < 60
+    assert all("the server is gone" in logs[s].read_text() for s in sites), logs["hospital_a"].read_text()[-2000:]
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("fedmed")
+    runs = client.search_runs(exp.experiment_id, "tags.role = 'site'")
+    assert sorted(r.data.tags["site"] for r in runs) == sites and all(r.info.status == "FAILED" for r in runs)
+    assert not free_port_taken(port)  # the SuperLink went with the server
+
+
+def free_port_taken(port: int) -> bool:
+    with socket.socket() as sock:
+        return sock.connect_ex(("127.0.0.1", port)) == 0

@@ -126,6 +126,17 @@ class Process:
             self.proc.wait(5)
 
 
+def reachable(address: str, timeout: float = 2) -> bool:
+    """Whether something listens at ``address`` (host:port)."""
+    host, port = address.rsplit(":", 1)
+    try:
+        with socket.create_connection(("127.0.0.1" if host in ("0.0.0.0", "") else host.strip("[]"), int(port)),
+                                      timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
 def _wait_for_port(proc: Process, address: str, timeout: float = 60) -> None:
     host, port = address.rsplit(":", 1)
     deadline = time.monotonic() + timeout

@@ -27,6 +27,7 @@ log = logging.getLogger("fedmed")
 
 NOT_ACTIVATED = "Failed to activate SuperNode"  # Flower: the SuperLink does not (yet) know this node's key
 UNREACHABLE = "Connection attempt failed"  # Flower: the SuperLink cannot be reached (e.g. it is restarting)
+PROBE = 5.0  # seconds between two looks at whether the server's port answers
 
 
 def join_federation(cfg: DictConfig) -> dict[str, Any]:
@@ -51,7 +52,7 @@ def join_federation(cfg: DictConfig) -> dict[str, Any]:
             return runtime.supernode(str(cfg.federation.server), {"site": name}, tls.ca_cert if tls else None, key,
                                      _supernode_log(cfg, name), port, secret.path)
 
-        keeper = _Keeper(name, start, float(cfg.federation.connect_timeout), node)
+        keeper = _Keeper(name, start, float(cfg.federation.connect_timeout), node, str(cfg.federation.server))
         log.info("[%s] SuperNode started for %s; waiting for the server (%s)", name, cfg.federation.server,
                  "TLS" + (", authenticated" if key else "") if tls else "no TLS")
         try:
@@ -84,19 +85,38 @@ class _Keeper:
     (Flower's "Failed to activate SuperNode": the SuperLink is up but has not registered the key
     yet) is started again, for up to ``connect_timeout`` seconds without a message; then, or if it
     failed otherwise (a bad key file, a bad certificate), the site ends with its reason.
+
+    A SuperNode keeps retrying a SuperLink that is gone, so the server's port is also probed every
+    :data:`PROBE` seconds: when it has not answered for ``connect_timeout`` seconds (the server was
+    killed or stopped), the site ends and its run is marked FAILED.
     """
 
-    def __init__(self, name: str, start, connect_timeout: float, node: NodeSite):
-        self.name, self.start, self.timeout, self.node = name, start, connect_timeout, node
+    def __init__(self, name: str, start, connect_timeout: float, node: NodeSite, server: str):
+        self.name, self.start, self.timeout, self.node, self.server = name, start, connect_timeout, node, server
         self.proc: runtime.Process = start()
         self.seen, self.lost = node.messages, time.monotonic()  # lost: since when no message has come
         self.waiting = True  # for the first message, or for the SuperLink again
         self.refused_key = ""  # Flower's last "not activated" reason, if any
+        self.probed = 0.0  # when the server's port was last probed
+        self.unreachable: float | None = None  # since when it has not answered
+
+    def _server_gone(self, now: float) -> bool:
+        if now - self.probed < PROBE:
+            return False
+        self.probed = now
+        if runtime.reachable(self.server):
+            self.unreachable = None
+            return False
+        if self.unreachable is None:
+            self.unreachable = now
+        return now - self.unreachable > self.timeout
 
     def check(self) -> None:
         now = time.monotonic()
         if self.node.messages != self.seen:
             self.seen, self.waiting = self.node.messages, False
+        if self._server_gone(now):
+            self._give_up(f"is gone: {self.server} has not answered for {now - (self.unreachable or now):.0f}s")
         code = self.proc.proc.poll()
         if code is None:
             if self.waiting and now - self.lost > self.timeout:
