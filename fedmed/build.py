@@ -45,6 +45,11 @@ def resolve_mode(cfg: DictConfig) -> str:
     mode = "local" if cfg.get("site") else cfg.mode
     if mode == "local" and not cfg.get("site"):
         raise FedmedError("mode=local needs a site: fedmed fit site=<name>")
+    sites = list(cfg.federation.sites)
+    if mode == "local" and cfg.site.name not in sites:
+        raise FedmedError(f"site={cfg.site.name} is not one of federation.sites {sites}: a site alone trains on its "
+                          "share of the federation's partition; name it there too, e.g. federation.sites="
+                          f"[{','.join([*sites, cfg.site.name])}]")
     return mode
 
 
@@ -323,3 +328,16 @@ def load_model_checkpoint(ref: str, tracker, download_dir: Path) -> dict[str, An
         raise FedmedError(f"checkpoint {path} is not a fedmed checkpoint (needs 'state_dict' and 'config')")
     ckpt["config"] = checked_config(ckpt["config"], f"checkpoint {path}")
     return ckpt
+
+
+def checkpoint_net(ckpt: dict[str, Any], ref: str) -> torch.nn.Module:
+    """The network a checkpoint (from :func:`load_model_checkpoint`) holds, its weights loaded; a file whose
+    weights do not fit the network its config names is refused in one line."""
+    net, _ = build_net(ckpt["config"])  # DP-trained models carry GroupNorm where the config says BatchNorm
+    try:
+        net.load_state_dict(ckpt["state_dict"])
+    except (RuntimeError, TypeError, AttributeError) as exc:
+        first = " ".join(str(exc).split())[:200]
+        raise FedmedError(f"checkpoint {ref}: its weights do not fit the network its config names "
+                          f"(model.net._target_={ckpt['config'].model.net.get('_target_')}): {first}") from None
+    return net

@@ -123,7 +123,7 @@ RULES: dict[str, Rule] = {
     "privacy.noise_multiplier": optional(number(0)), "privacy.max_grad_norm": POSITIVE,
     "privacy.budget": optional(POSITIVE), "privacy.accountant": choice("rdp", "prv", "gdp"),
     "privacy.secure_aggregation": boolean, "privacy.audit": choice(*AUDITS), "privacy.audit_n": integer(1),
-    "privacy.audit_shadows": integer(1),
+    "privacy.audit_shadows": integer(4),  # LiRA: every candidate IN for >= 2 and OUT for >= 2 shadow models
     "explain.every_n_rounds": integer(0), "explain.method": choice(*EXPLAIN_METHODS), "explain.n": integer(1),
 }
 #: top-level keys of one verb's own config

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,34 @@ PNEUMONIA = DATA_DIR / "medmnist" / "pneumoniamnist.npz"
 
 def needs(path: Path):
     return pytest.mark.skipif(not path.exists(), reason=f"real data file {path} not present (set FEDMED_DATA_DIR)")
+
+
+@pytest.fixture(autouse=True)
+def _outputs_in_tmp(tmp_path, monkeypatch):
+    """Whatever a test does not send elsewhere goes under its own temp folder, never into the checkout."""
+    monkeypatch.setenv("FEDMED_OUTPUT_DIR", str(tmp_path / "fedmed-output"))
+
+
+def _litter() -> set[str]:
+    """The checkout's untracked and ignored paths (git's view), or nothing outside a git checkout."""
+    out = subprocess.run(["git", "status", "--porcelain", "--ignored", "--untracked-files=normal"], cwd=REPO,
+                         capture_output=True, text=True)
+    return {line[3:] for line in out.stdout.splitlines() if line[:2] in ("??", "!!")} if out.returncode == 0 else set()
+
+
+def pytest_configure(config):
+    config.stash[_BEFORE] = _litter()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """The suite fails if it left anything in the checkout (tests write only under their temp folders)."""
+    left = sorted(_litter() - session.config.stash.get(_BEFORE, set()))
+    if left:
+        print(f"\nthe tests wrote into the checkout {REPO}: {', '.join(left)}")
+        session.exitstatus = 1
+
+
+_BEFORE = pytest.StashKey[set]()
 
 
 @pytest.fixture

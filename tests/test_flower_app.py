@@ -115,26 +115,41 @@ class LoopbackGrid(Grid):
         return Message(over_the_wire(content), reply_to=msg)
 
 
-def site_factory(k: int, n: int, strategy: Strategy, codec: str | None) -> Callable[[], SiteClient]:
+def site_factory(k: int, n: int, strategy: Strategy, codec: str | None, signer=None, roster=None
+                 ) -> Callable[[], SiteClient]:
     def make() -> SiteClient:
         encoder = UpdateEncoder(codec, fraction=0.3) if codec else None
         return SiteClient(f"s{k}", synthetic_site(k, n, 0.3 + 0.4 * k), factory,
                           TrainingSettings(batch_size=16, trainer={"accelerator": "cpu"}, seed=5), site_index=k,
-                          part=strategy.site_part(), channel=UpdateChannel(f"s{k}", encoder))
+                          part=strategy.site_part(), channel=UpdateChannel(f"s{k}", encoder, signer, roster))
     return make
+
+
+def _signer():
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+
+    from fedmed.privacy.identity import Signer
+
+    key = ed25519.Ed25519PrivateKey.generate()
+    return Signer(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                    serialization.NoEncryption()))
 
 
 @pytest.mark.parametrize(("name", "secure", "codec"), [("fedavg", True, None), ("scaffold", False, "topk")])
 def test_grid_sites_train_what_in_process_sites_train(serverapp, name, secure, codec):
-    """Two rounds: the second needs what each site kept from the first (its masking key, its SCAFFOLD
-    control variate, its top-k residual), which here lives only in its node's state."""
+    """Two rounds: the second needs what each site kept from the first (its SCAFFOLD control variate, its
+    top-k residual; under secure aggregation the masked update it must unmask), which here lives only in its
+    node's state. The secure sites sign their masking keys and check each other's against a roster."""
     settings = FederationSettings(rounds=2, select="last", secure_aggregation=secure)
     torch.manual_seed(0)
     initial = factory().net.state_dict()
+    signers = {f"s{k}": _signer() for k in range(2)} if secure else {}
+    roster = {name: s.public_der for name, s in signers.items()} if secure else None
     results = []
     for remote in (False, True):
         strategy = make_strategy(name)
-        makers = [site_factory(k, n, strategy, codec) for k, n in enumerate((40, 90))]
+        makers = [site_factory(k, n, strategy, codec, signers.get(f"s{k}"), roster) for k, n in enumerate((40, 90))]
         if remote:
             grid = LoopbackGrid({10 + k: make for k, make in enumerate(makers)})
             sites = fgrid.accept(grid, ["s0", "s1"], timeout=30, hello={})
@@ -199,11 +214,15 @@ def test_a_node_site_checks_the_strategy_opens_its_run_at_hello_and_hears_refusa
         node.handle(protocol.HELLO, protocol.hello_request({"strategy": "fedavg", "run_id": ""}))
     assert not node.run.active  # no run opened for a federation it does not take part in
     node = fnode.NodeSite(client, "fedavg", store, {"manifest": "m.json"}, {"dataset": "d"})
-    reply = node.handle(protocol.HELLO, protocol.hello_request({"strategy": "fedavg", "run_id": ""}))
+    reply = node.handle(protocol.HELLO, protocol.hello_request({"strategy": "fedavg", "run_id": "fed1"}))
     assert reply.config_records["hello"]["site"] == "s0" and node.run.active
+    again = node.handle(protocol.HELLO, protocol.hello_request({"strategy": "fedavg", "run_id": "fed1"}))
+    assert again.config_records["hello"]["site"] == "s0"  # a server resumed with the same federation
+    with pytest.raises(PermissionError, match="takes part in federation fed1"):  # another federation
+        node.handle(protocol.HELLO, protocol.hello_request({"strategy": "fedavg", "run_id": "fed2"}))
     node.handle(protocol.REFUSED, RecordDict({"refused": ConfigRecord({"reason": "site s0: already connected"})}))
     node.handle(protocol.FINISH, RecordDict({"finish": ConfigRecord({"status": "FAILED"})}))
-    assert (node.refused, node.finished, node.messages) == ("site s0: already connected", "FAILED", 3)
+    assert (node.refused, node.finished, node.messages) == ("site s0: already connected", "FAILED", 5)
 
 
 def test_site_errors_come_back_by_kind(serverapp):

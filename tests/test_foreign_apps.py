@@ -80,7 +80,8 @@ def test_a_site_answers_only_fedmed_s_app_and_only_the_run_it_joined():
     assert tasks.refusal(7, ours, HELLO) is None
     tasks.run_id = 7  # joined run 7 at its hello
     assert tasks.refusal(7, ours, "train") is None
-    assert "Flower run 7 only" in tasks.refusal(8, ours, HELLO)
+    assert "Flower run 7 only" in tasks.refusal(8, ours, "train")
+    assert tasks.refusal(8, ours, HELLO) is None  # a resumed server's new run: the site checks its federation
 
 
 @needs(PNEUMONIA)

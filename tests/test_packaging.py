@@ -43,8 +43,13 @@ def _files(root: Path) -> set[str]:
 
 @needs(PNEUMONIA)
 def test_a_built_wheel_runs_the_smoke_federation_from_another_folder(tmp_path):
-    wheels = tmp_path / "wheels"
-    subprocess.run([sys.executable, "-m", "pip", "wheel", str(REPO), "--no-deps", "--no-build-isolation", "-q",
+    wheels, source = tmp_path / "wheels", tmp_path / "source"
+    tracked = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True).stdout
+    for name in tracked.splitlines():  # built from a copy: setuptools writes build/ beside the sources
+        if (REPO / name).is_file():
+            (source / name).parent.mkdir(parents=True, exist_ok=True)
+            (source / name).write_bytes((REPO / name).read_bytes())
+    subprocess.run([sys.executable, "-m", "pip", "wheel", str(source), "--no-deps", "--no-build-isolation", "-q",
                     "-w", str(wheels)], check=True, capture_output=True, timeout=300)
     site = tmp_path / "site"
     (wheel,) = wheels.glob("fedmed-*.whl")

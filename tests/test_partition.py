@@ -87,3 +87,14 @@ def test_group_split_keeps_groups_whole_and_classes_in_every_split():
         assert lo < share < hi, (s, share)
         assert set(labels[split == s]) == {0, 1, 2}
     assert (group_stratified_split(labels, groups, {"val": 0.15, "test": 0.15}, seed=0) == split).all()
+
+
+def test_a_site_with_a_single_class_is_named_when_the_partition_is_drawn(pneumonia):
+    from fedmed.data.sites import build_manifests, one_class_sites
+
+    sites = ["hospital_a", "hospital_b", "hospital_c"]
+    skewed = build_manifests(pneumonia, sites, "dirichlet", 0.5, seed=7)  # hospital_a: normal only
+    said = one_class_sites(skewed)
+    assert any(w.startswith("site hospital_a: its training data holds only class 'normal'") for w in said), said
+    assert any("hospital_a: its validation data" in w and "AUROC is undefined" in w for w in said), said
+    assert one_class_sites(build_manifests(pneumonia, sites, "iid", None, seed=7)) == []

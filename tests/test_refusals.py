@@ -69,6 +69,8 @@ def test_a_server_checkpoint_that_would_run_code_is_refused(tmp_path, isolated, 
     ("strategy=fedprox strategy.mu=abc", "strategy.mu='abc': expected float"),
     ("strategy=krum", "needs at least 5 sites"),
     ("+strategy.lr=0.1", "strategy.lr: fedavg has no such parameter"),
+    ("site=hospital_d", "site=hospital_d is not one of federation.sites"),
+    ("privacy.audit_shadows=2", "privacy.audit_shadows=2: expected an integer >= 4"),
 ])
 def test_wrong_config_values_are_one_line_before_any_work(tmp_path, isolated, capsys, override, names):
     t0 = time.perf_counter()
@@ -77,6 +79,26 @@ def test_wrong_config_values_are_one_line_before_any_work(tmp_path, isolated, ca
     assert names in line, line
     assert time.perf_counter() - t0 < 20
     assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "data_manifests").exists()  # nothing written
+
+
+def test_a_checkpoint_that_is_not_one_is_named_and_never_told_to_load_unsafely(tmp_path, isolated, capsys):
+    from omegaconf import OmegaConf
+
+    from fedmed.config import compose
+    from fedmed.models import CompactCNN
+
+    noise = tmp_path / "noise.pt"
+    noise.write_bytes(np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes())
+    other = tmp_path / "other.pt"  # weights of a 5-class network under a 2-class config
+    config = OmegaConf.to_container(compose("fit", [*isolated, "experiment=smoke"]), resolve=True)
+    torch.save({"state_dict": CompactCNN(in_channels=1, num_classes=5).state_dict(), "config": config}, other)
+    for path, says in ((noise, "not a PyTorch file of tensors and plain values"), (other, "do not fit the network")):
+        for verb in (["explain"], ["audit", "privacy"]):
+            t0 = time.perf_counter()
+            assert main([*verb, *isolated, f"checkpoint={path}"]) == 1
+            line = one_line(capsys.readouterr().err)
+            assert says in line and str(path) in line and "weights_only" not in line, line
+            assert time.perf_counter() - t0 < 20
 
 
 def test_a_missing_data_folder_is_named_and_not_created(tmp_path, isolated, monkeypatch, capsys):

@@ -120,3 +120,29 @@ def test_a_round_asked_twice_gets_fresh_masks_and_one_reveal():
             chan.dropout_correction([], 3, n, SITES, mine)
     assert restarted.secret_state()["round"]["private"] is None  # the key itself is gone
     assert "private" not in str(chans["site1"].state_dict())  # what the server checkpoints holds no key
+
+
+def test_a_site_across_machines_needs_its_key_and_the_roster_for_secure_aggregation(isolated, tmp_path, caplog):
+    from fedmed.config import compose
+    from fedmed.errors import FedmedError
+    from fedmed.flower.keys import secagg_identity
+    from tests.test_deployment import supernode_key
+
+    keys = {s: supernode_key(tmp_path, s) for s in ("hospital_a", "hospital_b", "hospital_c")}
+    roster = "{" + ", ".join(f"{s}: {pub}" for s, (_, pub) in keys.items()) + "}"
+    base = [*isolated, "privacy.secure_aggregation=true", "site=hospital_a"]
+    remote = compose("fit", [*base, "federation.server=fed.example.org:9092"])
+    with pytest.raises(FedmedError, match="needs, at every site, federation.auth.private_key"):
+        secagg_identity(remote)
+    wrong = compose("fit", [*base, "federation.server=fed.example.org:9092",
+                            f"federation.auth.private_key={keys['hospital_b'][0]}",
+                            f"federation.auth.supernode_keys={roster}"])
+    with pytest.raises(FedmedError, match="is not the key federation.auth.supernode_keys.hospital_a names"):
+        secagg_identity(wrong)
+    right = compose("fit", [*base, "federation.server=fed.example.org:9092",
+                            f"federation.auth.private_key={keys['hospital_a'][0]}",
+                            f"federation.auth.supernode_keys={roster}"])
+    signer, registered = secagg_identity(right)
+    assert signer is not None and registered is not None and registered["hospital_a"] == signer.public_der
+    assert secagg_identity(compose("fit", [*base, "federation.server=127.0.0.1:9092"])) == (None, None)
+    assert "masking keys are not signed" in caplog.text

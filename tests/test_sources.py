@@ -304,3 +304,41 @@ def test_data_check_cli_lists_bad_files_and_fails(tmp_path):
     (root / "train" / "benign" / "corrupt.jpg").unlink()
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and "no problems found" in proc.stdout, proc.stdout + proc.stderr
+
+
+def test_nifti_volumes_with_nan_or_inf_voxels_are_named_by_the_check(tmp_path):
+    part = np.ones((8, 8, 8), np.float32)
+    part[2, 3, 4] = np.nan
+    inf = np.ones((8, 8, 8), np.float32)
+    inf[0, 0, 0] = np.inf
+    for name, vol in (("part_nan", part), ("all_nan", np.full((8, 8, 8), np.nan, np.float32)), ("inf", inf),
+                      ("ok", np.ones((8, 8, 8), np.float32))):
+        nib.save(nib.Nifti1Image(vol, np.eye(4)), tmp_path / f"{name}.nii.gz")
+    (tmp_path / "v.csv").write_text("path,label,split\npart_nan.nii.gz,0,train\nall_nan.nii.gz,1,train\n"
+                                    "inf.nii.gz,0,train\nok.nii.gz,1,train\n")
+    src = TableSource("v", str(tmp_path), "v.csv", split_column="split", spatial_dims=3)
+    report = check_dataset(Pipeline(src, pre(intensity="minmax"), spatial_dims=3), splits=["train"])
+    assert sorted(p.split(":")[0].rsplit("/", 1)[-1] for p in report.problems) == [
+        "all_nan.nii.gz", "inf.nii.gz", "part_nan.nii.gz"], report.problems
+    assert "1 of 512 values are NaN or infinite" in next(p for p in report.problems if "part_nan" in p)
+
+
+def test_a_cmyk_jpeg_is_read_as_the_colours_it_shows_and_a_mislabelled_file_is_named(tmp_path):
+    root = _folder(tmp_path / "img")
+    rgb = np.zeros((24, 24, 3), np.uint8)
+    rgb[..., 0], rgb[:12, :, 2] = 200, 120  # red, with a blue-ish top half
+    cmyk = root / "train" / "benign" / "cmyk.jpg"
+    Image.fromarray(rgb).convert("CMYK").save(cmyk, quality=100)
+    with Image.open(cmyk) as im:
+        assert im.mode == "CMYK"
+        want = np.asarray(im.convert("RGB"), dtype=np.float32)  # PIL's own conversion, independently
+    (root / "train" / "malignant" / "looks_like.gif").write_bytes((root / "train" / "malignant" /
+                                                                  "malignant_0.png").read_bytes())
+    src = ImageFolderSource("tiny", str(root), splits={"train": "train", "test": "test"}, val_fraction=0.0)
+    from fedmed.data.file_source import LoadFiled
+
+    got = LoadFiled(keys=["image"])({"image": str(cmyk)})["image"]
+    assert tuple(got.shape) == (3, 24, 24)  # not 4 channels with black dropped
+    assert np.allclose(np.asarray(got).transpose(1, 2, 0), want, atol=1)
+    report = check_dataset(Pipeline(src, pre(size=16)))
+    assert any("looks_like.gif" in p and "not read" in p for p in report.problems), report.problems

@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 from monai.transforms import MapTransform
 
-from fedmed.data.files import file_kind, load_file
+from fedmed.data.files import IMAGE_SUFFIXES, VOLUME_SUFFIXES, by_mode, file_kind, load_file
 from fedmed.data.source import SPLITS, Rows, check_split
 from fedmed.data.splits import group_stratified_split
 from fedmed.errors import DataNotFoundError, FedmedError
@@ -46,7 +46,8 @@ class LoadFiled(MapTransform):
         from monai.transforms import LoadImage
 
         self._load = {
-            "image": LoadImage(reader=PILReader(reverse_indexing=False), image_only=True, ensure_channel_first=True),
+            "image": LoadImage(reader=PILReader(converter=by_mode, reverse_indexing=False), image_only=True,
+                               ensure_channel_first=True),
             "volume": LoadImage(reader=NibabelReader(), image_only=True, ensure_channel_first=True),
         }
 
@@ -249,6 +250,9 @@ class ImageFolderSource(FileSource):
                     problems.append(f"{class_dir}: class folder {class_dir.name!r} is not one of {names}")
                     continue
                 for f in sorted(class_dir.rglob("*")):
+                    if f.is_file() and not file_kind(f) and not f.name.startswith("."):
+                        problems.append(f"{f}: not read: fedmed reads {', '.join(IMAGE_SUFFIXES + VOLUME_SUFFIXES)}"
+                                        " (convert the file, or move it out of the class folder)")
                     if f.is_file() and file_kind(f):
                         rows.append({"id": f.relative_to(self.root).as_posix(), "path": str(f),
                                      "label": names.index(class_dir.name),

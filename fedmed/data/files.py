@@ -62,7 +62,25 @@ def load_file(path: str, loaders: Mapping[str, Callable[[str], Any]]) -> Any:
                         "expected a 3D volume")
     if kind == "image" and x.shape[0] not in (1, 3, 4):
         raise DataError(f"{path}: has {x.shape[0]} channels, expected 1 (grey), 3 (RGB) or 4 (RGBA)")
+    finite = _finite(x)
+    if finite < x.numel():
+        raise DataError(f"{path}: {x.numel() - finite} of {x.numel()} values are NaN or infinite")
     return x
+
+
+def _finite(x: Any) -> int:
+    import torch
+
+    t = torch.as_tensor(x)
+    return int(torch.isfinite(t).sum()) if t.is_floating_point() else t.numel()
+
+
+def by_mode(image: Any) -> Any:
+    """A PIL image whose channels are not colours as displayed (CMYK, YCbCr, LAB, HSV) as RGB: a CMYK file
+    would otherwise be taken as RGBA and its black channel dropped. Other modes are read as they are."""
+    if image.mode in ("CMYK", "YCbCr", "LAB", "HSV"):
+        return image.convert("RGB")
+    return image
 
 
 def _reason(path: str, kind: str, exc: Exception) -> str:

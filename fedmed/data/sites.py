@@ -136,3 +136,17 @@ def describe_partition(manifests: Sequence[Manifest]) -> str:
         mix = ", ".join(f"{n}={c}" for n, c in zip(names, row.tolist(), strict=False))
         lines.append(f"  {m.site}: {int(row.sum())} train / {len(m.validation)} val ({mix})")
     return "\n".join(lines)
+
+
+def one_class_sites(manifests: Sequence[Manifest]) -> list[str]:
+    """A warning per site whose training or validation data holds a single class: it cannot learn the
+    others, and its AUROC (one class in its validation data) is undefined."""
+    out = []
+    for section, what in (("training", "training"), ("validation", "validation")):
+        for m, row in zip(manifests, site_class_counts(manifests, section), strict=True):
+            present = [m.class_names[c] if m.class_names else str(c) for c in np.flatnonzero(row)]
+            if len(present) == 1:
+                out.append(f"site {m.site}: its {what} data holds only class {present[0]!r} ({int(row.sum())} "
+                           "images)" + (": its AUROC is undefined (nan)" if section == "validation" else
+                                        ": it cannot learn the other classes"))
+    return out

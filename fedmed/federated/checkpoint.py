@@ -67,10 +67,16 @@ def _safe_globals() -> list[Any]:
 
 def unsafe_reason(exc: Exception) -> str:
     """Why ``torch.load(weights_only=True)`` refused a file, in a few words."""
-    found = re.search(r"GLOBAL ([\w.]+)", str(exc))
+    text = str(exc)
+    found = re.search(r"GLOBAL ([\w.]+)", text)
     if found:
         return f"it holds {found.group(1)}, which loading would run or build (only tensors and plain values are read)"
-    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    detail = re.search(r"WeightsUnpickler error:\s*(.+?)\s*(?:\n\n|Check the documentation|$)", text, re.S)
+    if detail:
+        return f"it is not a PyTorch file of tensors and plain values ({' '.join(detail.group(1).split())[:120]})"
+    first = (text.strip().splitlines() or [type(exc).__name__])[0]
+    if "weights_only" in first:  # torch's own advice would be to run the file's code: never repeat it
+        return "it is not a PyTorch file of tensors and plain values"
     return first[:200]
 
 

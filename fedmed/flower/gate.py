@@ -12,8 +12,9 @@ the fedmed process that started the component can. What each one runs:
   else who reaches the port submits with ``flwr run`` never executes;
 - at a hospital, :class:`SiteTasks` answers each ClientApp task in the site's own process, with the
   site it holds (:class:`~fedmed.flower.node.NodeSite`). The run's FAB is never installed or
-  executed there; a run whose App is not fedmed's, or other than the run the site joined, gets an
-  error reply and nothing else.
+  executed there; a run whose App is not fedmed's, or other than the run the site joined (but for
+  the hello of a resumed server, which must name the same federation), gets an error reply and
+  nothing else.
 """
 
 from __future__ import annotations
@@ -39,7 +40,6 @@ from flwr.supercore.constant import TaskType
 from flwr.supercore.heartbeat import HeartbeatSender, make_task_heartbeat_fn_http
 from flwr.supercore.interceptors import RuntimeTokenHttpInterceptor, RuntimeVersionHttpInterceptor
 from flwr.supercore.interceptors.http.superexec_auth import SuperExecAuthHttpInterceptor
-from flwr.supercore.retry import make_simple_http_retry_invoker
 from flwr.supercore.runtime import RuntimeHttpClient
 from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, push_task_output
 
@@ -68,10 +68,11 @@ class Secret:
 
 
 def _client(address: str, ca_cert: Path | None, interceptors: list) -> RuntimeHttpClient:
+    """A Runtime API client without Flower's retry policy: that one blocks while the component is away and
+    signals its own process on an authentication error; this process polls again instead."""
     return RuntimeHttpClient.from_server_address(
         server_address=address, insecure=ca_cert is None,
-        root_certificates=ca_cert.read_bytes() if ca_cert is not None else None,
-        interceptors=interceptors, retry_invoker=make_simple_http_retry_invoker())
+        root_certificates=ca_cert.read_bytes() if ca_cert is not None else None, interceptors=interceptors)
 
 
 class _Executor:
@@ -128,17 +129,23 @@ class ServerGate(_Executor):
             if got is None:
                 continue
             token, task = got
-            if int(task.run_id) == self.run_id and self.process is None:
-                cmd = [str(BIN / "flwr-serverapp"), "--runtime-api-address", self.address, "--token", token,
-                       "--parent-pid", str(os.getpid())]
-                cmd += ["--root-certificates", str(self.ca_cert)] if self.ca_cert is not None else ["--insecure"]
-                self.process = subprocess.Popen(cmd, env={**os.environ, "FLWR_TELEMETRY_ENABLED": "0"})
-            else:
-                self.refused.append(int(task.run_id))
-                log.warning("refused the ServerApp of Flower run %s: this SuperLink runs only the federation's run "
-                            "%s (fedmed serve submitted it)", task.run_id, self.run_id)
-                _end(self.task_client(token, "flwr-serverapp"), f"refused by fedmed: only run {self.run_id} runs "
-                                                                  "on this SuperLink")
+            try:
+                self._dispatch(token, task)
+            except (httpx.HTTPError, OSError, RuntimeError) as exc:
+                log.warning("a ServerApp task could not be dispatched: %s: %s", type(exc).__name__, exc)
+
+    def _dispatch(self, token: str, task: Any) -> None:
+        if int(task.run_id) == self.run_id and self.process is None:
+            cmd = [str(BIN / "flwr-serverapp"), "--runtime-api-address", self.address, "--token", token,
+                   "--parent-pid", str(os.getpid())]
+            cmd += ["--root-certificates", str(self.ca_cert)] if self.ca_cert is not None else ["--insecure"]
+            self.process = subprocess.Popen(cmd, env={**os.environ, "FLWR_TELEMETRY_ENABLED": "0"})
+            return
+        self.refused.append(int(task.run_id))
+        log.warning("refused the ServerApp of Flower run %s: this SuperLink runs only the federation's run %s "
+                    "(fedmed serve submitted it)", task.run_id, self.run_id)
+        _end(self.task_client(token, "flwr-serverapp"), f"refused by fedmed: only run {self.run_id} runs on this "
+                                                          "SuperLink")
 
     def stop(self) -> None:
         self._stop.set()
@@ -183,7 +190,10 @@ class SiteTasks(_Executor):
             if got is None:
                 threading.Event().wait(idle)
                 continue
-            self._answer(*got)
+            try:
+                self._answer(*got)
+            except (httpx.HTTPError, OSError, RuntimeError) as exc:  # the SuperNode went away mid-task
+                log.warning("a task could not be answered: %s: %s", type(exc).__name__, exc)
 
     def _answer(self, token: str, task: Any) -> None:
         client = self.task_client(token, "flwr-clientapp")
@@ -211,8 +221,12 @@ class SiteTasks(_Executor):
             client.close()
 
     def refusal(self, run_id: int, fab: bytes, kind: str) -> str | None:
-        """Why this site does not answer a message of ``run_id`` (None: it answers)."""
-        if self.run_id is not None and run_id != self.run_id:
+        """Why this site does not answer a message of ``run_id`` (None: it answers).
+
+        A hello from another Flower run is passed on: a server resumed after a restart submits a new
+        run, and the site checks that it continues the same federation (its MLflow run).
+        """
+        if self.run_id is not None and run_id != self.run_id and kind != HELLO:
             return f"this site takes part in Flower run {self.run_id} only"
         components = app_components(fab)
         if components != APP_COMPONENTS:

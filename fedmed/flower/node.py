@@ -67,6 +67,7 @@ class NodeSite:
         self.messages = 0  # how many the server sent
         self.finished: str | None = None  # the server's status, once it said the federation is over
         self.refused: str | None = None  # why the server did not admit this site
+        self.federation: str | None = None  # the server's MLflow run this site takes part in (from its hello)
 
     @property
     def run(self) -> RunLog:
@@ -87,6 +88,10 @@ class NodeSite:
     def _hello(self, content: RecordDict) -> RecordDict:
         """Check the server's strategy is this site's; open the site's run, nested under the server's."""
         hello, name = read_hello(content), self.client.name
+        federation = hello.get("run_id") or ""
+        if self.federation is not None and federation != self.federation:
+            raise PermissionError(f"this site takes part in federation {self.federation} (MLflow run); a server "
+                                  f"running {federation or 'another'} is not answered")
         theirs = hello.get("strategy")
         if self.strategy is not None and theirs and theirs != self.strategy:
             raise FedmedError(f"the server runs strategy={theirs}, this site is configured with "
@@ -97,6 +102,7 @@ class NodeSite:
             self.run.run_id = tracker.start_run(name, {**self.tags, "site": name, "role": "site",
                                                        "transport": "flower"}, parent_id=hello.get("run_id") or None)
             tracker.log_params(self.run.run_id, {**self.client.initialize(), **self.params})
+        self.federation = federation
         return hello_reply(self.client, self.terms)
 
 

@@ -14,24 +14,28 @@ Overflow: the ring holds signed sums below 2^63 in magnitude, and a wrapped sum 
 whose fixed-point magnitude reaches 2^63 / K (K: the sites masking this round, itself included):
 then no sum of up to K contributions can wrap. A site that drops out only removes a term.
 
+Keys: a site makes a fresh key pair for every masked update (``fedmed.federated.channel``), signs
+its public half with its SuperNode key, and masks only with peers' keys signed by their registered
+keys (:mod:`fedmed.privacy.identity`), so the server can neither substitute keys it made nor get
+two updates under the same masks.
+
 Unmasking, after the masked updates are in: the server names the survivors S (the sites whose
-update arrived) and asks each to **attest** S: it answers, once per round, a tag per other
+update arrived) and asks each to **attest** S: it answers, once per update, a tag per other
 survivor (HMAC-SHA256 under their pairwise seed over the round and S). Then each survivor
 **reveals**: given the tags the others made for it, it checks that every other survivor attested
-the same S, that S and the dropped sites are exactly the round's sites, and that it has not
-revealed before; only then it sends its self mask plus its pairwise masks with the dropped sites,
+the same S, that S and the dropped sites are exactly the round's sites, that S holds at least
+:func:`threshold` sites, and that it has not revealed before (the private key is forgotten when
+it reveals); only then it sends its self mask plus its pairwise masks with the dropped sites,
 which the server subtracts from the sum.
 
-Threat model: the server learns the sum of the survivors' contributions and nothing about one
-site's update, also if it lies about who dropped out. To unmask site v it needs both v's pairwise
-masks (revealed only by survivors told that v dropped) and v's self mask (revealed only by v, told
-that it survived, with tags proving every other survivor was told the same set). A server that
-tells different sites different survivor sets fails the tag check; one that asks a site to attest
-a second set is refused. A site that fails between attesting and revealing ends the round (it
-cannot be recovered without revealing a mask twice): the federation stops with an error and
-continues from its last checkpoint with ``resume=``. Colluding sites learn what their own masks
-tell them: the sum of the honest sites' contributions. Robust aggregators (median, trimmed mean,
-Krum) need individual updates and cannot run on sums.
+Threat model (docs: Privacy, with the test behind each row): the server learns the sum of the
+survivors' contributions and nothing about one site's update, also if it lies about who dropped
+out, names fewer survivors than the threshold, relays keys it made, or asks for a round twice. A
+site that fails between attesting and revealing ends the round (it cannot be recovered without
+revealing a mask twice): the federation stops with an error and continues from its last
+checkpoint with ``resume=``, with new keys. Colluding sites learn what their own masks tell them:
+the sum of the honest sites' contributions. Robust aggregators (median, trimmed mean, Krum) need
+individual updates and cannot run on sums.
 """
 
 from __future__ import annotations

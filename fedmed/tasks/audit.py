@@ -9,7 +9,7 @@ from typing import Any
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from fedmed.build import build_net, load_model_checkpoint, resolve_mode
+from fedmed.build import checkpoint_net, load_model_checkpoint, resolve_mode
 from fedmed.data.datamodule import Pipeline
 from fedmed.errors import FedmedError
 from fedmed.outcome import attack_rows, audit_model, mlflow_attack_metrics, site_training_sets
@@ -26,8 +26,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                                       {k: cfg.privacy[k] for k in ("audit", "audit_n", "audit_shadows")})
     if cfg.data.name != trained.data.name:
         raise FedmedError(f"the checkpoint was trained on {trained.data.name!r}, but data={cfg.data.name!r}")
-    net, _ = build_net(trained)
-    net.load_state_dict(ckpt["state_dict"])
+    net = checkpoint_net(ckpt, str(cfg.checkpoint))
     pipeline = Pipeline.from_config(trained.data, instantiate(cfg.data.source))
     mode = resolve_mode(trained)
     if mode == "centralized":

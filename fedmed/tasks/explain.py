@@ -13,7 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 from rich.table import Table
 
-from fedmed.build import build_net, load_model_checkpoint
+from fedmed.build import checkpoint_net, load_model_checkpoint
 from fedmed.data.datamodule import Pipeline
 from fedmed.errors import FedmedError
 from fedmed.explain import (
@@ -44,8 +44,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     trained = OmegaConf.create(ckpt["config"])
     if trained.data.name != cfg.data.name:
         raise FedmedError(f"the checkpoint was trained on {trained.data.name!r}, but data={cfg.data.name!r}")
-    net, _ = build_net(trained)  # DP-trained models carry GroupNorm where the config says BatchNorm
-    net.load_state_dict(ckpt["state_dict"])
+    net = checkpoint_net(ckpt, str(cfg.checkpoint))
     net.eval()
     source = instantiate(cfg.data.source)  # this machine's copy, preprocessed as the model was trained
     ds = Pipeline.from_config(trained.data, source).dataset(cfg.split)

@@ -17,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from fedmed import build
 from fedmed.config import site_config
 from fedmed.data.datamodule import Pipeline
-from fedmed.data.sites import describe_partition
+from fedmed.data.sites import describe_partition, one_class_sites
 from fedmed.federate import federate, open_run
 from fedmed.federated import InProcessSite
 from fedmed.flower.parallel import run_parallel
@@ -58,6 +58,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     else:  # every image decoded before anything is written: a corrupt one leaves no manifest or run behind
         manifests, datas = build.load_sites(cfg, source, sites)
         log.info(describe_partition(list(manifests.values())))
+        for warning in one_class_sites(list(manifests.values())):
+            log.warning("%s; another seed or partition (partition.min_samples, partition.alpha) avoids it", warning)
 
     tracker, run_id = open_run(cfg, mode, sites, strategy, resume, {"transport": "in-process"})
     if manifests and not resume:
