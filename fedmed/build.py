@@ -45,11 +45,6 @@ def resolve_mode(cfg: DictConfig) -> str:
     mode = "local" if cfg.get("site") else cfg.mode
     if mode == "local" and not cfg.get("site"):
         raise FedmedError("mode=local needs a site: fedmed fit site=<name>")
-    sites = list(cfg.federation.sites)
-    if mode == "local" and cfg.site.name not in sites:
-        raise FedmedError(f"site={cfg.site.name} is not one of federation.sites {sites}: a site alone trains on its "
-                          "share of the federation's partition; name it there too, e.g. federation.sites="
-                          f"[{','.join([*sites, cfg.site.name])}]")
     return mode
 
 
@@ -230,6 +225,20 @@ def config_diff(a: dict, b: dict, prefix: str = "") -> list[str]:
         elif va != vb:
             out.append(f"{prefix}{k}: {va!r} -> {vb!r}")
     return out
+
+
+def stored_config(cfg: DictConfig) -> DictConfig:
+    """The config of the federation ``resume=`` names, as its checkpoint stored it, with this ``resume=``:
+    ``fedmed fit resume=<id or folder>`` continues a run without its overrides typed again."""
+    path = find_checkpoint(cfg)
+    stored = checked_config(load_checkpoint(path).get("config"), f"resume={cfg.resume}: {path}")
+    stored.resume = str(cfg.resume)
+    return stored
+
+
+def resume_command(cfg: DictConfig, verb: str, run_id: str) -> str:
+    """The command that continues this federation from its last round, as a user types it."""
+    return f"fedmed {verb} resume={Path(cfg.federation.checkpoint_dir).expanduser().resolve() / run_id}"
 
 
 def resume_state(cfg: DictConfig, mode: str, config: Any) -> dict[str, Any]:

@@ -140,6 +140,11 @@ def main(argv: list[str] | None = None) -> int:
         from fedmed.schema import validate
 
         validate(cfg, config_name(verb))
+        if verb in ("fit", "serve") and [o.split("=", 1)[0] for o in overrides] == ["resume"]:
+            from fedmed.build import stored_config  # resume=<id> alone: the federation's own config
+
+            cfg = stored_config(cfg)
+            validate(cfg, config_name(verb))
         if show_cfg:
             print(OmegaConf.to_yaml(cfg))
             return 0
@@ -152,6 +157,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     except FedmedError as exc:
         print(f"fedmed {verb}: error: {exc}", file=sys.stderr)
+        _resume_hint(verb, exc)
         return 1
     except (KeyboardInterrupt, SystemExit) as exc:  # Lightning turns an interrupt during fit into SystemExit(1)
         stop = stop_request(exc)
@@ -159,9 +165,18 @@ def main(argv: list[str] | None = None) -> int:
             raise
         if isinstance(stop, Terminated):
             print(f"fedmed {verb}: terminated (SIGTERM); its MLflow runs are marked KILLED", file=sys.stderr)
+            _resume_hint(verb, exc)
             return 143
         print(f"fedmed {verb}: interrupted; its MLflow runs are marked KILLED", file=sys.stderr)
+        _resume_hint(verb, exc)
         return 130
+
+
+def _resume_hint(verb: str, exc: BaseException) -> None:
+    """The command that continues a federation that stopped, where it has one."""
+    command = getattr(exc, "fedmed_resume", None) or getattr(exc.__context__, "fedmed_resume", None)
+    if command:
+        print(f"fedmed {verb}: continue it from its last round with: {command}", file=sys.stderr)
 
 
 if __name__ == "__main__":

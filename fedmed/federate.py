@@ -45,10 +45,11 @@ def run_tags(cfg: DictConfig, mode: str, sites: Sequence[str], strategy: Strateg
 
 
 def open_run(cfg: DictConfig, mode: str, sites: Sequence[str], strategy: Strategy | None,
-             resume: Mapping[str, Any] | None, transport: Mapping[str, str]) -> tuple[Tracker, str]:
+             resume: Mapping[str, Any] | None, transport: Mapping[str, str], verb: str = "fit") -> tuple[Tracker, str]:
     """The run's MLflow run: reopened (``resume=``), else started with its tags, params and ``config.yaml``.
 
     ``transport``: tags that say how the sites were reached (``transport``, the server's address).
+    ``verb``: the command that runs it, for the resume command printed (``fit`` or ``serve``).
     """
     tracker = Tracker(cfg.logger.tracking_uri, cfg.logger.experiment, cfg.logger.artifact_location)
     if resume is not None:
@@ -62,9 +63,15 @@ def open_run(cfg: DictConfig, mode: str, sites: Sequence[str], strategy: Strateg
         tracker.log_text(run_id, OmegaConf.to_yaml(cfg), "config.yaml")
     if mode == "federated":
         tracker.set_tags(run_id, {"checkpoint_dir": str(Path(cfg.federation.checkpoint_dir) / run_id)})
-    log.info("MLflow run %s%s", run_id, f" (if it stops, continue it with resume={run_id})"
+    log.info("MLflow run %s%s", run_id, f"; if it stops, continue it with: {build.resume_command(cfg, verb, run_id)}"
              if mode == "federated" else "")
     return tracker, run_id
+
+
+def resumable(exc: BaseException, cfg: DictConfig, verb: str, run_id: str) -> BaseException:
+    """``exc`` (a stop, a failure) carrying the command that continues the federation, for the CLI to repeat."""
+    exc.fedmed_resume = build.resume_command(cfg, verb, run_id)  # type: ignore[attr-defined]
+    return exc
 
 
 def federate(cfg: DictConfig, strategy: Strategy, sites: Sequence[SiteTransport], initial: Mapping[str, Any],

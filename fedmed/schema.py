@@ -19,12 +19,8 @@ from hydra.errors import InstantiationException
 from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from fedmed.data.partition import METHODS as PARTITIONS
+from fedmed.choices import CODECS, EXPLAIN_METHODS, FOLDER_SOURCES, PARTITIONS, SELECTIONS
 from fedmed.errors import FedmedError
-from fedmed.explain.methods import METHODS as EXPLAIN_METHODS
-from fedmed.federated.compression import CODECS
-from fedmed.federated.orchestrator import SELECTIONS
-from fedmed.federated.strategies.base import Strategy
 
 MODES = ("federated", "centralized", "local")
 AUDITS = ("none", "loss", "lira")
@@ -154,9 +150,10 @@ def validate(cfg: DictConfig, verb: str = "fit") -> None:
         bad = [s for s in cfg.splits if s not in SPLITS]
         if bad:
             raise FedmedError(f"splits={list(cfg.splits)}: expected a list of {', '.join(SPLITS)}")
+    _check_data_dir(cfg)
+    _check_site(cfg)
     if cfg.get("strategy") is not None:
         check_strategy(cfg)
-    _check_data_dir(cfg)
 
 
 _ABSENT = object()
@@ -192,6 +189,8 @@ def _type_problem(value: Any, hint: Any) -> str | None:
 
 def check_strategy(cfg: DictConfig) -> None:
     """``strategy.*``: known parameters of the strategy class, of the annotated types, accepted by it."""
+    from fedmed.federated.strategies.base import Strategy  # torch: after every check that needs none
+
     node = cfg.strategy
     target = node.get("_target_")
     try:
@@ -220,10 +219,28 @@ def check_strategy(cfg: DictConfig) -> None:
         raise FedmedError(f"strategy={cls.name}: {cause}") from None
 
 
+def _check_site(cfg: DictConfig) -> None:
+    """``site=<name>`` (a site alone, or one joining a federation) must be one of ``federation.sites``."""
+    site, fed = cfg.get("site"), cfg.get("federation")
+    if not site or fed is None or site.get("name") is None:
+        return
+    sites = [str(s) for s in fed.sites]
+    if str(site.name) not in sites:
+        raise FedmedError(f"site={site.name} is not one of federation.sites {sites}: a site trains on its share of "
+                          "the federation's partition; name it there too, e.g. federation.sites="
+                          f"[{','.join([*sites, str(site.name)])}]")
+
+
 def _check_data_dir(cfg: DictConfig) -> None:
-    """``FEDMED_DATA_DIR`` must name an existing folder (a missing default folder is created on download)."""
+    """``FEDMED_DATA_DIR`` must name an existing folder (a missing default folder is created on download), and
+    a source that reads a folder of its own needs that folder."""
     given = os.environ.get("FEDMED_DATA_DIR")
     data_dir = OmegaConf.select(cfg, "paths.data_dir", default=None)
     if given and data_dir == given and not Path(given).expanduser().is_dir():
         raise FedmedError(f"paths.data_dir={given} (from FEDMED_DATA_DIR) is not a folder; point FEDMED_DATA_DIR "
                           "at the folder that holds the data")
+    target = str(OmegaConf.select(cfg, "data.source._target_", default="") or "")
+    root = OmegaConf.select(cfg, "data.source.root", default=None)
+    if target.rsplit(".", 1)[-1] in FOLDER_SOURCES and root and not Path(str(root)).expanduser().is_dir():
+        raise FedmedError(f"data.source.root={root}: no such folder (data={cfg.data.get('name')}); put the data "
+                          "there, or point FEDMED_DATA_DIR at the folder that holds it (docs: datasets)")

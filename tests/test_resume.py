@@ -47,9 +47,12 @@ def test_killed_federation_resumes_to_the_same_weights(tmp_path, isolated):
     partial = _final(killed)
     assert 1 <= partial["round"] < ROUNDS
     run_id = partial["run_id"]
-
-    proc = subprocess.run(_cmd(isolated, killed, f"resume={run_id}"), capture_output=True, text=True, env=env,
-                          timeout=600)
+    # the command printed at the start, typed as printed: no override repeated
+    said = p.stderr.read().decode()
+    printed = said.split("continue it with: ", 1)[1].split()[:3]
+    assert printed == ["fedmed", "fit", f"resume={killed.resolve() / run_id}"], said[-2000:]
+    proc = subprocess.run([sys.executable, "-m", "fedmed.cli", *printed[1:]], capture_output=True, text=True,
+                          env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert f"resuming after round {partial['round']}/{ROUNDS}" in proc.stderr
     resumed = _final(killed)

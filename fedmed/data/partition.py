@@ -11,9 +11,10 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from fedmed.choices import PARTITIONS
 from fedmed.errors import FedmedError
 
-METHODS = ("iid", "dirichlet", "quantity", "natural")
+METHODS = PARTITIONS
 LABEL_METHODS = ("iid", "dirichlet", "quantity")
 
 

@@ -14,9 +14,9 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-CAM_METHODS = ("gradcam", "gradcam++", "hirescam", "xgradcam", "layercam", "eigencam", "scorecam")
-ATTRIBUTION_METHODS = ("saliency", "inputxgradient", "integratedgradients", "gradientshap")
-METHODS = CAM_METHODS + ATTRIBUTION_METHODS
+from fedmed.choices import CAM_METHODS, EXPLAIN_METHODS
+
+METHODS = EXPLAIN_METHODS
 #: Integrated Gradients' path steps (Gauss-Legendre). Completeness error |sum of attributions -
 #: (f(x) - f(0))| / |f(x) - f(0)| of the compact CNN on 28x28 images, mean over a batch: 24 steps
 #: 2-3% for trained networks and 7-25% for untrained ones with data BatchNorm statistics; 128 steps

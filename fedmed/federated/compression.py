@@ -28,8 +28,7 @@ from typing import Any
 import torch
 
 from fedmed.aggregation import BN_MEAN, BN_VAR
-
-CODECS = ("none", "fp16", "int8", "topk")
+from fedmed.choices import CODECS
 
 Payload = dict[str, tuple]  # key -> (kind, *arrays): what goes on the wire
 STAT_SUFFIXES = (BN_MEAN, BN_VAR)  # BatchNorm statistics: sent as float16 values

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from fedmed.aggregation import state_nbytes
+from fedmed.choices import SELECTIONS
 from fedmed.errors import BudgetSpent, FederationError, FedmedError
 from fedmed.federated.calls import SiteTimeout, call_with_timeout, concurrently
 from fedmed.federated.checkpoint import CHECKPOINT, save_checkpoint
@@ -31,7 +32,6 @@ from fedmed.tracking import RunLog
 
 log = logging.getLogger("fedmed")
 
-SELECTIONS = ("best_val_loss", "best_val_balanced_acc", "last")
 
 
 def pooled_balanced_acc(results: Sequence[EvalResult]) -> float:

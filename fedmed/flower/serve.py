@@ -116,7 +116,7 @@ def run_on_grid(grid, cfg: DictConfig, run_config: Mapping[str, Any]) -> dict[st
     pipeline.source.ensure_available()  # the server evaluates on the test split, which it must hold
     tracker, run_id = open_run(cfg, "federated", list(fed.sites), strategy, resume,
                                {"transport": "flower", "server": str(fed.server),
-                                "tls": str(bool(fed.tls.get("ca_cert")))})
+                                "tls": str(bool(fed.tls.get("ca_cert")))}, verb="serve")
     sites: list[grid_sites.GridSite] = []
     try:
         with run_status(RunLog(tracker, run_id)):

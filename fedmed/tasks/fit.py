@@ -18,7 +18,7 @@ from fedmed import build
 from fedmed.config import site_config
 from fedmed.data.datamodule import Pipeline
 from fedmed.data.sites import describe_partition, one_class_sites
-from fedmed.federate import federate, open_run
+from fedmed.federate import federate, open_run, resumable
 from fedmed.federated import InProcessSite
 from fedmed.flower.parallel import run_parallel
 from fedmed.flower.site import join_federation
@@ -71,9 +71,13 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             assert strategy is not None
             clients, site_runs = _sites(cfg, strategy, sites, datas, site_cfgs, source.class_names, tracker, run_id,
                                         resume, site_runs_done)
-            trained, test_metrics, record = federate(cfg, strategy, [InProcessSite(c) for c in clients], initial,
-                                                     tracker, run_id, resume, pipeline, site_runs,
-                                                     [c.data.train for c in clients])
+            try:
+                trained, test_metrics, record = federate(cfg, strategy, [InProcessSite(c) for c in clients],
+                                                         initial, tracker, run_id, resume, pipeline, site_runs,
+                                                         [c.data.train for c in clients])
+            except BaseException as exc:
+                resumable(exc, cfg, "fit", run_id)
+                raise
         else:
             trained = _baseline(cfg, mode, sites, datas, tracker, run_id)
             test_metrics, record = finish(cfg, pipeline, trained, tracker, run_id)
