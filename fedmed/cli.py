@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import os
 import signal
 import sys
 import threading
@@ -179,5 +181,18 @@ def _resume_hint(verb: str, exc: BaseException) -> None:
         print(f"fedmed {verb}: continue it from its last round with: {command}", file=sys.stderr)
 
 
+def entry() -> None:
+    """The ``fedmed`` command: :func:`main`, and an exit that a site call still running past its
+    ``federation.site_timeout`` cannot turn into an abort (its torch code would be torn down mid-step)."""
+    code = main()
+    calls = sys.modules.get("fedmed.federated.calls")  # imported only where sites were called
+    if calls is not None and calls.timed_out_calls():
+        sys.stdout.flush()
+        sys.stderr.flush()
+        logging.shutdown()
+        os._exit(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

@@ -15,6 +15,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -27,6 +28,7 @@ from fedmed.data.datamodule import ArrayDataset, Pipeline, SiteData, make_loader
 from fedmed.data.manifest import Manifest, read_manifest
 from fedmed.data.sites import describe_partition, site_class_counts
 from fedmed.errors import FedmedError
+from fedmed.federated.checkpoint import CHECKPOINT, disk_fault
 from fedmed.federated.messages import EvalResult, RoundRecord
 from fedmed.federated.site import SiteClient
 from fedmed.federated.training import TrainingSettings
@@ -127,11 +129,17 @@ def finish(cfg: DictConfig, pipeline: Pipeline, trained: Trained, tracker: Track
                         step=rounds)
     tracker.log_metrics(run_id, {"fit_seconds": t.seconds}, step=0)
     title = f"{cfg.data.name} test, {t.mode} {cfg.model.name} ({t.chosen})"
-    tracker.log_figure(run_id, confusion_figure(confmat, source.class_names, title), "confusion_matrix_test.png")
-    tracker.log_checkpoint(run_id, t.weights, OmegaConf.to_container(cfg, resolve=True),
-                           source.class_names, t.epochs)
-    if cfg.logger.log_model:
-        log_model(cfg, source, tracker, run_id, t.weights)
+    try:
+        tracker.log_figure(run_id, confusion_figure(confmat, source.class_names, title), "confusion_matrix_test.png")
+        tracker.log_checkpoint(run_id, t.weights, OmegaConf.to_container(cfg, resolve=True),
+                               source.class_names, t.epochs)
+        if cfg.logger.log_model:
+            log_model(cfg, source, tracker, run_id, t.weights)
+    except OSError as exc:
+        kept = Path(cfg.federation.checkpoint_dir) / run_id / CHECKPOINT
+        where = f"; the trained federation is kept in {kept}" if kept.exists() else ""
+        raise FedmedError(f"logger.artifact_location={cfg.logger.artifact_location}: cannot write the run's model: "
+                          f"{disk_fault(exc)}{where}") from None
 
     # -- privacy: membership-inference audit of the final model, and the run's record ----
     attacks = audit_model(cfg, module.net, t.trained_on, [pipeline.dataset("val")], epochs=t.epochs)

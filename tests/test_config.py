@@ -31,6 +31,8 @@ def test_every_config_composes_and_instantiates(group, option, isolated, tmp_pat
     (tmp_path / "train" / "b").mkdir(parents=True)
     needs_values = {"medmnist": ["data.name=bloodmnist"], "image_folder": [f"data.source.root={tmp_path}"],
                     "nifti": [f"data.source.root={tmp_path}", "data.num_classes=3"]}
+    if group == "site":  # a site alone trains on its share of a federation that names it
+        needs_values[option] = [f"federation.sites=[{','.join(sorted({'hospital_a', 'hospital_b', option}))}]"]
     cfg = compose("fit", [*isolated, f"{group}={option}", *needs_values.get(option, [])])
     assert isinstance(cfg, DictConfig)
     if option != "krum":  # (krum refuses the default 3 sites: tests/test_refusals.py)

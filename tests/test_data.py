@@ -181,3 +181,32 @@ def test_data_check_names_classes_without_train_or_test_images_and_copies_across
     ]), report.problems
     assert report.notes == ["val has no images of class 'cyst': selection on validation cannot see it"]
     assert not report.ok and report.counts["test"] == {"benign": 7}
+
+
+def test_two_runs_writing_one_manifest_path_with_other_partitions_do_not_both_go_on(pneumonia, tmp_path):
+    """Two `fedmed fit` started at once under one partition name with other settings (seed=19 and
+    seed=19 partition.min_samples=1500): the second to write is refused; no run trains on a partition
+    that no manifest on disk records."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from fedmed.data.manifest import read_manifest, write_manifest
+
+    path = tmp_path / "pneumoniamnist" / "dirichlet-a0.5-k3-seed19" / "hospital_a.json"
+    first, second = (build_manifests(pneumonia, ["hospital_a", "hospital_b", "hospital_c"], "dirichlet", 0.5, seed=19,
+                                     min_samples=n)[0] for n in (10, 1500))
+    with ThreadPoolExecutor(2) as pool:
+        outcomes = list(pool.map(lambda m: _try(write_manifest, m, path), [first, second]))
+    on_disk = read_manifest(path)
+    refused = [o for o in outcomes if isinstance(o, ManifestError)]
+    assert len(refused) == 1 and str(path) in str(refused[0]) and "another run" in str(refused[0])
+    winner = first if outcomes[0] is not refused[0] else second
+    assert on_disk.to_json() == winner.to_json()
+    assert write_manifest(winner, path) == path  # the same partition again (a site process of one run): fine
+    assert not list(path.parent.glob(".*.tmp"))
+
+
+def _try(fn, *args):
+    try:
+        return fn(*args)
+    except ManifestError as exc:
+        return exc

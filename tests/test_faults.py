@@ -225,3 +225,60 @@ def test_full_disk_while_checkpointing_is_one_line_and_keeps_the_previous_checkp
     assert sorted(p.name for p in tmp_path.iterdir()) == ["server.pt"]
     assert load_checkpoint(path)["round"] == 1
 
+
+
+STRAY = """
+import sys, torch
+from fedmed.federated.calls import SiteTimeout, call_with_timeout
+
+def train_forever():  # a site call still in torch code when its round's time is up
+    x = torch.randn(256, 256)
+    for _ in range(10**7):
+        x = torch.tanh(x @ x)
+
+try:
+    call_with_timeout(train_forever, 0.5)
+except SiteTimeout:
+    pass
+from fedmed import cli
+cli.main = lambda argv=None: 0  # the federation itself finished and was logged
+cli.entry()
+"""
+
+
+def test_a_site_still_training_past_its_timeout_does_not_abort_the_exit(tmp_path):
+    """Without care, the interpreter's teardown under a thread inside torch ends in std::terminate (exit 134,
+    'terminate called without an active exception') after the federation was logged as finished."""
+    script = tmp_path / "stray.py"
+    script.write_text(STRAY)
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, (proc.returncode, proc.stderr[-500:])
+    assert "terminate called" not in proc.stderr
+
+
+def test_an_artifact_store_that_fills_up_after_training_is_one_line_and_keeps_the_federation(isolated, tmp_path,
+                                                                                           monkeypatch):
+    """The disk under logger.artifact_location fills up while the trained model is written: one line naming the
+    key and what happened, and the server checkpoint (the trained federation) stays."""
+    import errno
+
+    from mlflow import MlflowClient
+
+    from fedmed.config import compose
+    from fedmed.errors import FedmedError
+    from fedmed.tasks import fit
+
+    def full(self, run_id, local_path, artifact_path=None):
+        if str(artifact_path or "").startswith("checkpoint"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(MlflowClient, "log_artifact", full)
+    ckpt = tmp_path / "ckpt"
+    cfg = compose("fit", [*isolated, "experiment=smoke", "privacy.audit=none", "explain.every_n_rounds=0",
+                          "logger.log_model=false", f"federation.checkpoint_dir={ckpt}"])
+    with pytest.raises(FedmedError) as info:
+        fit.run(cfg)
+    said = str(info.value)
+    assert said.startswith(f"logger.artifact_location={tmp_path / 'mlruns'}: cannot write the run's model: no space "
+                           "left on the disk; the trained federation is kept in "), said
+    assert list(ckpt.glob("*/server.pt")) and "\n" not in said

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -342,3 +343,16 @@ def test_a_cmyk_jpeg_is_read_as_the_colours_it_shows_and_a_mislabelled_file_is_n
     assert np.allclose(np.asarray(got).transpose(1, 2, 0), want, atol=1)
     report = check_dataset(Pipeline(src, pre(size=16)))
     assert any("looks_like.gif" in p and "not read" in p for p in report.problems), report.problems
+
+
+@needs(PNEUMONIA)
+def test_a_tampered_medmnist_file_is_named_once_by_the_check(tmp_path):
+    (tmp_path / "medmnist").mkdir()
+    tampered = tmp_path / "medmnist" / "pneumoniamnist.npz"
+    tampered.write_bytes(PNEUMONIA.read_bytes() + b"x")
+    env = {**os.environ, "FEDMED_DATA_DIR": str(tmp_path), "FEDMED_OUTPUT_DIR": str(tmp_path / "out")}
+    proc = subprocess.run([sys.executable, "-m", "fedmed.cli", "data", "check"], capture_output=True, text=True,
+                          timeout=300, env=env)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 1 and out.count("is corrupt or not the official file") == 1, out[-2000:]
+    assert "1 problem(s)" in out

@@ -110,6 +110,7 @@ def check_dataset(pipe: Pipeline, splits: Sequence[str] = ("train", "val", "test
             pipe.check_manifest(m)
         except (ManifestError, FedmedError) as exc:
             report.problems.append(str(exc))
+    report.problems = list(dict.fromkeys(report.problems))  # a file every check trips over is named once
     return report
 
 

@@ -60,10 +60,13 @@ class Manifest:
 
 
 def write_manifest(manifest: Manifest, path: str | Path) -> Path:
-    """Write atomically (temp file + rename), so an interrupted run never leaves half a manifest.
+    """Write atomically and never over another manifest: a temp file, then a hard link to ``path`` that
+    fails if ``path`` exists, so an interrupted run never leaves half a manifest.
 
-    The temp name is unique per writer: site processes started together may write the same
-    (deterministic) manifests at once.
+    Runs started together may write the same path at once: site processes of one federation write
+    the same (deterministic) manifest, which is fine; runs with other partition settings under the
+    same name are not. Whichever wrote second reads what is there and, if it is another partition,
+    raises :class:`ManifestError` naming the file: it never trains on a partition no file records.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -71,7 +74,16 @@ def write_manifest(manifest: Manifest, path: str | Path) -> Path:
     with open(tmp, "w") as f:
         json.dump(manifest.to_json(), f, indent=1)
         f.write("\n")
-    tmp.replace(path)
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        there = read_manifest(path)
+        if there.to_json() != manifest.to_json():
+            raise ManifestError(f"{path} was written by another run at the same time, for partition "
+                                f"{there.partition} (this run: {manifest.partition}); start this run again, or give "
+                                "it another partition.dirname") from None
+    finally:
+        tmp.unlink(missing_ok=True)
     return path
 
 

@@ -8,6 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 T = TypeVar("T")
+TIMED = "fedmed-timed-call"  # the name of a site call's thread under federation.site_timeout
 
 
 class SiteTimeout(TimeoutError):
@@ -31,7 +32,7 @@ def call_with_timeout(fn: Callable[[], T], timeout: float | None) -> T:
         except BaseException as exc:  # noqa: BLE001 - reported to the caller
             box["error"] = exc
 
-    thread = threading.Thread(target=target, daemon=True)
+    thread = threading.Thread(target=target, daemon=True, name=TIMED)
     thread.start()
     thread.join(timeout)
     if thread.is_alive():
@@ -39,6 +40,11 @@ def call_with_timeout(fn: Callable[[], T], timeout: float | None) -> T:
     if "error" in box:
         raise box["error"]
     return box["value"]
+
+
+def timed_out_calls() -> list[threading.Thread]:
+    """Site calls that outlived their time limit and are still running (in this process)."""
+    return [t for t in threading.enumerate() if t.name == TIMED and t.is_alive()]
 
 
 def concurrently(fn: Callable[[Any], T], sites: Sequence[Any]) -> list[tuple[T | None, Exception | None]]:

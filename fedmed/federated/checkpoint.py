@@ -57,6 +57,11 @@ _FAULTS = {
 }
 
 
+def disk_fault(exc: OSError) -> str:
+    """What a failed write means, in words a user acts on (no space, read-only, quota...)."""
+    return _FAULTS.get(exc.errno or 0, (exc.strerror or str(exc), _WRITABLE))[0]
+
+
 def _safe_globals() -> list[Any]:
     """What a server checkpoint holds besides tensors and plain containers: the records of its
     rounds and sites, and numpy's RNG state. Nothing else may be unpickled."""
