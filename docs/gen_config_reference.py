@@ -264,8 +264,103 @@ def group_order(tables: list[Table]) -> list[str]:
     return order + rest
 
 
+#: what a key means where its file gives no trailing comment (keys that carry one keep their own)
+MEANINGS = {
+    "seed": "seeds partitions, initial weights, sampling and training: the same seed gives the same run",
+    "splits": "the splits to decode and check",
+    "output_dir": "where heatmap PNGs and numbers are written (also logged to MLflow)",
+    "data.batch_size": "images per training step at each site",
+    "data.cache_dir": "decoded, preprocessed samples kept between runs (disk cache)",
+    "data.image_size": "side of the model's input image, in pixels (or voxels)",
+    "data.in_channels": "channels of the model's input (1 grey, 3 colour)",
+    "data.name": "the dataset's name (MLflow tags, manifest folders, checks against a checkpoint)",
+    "data.num_classes": "classes the model predicts",
+    "data.spatial_dims": "2 for images, 3 for volumes",
+    "data.source.class_names": "class names in label order",
+    "data.source.file": "the .npz file under the source's root",
+    "data.source.group_column": "samples sharing this column's value stay in one split (e.g. one lesion)",
+    "data.source.image_key": "the array of images per split in the .npz (`{split}` is replaced)",
+    "data.source.image_root": "folder the table's image paths are relative to (null: the root)",
+    "data.source.label_column": "the table column holding the label",
+    "data.source.label_key": "the array of labels per split in the .npz (`{split}` is replaced)",
+    "data.source.name": "the source's name (the dataset's)",
+    "data.source.path_column": "the table column holding each image's path",
+    "data.source.path_template": "how a table row becomes a file path (`{}`: the path column as it is)",
+    "data.source.root": "the folder that holds this dataset (under FEDMED_DATA_DIR)",
+    "data.source.split_column": "the table column naming each row's split (null: fedmed splits it)",
+    "data.source.split_seed": "seeds the train/val/test split fedmed draws where the data has none",
+    "data.source.splits.test": "the folder of test images",
+    "data.source.splits.train": "the folder of training images",
+    "data.source.table": "the metadata table (CSV) under the root",
+    "data.source.test_fraction": "share of the samples held out as the test split where the data has none",
+    "data.source.val_fraction": "share of the training samples held out for validation where the data has none",
+    "data.transforms.augment.affine_prob": "probability of a random rotation/zoom per training image",
+    "data.transforms.augment.brightness": "largest random brightness shift (training only)",
+    "data.transforms.augment.brightness_prob": "probability of a brightness shift per training image",
+    "data.transforms.augment.contrast_gamma": "largest random gamma change (training only)",
+    "data.transforms.augment.contrast_prob": "probability of a contrast change per training image",
+    "data.transforms.augment.cutout_holes": "square holes cut out of a training image",
+    "data.transforms.augment.cutout_prob": "probability of a cutout per training image",
+    "data.transforms.augment.cutout_size": "side of each cutout hole, in pixels",
+    "data.transforms.augment.flip_prob": "probability of a horizontal flip per training image",
+    "data.transforms.augment.rotate_degrees": "largest random rotation, in degrees (training only)",
+    "data.transforms.augment.zoom": "largest random zoom, as a fraction (training only)",
+    "data.transforms.channels": "channels the images are converted to (1 grey, 3 RGB)",
+    "data.transforms.denoise_radius": "radius of the denoising filter, in pixels",
+    "data.transforms.denoise_sigma": "strength of the denoising filter",
+    "data.transforms.gamma": "intensity gamma applied to every image (1: none)",
+    "data.transforms.intensity": "how intensities are scaled (minmax, zscore, ...)",
+    "data.transforms.orientation": "axis codes volumes are reoriented to (NIfTI)",
+    "data.transforms.size": "side every image is resized to, in pixels",
+    "federation.local_epochs": "epochs each site trains per round",
+    "federation.rounds": "rounds of the federation",
+    "federation.select": "which round's model is kept (validation only, never test)",
+    "federation.server": "host:port the server listens on (fedmed serve) or the sites connect to",
+    "federation.sites": "the sites of the federation (configs/site/<name>.yaml each)",
+    "logger.artifact_location": "where MLflow keeps the runs' files (figures, models, checkpoints)",
+    "logger.experiment": "the MLflow experiment the runs are logged to",
+    "logger.log_model": "log the selected model as an MLflow pyfunc (raw images in, class probabilities out)",
+    "logger.tracking_uri": "the MLflow store (a SQLite file, or a tracking server's URL)",
+    "model.logit_adjust": "logit adjustment by the site's label prior (0: plain cross-entropy)",
+    "model.name": "the network's name (MLflow tags and run names)",
+    "model.net.block_config": "dense layers in each DenseNet block",
+    "model.net.dropout": "dropout before the classifier",
+    "model.net.growth_rate": "feature maps each DenseNet layer adds",
+    "model.net.hidden": "width of the hidden fully connected layer",
+    "model.net.image_size": "input side the network is built for",
+    "model.net.in_channels": "input channels (from the data)",
+    "model.net.init_features": "feature maps of the DenseNet stem",
+    "model.net.norm_groups": "groups of GroupNorm where BatchNorm is replaced (DP-SGD)",
+    "model.net.num_classes": "classes the network predicts (from the data)",
+    "model.net.spatial_dims": "2D or 3D layers (from the data)",
+    "model.optimizer.lr": "learning rate at every site",
+    "model.optimizer.min_lr_ratio": "cosine schedule: the last learning rate as a share of the first",
+    "model.optimizer.schedule": "learning rate over the planned epochs: constant or cosine",
+    "model.optimizer.weight_decay": "L2 weight decay",
+    "partition.alpha": "Dirichlet concentration: smaller is more skewed (unused here)",
+    "partition.column": "the metadata column whose values are the sites",
+    "partition.dirname": "the folder of this partition's manifests (one JSON per site)",
+    "partition.method": "how samples are shared among sites",
+    "partition.min_samples": "redraw until every site has at least this many training samples",
+    "site.name": "the site's name, as in federation.sites",
+    "trainer.deterministic": "deterministic algorithms (slower; for bit-identical reruns)",
+    "trainer.devices": "devices per site trainer",
+    "trainer.limit_train_batches": "share (or number) of training batches per epoch",
+    "trainer.limit_val_batches": "share (or number) of validation batches (null: all)",
+    "trainer.precision": "Lightning's numeric precision",
+}
+
+
 def load_tables() -> list[Table]:
-    return [read_table(p) for p in sorted(CONFIGS.rglob("*.yaml"))]
+    """Every config file's table; a key without its own comment takes its meaning from :data:`MEANINGS`,
+    else from another file that comments it."""
+    tables = [read_table(p) for p in sorted(CONFIGS.rglob("*.yaml"))]
+    commented = {r.key: r.meaning for t in tables for r in t.rows if r.meaning}
+    for t in tables:
+        for r in t.rows:
+            if not r.meaning:
+                r.meaning = MEANINGS.get(r.key) or commented.get(r.key, "")
+    return tables
 
 
 def render(tables: list[Table]) -> str:

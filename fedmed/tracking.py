@@ -168,7 +168,9 @@ class Tracker:
             exp = self.client.get_experiment_by_name(experiment)
             if exp is None:
                 loc = Path(artifact_location).expanduser().resolve().as_uri() if artifact_location else None
-                self.experiment_id = self.client.create_experiment(experiment, artifact_location=loc)
+                # MLflow 3's UI opens an experiment on its runs (not its GenAI view) with this kind
+                self.experiment_id = self.client.create_experiment(experiment, artifact_location=loc,
+                                                                   tags={EXPERIMENT_KIND: MODEL_DEVELOPMENT})
             else:
                 self.experiment_id = exp.experiment_id
                 stored = exp.artifact_location
@@ -233,6 +235,9 @@ class Tracker:
         """A model as ``checkpoint/model.pt``: what ``checkpoint=runs:/<run id>`` loads (weights, config, classes)."""
         self.log_state_dict(run_id, {"state_dict": weights, "config": config, "class_names": class_names,
                                      "run_id": run_id, "epochs": epochs}, "checkpoint/model.pt")
+
+
+EXPERIMENT_KIND, MODEL_DEVELOPMENT = "mlflow.experimentKind", "custom_model_development"
 
 
 def _as_uri(location: str | None) -> str | None:

@@ -12,6 +12,7 @@ from fedmed.config import compose, config_dir, groups, site_config
 from fedmed.errors import FedmedError
 from fedmed.federated.messages import FitResult
 from fedmed.schema import validate
+from tests.conftest import REPO
 
 
 def all_options():
@@ -170,3 +171,16 @@ def test_strategy_group_sets_its_parameters(isolated):
     assert s.name == "fedprox" and s.mu == 0.3 and s.configure_fit({}) == {"prox_mu": 0.3}
     with pytest.raises(FedmedError, match="no option 'fedavgg' for config group 'strategy'.*fedavg"):
         compose("fit", [*isolated, "strategy=fedavgg"])
+
+
+def test_every_key_of_the_config_reference_says_what_it_means():
+    import sys
+
+    sys.path.insert(0, str(REPO / "docs"))
+    try:
+        import gen_config_reference as reference
+    finally:
+        sys.path.remove(str(REPO / "docs"))
+    tables = reference.load_tables()
+    empty = [f"{t.path.relative_to(REPO)}: {r.key}" for t in tables for r in t.rows if not r.meaning]
+    assert len(tables) > 30 and not empty, empty[:10]

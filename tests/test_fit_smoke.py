@@ -38,6 +38,7 @@ def test_cli_smoke_writes_the_mlflow_run_tree(tmp_path, isolated):
     assert "round 1/1" in proc.stderr and "[hospital_a] round 1 epoch 1/1" in proc.stderr
 
     client, exp, runs = runs_of(tmp_path)
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"  # MLflow 3's UI opens it on its runs
     parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
     children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
     assert len(parents) == 1 and len(children) == 2
