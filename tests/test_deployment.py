@@ -99,6 +99,24 @@ def started(procs, logs, timeout: float = 180) -> None:
         time.sleep(0.2)
 
 
+def federation(tmp_path: Path, args: list[str], sites: list[str]) -> tuple[dict, dict[str, Path]]:
+    """``fedmed serve`` and a ``fedmed fit site=...`` per site, with ``args``: (processes, their logs)."""
+    logs = {n: tmp_path / f"{n}.log" for n in ["server", *sites]}
+    procs = {"server": fedmed(["serve", *args], logs["server"])}
+    started(procs, logs)
+    for s in sites:
+        procs[s] = fedmed(["fit", f"site={s}", *args], logs[s])
+    return procs, logs
+
+
+def until(log: Path, text: str, shown: Path, poll: float = 0.2, timeout: float = 300) -> None:
+    """Wait until ``log`` says ``text``; fail with the end of ``shown`` after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while text not in log.read_text():
+        assert time.monotonic() < deadline, shown.read_text()[-3000:]
+        time.sleep(poll)
+
+
 def supernode_key(folder: Path, name: str) -> tuple[Path, Path]:
     """A SuperNode's EC key pair in OpenSSH format (as ``ssh-keygen -t ecdsa -b 384`` makes)."""
     from cryptography.hazmat.primitives import serialization
@@ -227,16 +245,8 @@ def test_a_site_killed_mid_round_is_left_out_and_named(tmp_path):
     args = [*common(tmp_path, rounds=2, epochs=2), f"federation.server=127.0.0.1:{port}", "federation.min_sites=1",
             "federation.site_timeout=30", f"federation.checkpoint_dir={tmp_path / 'ckpt'}",
             f"paths.output_dir={tmp_path}", "federation.sites=[hospital_a,hospital_b]"]
-    sites = ["hospital_a", "hospital_b"]
-    logs = {n: tmp_path / f"{n}.log" for n in ["server", *sites]}
-    procs = {"server": fedmed(["serve", *args], logs["server"])}
-    started(procs, logs)
-    for s in sites:
-        procs[s] = fedmed(["fit", f"site={s}", *args], logs[s])
-    deadline = time.monotonic() + 300
-    while "round 2 epoch 1/2" not in logs["hospital_b"].read_text():  # mid-way through its round-2 training
-        assert time.monotonic() < deadline, logs["server"].read_text()[-3000:]
-        time.sleep(0.05)
+    procs, logs = federation(tmp_path, args, ["hospital_a", "hospital_b"])
+    until(logs["hospital_b"], "round 2 epoch 1/2", logs["server"], 0.05)  # mid-way through its round-2 training
     procs["hospital_b"].send_signal(signal.SIGKILL)
     killed = procs.pop("hospital_b")
     wait(procs, logs)
@@ -261,15 +271,8 @@ def test_sites_end_failed_when_the_server_is_gone(tmp_path):
             f"federation.checkpoint_dir={tmp_path / 'ckpt'}", f"paths.output_dir={tmp_path}",
             "federation.sites=[hospital_a,hospital_b]", "federation.connect_timeout=15"]
     sites = ["hospital_a", "hospital_b"]
-    logs = {n: tmp_path / f"{n}.log" for n in ["server", *sites]}
-    procs = {"server": fedmed(["serve", *args], logs["server"])}
-    started(procs, logs)
-    for s in sites:
-        procs[s] = fedmed(["fit", f"site={s}", *args], logs[s])
-    deadline = time.monotonic() + 300
-    while "round 2/3: training" not in logs["server"].read_text():
-        assert time.monotonic() < deadline, logs["server"].read_text()[-3000:]
-        time.sleep(0.2)
+    procs, logs = federation(tmp_path, args, sites)
+    until(logs["server"], "round 2/3: training", logs["server"])
     procs["server"].send_signal(signal.SIGKILL)
     gone = time.monotonic()
     for s in sites:

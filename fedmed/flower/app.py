@@ -57,47 +57,8 @@ def _reply(message: Message, context: Context) -> Message:
         return Message(Error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION, f"{type(exc).__name__}: {exc}"), reply_to=message)
 
 
-@client_app.query("hello")
-def hello(message: Message, context: Context) -> Message:
-    return _reply(message, context)
-
-
-@client_app.train()
-def train(message: Message, context: Context) -> Message:
-    return _reply(message, context)
-
-
-@client_app.train("finetune")
-def finetune(message: Message, context: Context) -> Message:
-    return _reply(message, context)
-
-
-@client_app.evaluate()
-def evaluate(message: Message, context: Context) -> Message:
-    return _reply(message, context)
-
-
-@client_app.query("public_key")
-def public_key(message: Message, context: Context) -> Message:
-    return _reply(message, context)
-
-
-@client_app.query("attest")
-def attest(message: Message, context: Context) -> Message:
-    return _reply(message, context)
-
-
-@client_app.query("dropout_correction")
-def dropout_correction(message: Message, context: Context) -> Message:
-    return _reply(message, context)
-
-
-@client_app.query("refused")
-def refused(message: Message, context: Context) -> Message:
-    return _reply(message, context)
-
-
-@client_app.query("finish")
-def finish(message: Message, context: Context) -> Message:
-    return _reply(message, context)
-
+# every message a site answers, one handler for all (protocol.py: the types; node.py: the calls)
+for _category, _action in (("query", "hello"), ("train", "default"), ("train", "finetune"), ("evaluate", "default"),
+                           ("query", "public_key"), ("query", "attest"), ("query", "dropout_correction"),
+                           ("query", "refused"), ("query", "finish")):
+    getattr(client_app, _category)(_action)(_reply)

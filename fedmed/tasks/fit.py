@@ -20,8 +20,6 @@ from fedmed.data.datamodule import Pipeline
 from fedmed.data.sites import describe_partition, one_class_sites
 from fedmed.federate import federate, open_run, resumable
 from fedmed.federated import InProcessSite
-from fedmed.flower.parallel import run_parallel
-from fedmed.flower.site import join_federation
 from fedmed.outcome import Trained, finish, log_partition
 from fedmed.privacy.dp import describe
 from fedmed.schema import validate
@@ -34,10 +32,14 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     """Run ``fedmed fit``; returns the test metrics, per-site metrics and the MLflow run id."""
     validate(cfg, "fit")
     if cfg.get("site") and cfg.federation.get("server"):  # one hospital joining a federation over the network
+        from fedmed.flower.site import join_federation
+
         return join_federation(cfg)
     mode = build.resolve_mode(cfg)
     strategy = build.check_settings(cfg, mode)
     if mode == "federated" and cfg.federation.get("parallel") and not cfg.get("resume"):
+        from fedmed.flower.parallel import run_parallel
+
         return run_parallel(cfg)
     resume = (build.resume_state(cfg, mode, OmegaConf.to_container(cfg, resolve=True)) if cfg.get("resume")
               else None)  # before any data is read
