@@ -27,7 +27,8 @@ def _litter() -> set[str]:
     """The checkout's untracked and ignored paths (git's view), or nothing outside a git checkout."""
     out = subprocess.run(["git", "status", "--porcelain", "--ignored", "--untracked-files=normal"], cwd=REPO,
                          capture_output=True, text=True)
-    return {line[3:] for line in out.stdout.splitlines() if line[:2] in ("??", "!!")} if out.returncode == 0 else set()
+    found = {line[3:] for line in out.stdout.splitlines() if line[:2] in ("??", "!!")} if out.returncode == 0 else set()
+    return found - {".pytest_cache/"}  # pytest's own
 
 
 def pytest_configure(config):

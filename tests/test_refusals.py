@@ -156,7 +156,9 @@ def test_sigterm_ends_runs_as_killed_with_exit_status_143(tmp_path, isolated):
     runs = client.search_runs([client.get_experiment_by_name("fedmed").experiment_id])
     assert runs and {r.info.status for r in runs} == {"KILLED"}
     parent = next(r for r in runs if "mlflow.parentRunId" not in r.data.tags)
-    assert f"resume={parent.info.run_id}" in err.split("round 1/")[0]  # said before the first round
+    command = f"fedmed fit resume={tmp_path / 'ckpt' / parent.info.run_id}"
+    assert command in err.split("round 1/")[0]  # said before the first round
+    assert err.rstrip().endswith(f"continue it from its last round with: {command}"), err[-1000:]  # and again
 
 
 def test_a_stop_that_lightning_turns_into_system_exit_still_ends_runs_killed(tmp_path):
