@@ -47,9 +47,12 @@ def _tree(root: int) -> dict[int, tuple[int, float, int, str]]:
     return tree
 
 
-def measure(cmd: list[str], env: dict[str, str]) -> dict[str, float | str]:
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+REPO = Path(__file__).resolve().parents[1]
+
+
+def measure(cmd: list[str], env: dict[str, str], cwd: Path) -> dict[str, float | str]:
+    t0 = time.perf_counter()  # cwd: `python -m` puts it first on sys.path, so it picks the revision measured
+    proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     cpu: dict[int, float] = {}
     names: dict[int, str] = {}
     peak = 0
@@ -86,7 +89,7 @@ def main() -> None:
                 env["PYTHONPATH"] = path
             for run, extra in (("in process", []), (f"parallel={args.parallel}",
                                                      [f"federation.parallel={args.parallel}"])):
-                m = measure([sys.executable, "-m", "fedmed.cli", "fit", *base, *extra], env)
+                m = measure([sys.executable, "-m", "fedmed.cli", "fit", *base, *extra], env, Path(path or REPO))
                 print(f"{name:<9} {run:<13} {m['wall_s']:>7.1f} {m['cpu_s']:>7.1f} {m['peak_rss_gb']:>8.2f} "
                       f"{m['processes']:>6}  {m['started']}", flush=True)
 

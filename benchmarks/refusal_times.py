@@ -39,7 +39,7 @@ def run(case: str, args: list[str], pythonpath: str | None, out: Path) -> tuple[
         env["PYTHONPATH"] = pythonpath
     t0 = time.perf_counter()
     proc = subprocess.run([sys.executable, "-m", "fedmed.cli", *args], env=env, capture_output=True, text=True,
-                          timeout=300)
+                          timeout=300, cwd=pythonpath or Path(__file__).resolve().parents[1])  # first on sys.path
     seconds = time.perf_counter() - t0
     lines = [ln for ln in (proc.stderr or proc.stdout).splitlines() if ln.strip()]
     return seconds, (lines[-1] if lines else "")[:110], proc.returncode

@@ -141,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = compose(config_name(verb), overrides)
         from fedmed.schema import validate
 
-        validate(cfg, config_name(verb))
+        validate(cfg, config_name(verb), strategy=not show_cfg)  # --cfg shows the config without importing torch
         if verb in ("fit", "serve") and [o.split("=", 1)[0] for o in overrides] == ["resume"]:
             from fedmed.build import stored_config  # resume=<id> alone: the federation's own config
 

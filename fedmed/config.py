@@ -130,12 +130,29 @@ def _first_set(*values):
 
 def _medmnist_info(name: str, key: str):
     """``${medmnist:<flag>,classes|channels}`` from medmnist's INFO (e.g. for data=medmnist data.name=bloodmnist)."""
-    import medmnist
-
-    if name not in medmnist.INFO:
-        raise FedmedError(f"data.name={name!r} is not a MedMNIST dataset; known: {', '.join(sorted(medmnist.INFO))}")
-    info = medmnist.INFO[name]
+    known = medmnist_info()
+    if name not in known:
+        raise FedmedError(f"data.name={name!r} is not a MedMNIST dataset; known: {', '.join(sorted(known))}")
+    info = known[name]
     return {"classes": len(info["label"]), "channels": info["n_channels"]}[key]
+
+
+def medmnist_info() -> dict:
+    """medmnist's ``INFO`` table, read from its ``info`` module alone: importing the ``medmnist`` package
+    imports torch, and a config must be checked in about a second."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("medmnist")
+    origin = Path(spec.origin).with_name("info.py") if spec is not None and spec.origin else None
+    if origin is None or not origin.is_file():
+        import medmnist
+
+        return dict(medmnist.INFO)
+    loader = importlib.util.spec_from_file_location("_fedmed_medmnist_info", origin)
+    assert loader is not None and loader.loader is not None
+    module = importlib.util.module_from_spec(loader)
+    loader.loader.exec_module(module)
+    return dict(module.INFO)
 
 
 def groups(verb: str = "fit") -> dict[str, list[str]]:

@@ -132,8 +132,9 @@ VERB_RULES: dict[str, dict[str, Rule]] = {
 }
 
 
-def validate(cfg: DictConfig, verb: str = "fit") -> None:
-    """Check every key of ``cfg`` that has a rule, the strategy's parameters, and the data folder.
+def validate(cfg: DictConfig, verb: str = "fit", strategy: bool = True) -> None:
+    """Check every key of ``cfg`` that has a rule, the data folder, the site and (``strategy``) the
+    strategy's parameters. All but the last need no torch, Lightning or MONAI: they come first.
 
     Raises:
         FedmedError: one line naming the first wrong key, its value and what is expected.
@@ -152,7 +153,7 @@ def validate(cfg: DictConfig, verb: str = "fit") -> None:
             raise FedmedError(f"splits={list(cfg.splits)}: expected a list of {', '.join(SPLITS)}")
     _check_data_dir(cfg)
     _check_site(cfg)
-    if cfg.get("strategy") is not None:
+    if strategy and cfg.get("strategy") is not None:
         check_strategy(cfg)
 
 

@@ -184,3 +184,25 @@ def test_every_key_of_the_config_reference_says_what_it_means():
     tables = reference.load_tables()
     empty = [f"{t.path.relative_to(REPO)}: {r.key}" for t in tables for r in t.rows if not r.meaning]
     assert len(tables) > 30 and not empty, empty[:10]
+
+
+def test_a_wrong_value_and_the_composed_config_need_no_torch(isolated):
+    """Refusals and --cfg come before the heavy imports (torch, Lightning, MONAI): in about a second."""
+    import subprocess
+    import sys
+
+    probe = ("import sys; from fedmed.cli import main; rc = main(sys.argv[1:]); "
+             "print(rc, 'torch' in sys.modules, 'lightning' in sys.modules, 'monai' in sys.modules)")
+    for args, rc in ((["fit", "federation.rounds=abc"], 1), (["fit", "site=hospital_d"], 1),
+                     (["fit", "data=brain_mri", "data.source.root=/nonexistent"], 1), (["fit", "--cfg"], 0)):
+        out = subprocess.run([sys.executable, "-c", probe, *args, *isolated], capture_output=True, text=True,
+                             timeout=120).stdout.strip().splitlines()[-1]
+        assert out == f"{rc} False False False", (args, out)
+
+
+def test_medmnist_classes_come_from_medmnist_s_own_table():
+    import medmnist
+
+    from fedmed.config import medmnist_info
+
+    assert medmnist_info() == medmnist.INFO

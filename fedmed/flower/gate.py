@@ -111,9 +111,9 @@ class ServerGate(_Executor):
     task_type = TaskType.SERVER_APP
 
     def __init__(self, address: str, secret: Secret, run_id: int, ca_cert: Path | None = None,
-                 poll: float = 0.5):
+                 poll: float = 0.5, log: Path | None = None):
         super().__init__(address, secret, ca_cert)
-        self.run_id, self.poll = run_id, poll
+        self.run_id, self.poll, self.log = run_id, poll, log  # log: the ServerApp's output (it is also streamed)
         self.process: subprocess.Popen | None = None
         self.refused: list[int] = []  # runs whose ServerApp was not run
         self._stop = threading.Event()
@@ -139,7 +139,9 @@ class ServerGate(_Executor):
             cmd = [str(BIN / "flwr-serverapp"), "--runtime-api-address", self.address, "--token", token,
                    "--parent-pid", str(os.getpid())]
             cmd += ["--root-certificates", str(self.ca_cert)] if self.ca_cert is not None else ["--insecure"]
-            self.process = subprocess.Popen(cmd, env={**os.environ, "FLWR_TELEMETRY_ENABLED": "0"})
+            with open(self.log or os.devnull, "ab") as out:
+                self.process = subprocess.Popen(cmd, env={**os.environ, "FLWR_TELEMETRY_ENABLED": "0"}, stdout=out,
+                                                stderr=subprocess.STDOUT)
             return
         self.refused.append(int(task.run_id))
         log.warning("refused the ServerApp of Flower run %s: this SuperLink runs only the federation's run %s "

@@ -246,14 +246,20 @@ class Control:
         return Process("flwr log", ["flwr", "log", run_id, CONNECTION, "--stream"],
                        env={"FLWR_HOME": str(self.home)}, cwd=self.home)
 
-    def wait(self, run_id: str, check, poll: float = 5) -> str:
-        """Wait until the run is finished; ``check()`` runs between looks (it raises if the SuperLink died)."""
+    def wait(self, run_id: str, check, poll: float = 5, ended=lambda: False) -> str:
+        """Wait until the run is finished; ``check()`` runs every half second (it raises if the SuperLink
+        died). The run's status is asked every ``poll`` seconds (each look starts the flwr CLI, about a
+        second of CPU), and at once when ``ended()`` says the ServerApp has exited."""
+        last = 0.0
         while True:
             check()
-            status = self.status(run_id)
-            if status.startswith("finished"):
-                return status
-            time.sleep(poll)  # each look starts the flwr CLI (about a second of CPU)
+            now = time.monotonic()
+            if ended() or now - last >= poll:
+                last = now
+                status = self.status(run_id)
+                if status.startswith("finished"):
+                    return status
+            time.sleep(0.5)
 
 
 def write_app(folder: Path) -> Path:

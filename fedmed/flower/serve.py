@@ -70,9 +70,11 @@ def serve_federation(cfg: DictConfig, local_data: bool = False) -> dict[str, Any
         run_id = control.run(runtime.write_app(folder / "app"),
                              {CONFIG_FILE: str(folder / "config.yaml"), RESULT_FILE: str(folder / "result.json"),
                               LOCAL_DATA: "1" if local_data else ""})
-        gate = ServerGate(control.target, secret, int(run_id), tls.ca_cert if tls else None).start()
+        gate = ServerGate(control.target, secret, int(run_id), tls.ca_cert if tls else None,
+                          log=folder / "serverapp.log").start()
         stream = control.stream_log(run_id)  # the ServerApp's log, here
-        status = control.wait(run_id, link.check)
+        status = control.wait(run_id, link.check, poll=15,
+                              ended=lambda: gate.process is not None and gate.process.poll() is not None)
         result_file = folder / "result.json"
         if status != "finished:completed" or not result_file.exists():
             raise FedmedError(f"the federation (Flower run {run_id}) ended {status}; the server's log is above, "

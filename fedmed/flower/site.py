@@ -57,7 +57,7 @@ def join_federation(cfg: DictConfig) -> dict[str, Any]:
                  "TLS" + (", authenticated" if key else "") if tls else "no TLS")
         try:
             tasks.serve(lambda: node.finished is not None or node.refused is not None, keeper.check)
-            time.sleep(3)  # the SuperNode delivers the last answer before it stops
+            time.sleep(1.5)  # the SuperNode delivers the last answer before it stops
         finally:
             keeper.proc.stop()
             tasks.close()
