@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -67,6 +68,7 @@ def run_parallel(cfg: DictConfig) -> dict[str, Any]:
     try:
         result = serve_federation(cfg, local_data=True)
     finally:
+        failed = False
         for name, logfile, proc in workers:
             try:
                 proc.wait(timeout=60)
@@ -74,7 +76,10 @@ def run_parallel(cfg: DictConfig) -> dict[str, Any]:
                 proc.kill()
             logfile.close()
             if proc.returncode:
+                failed = True
                 log.warning("site %s worker exited with %s; its log: %s", name, proc.returncode, folder / f"{name}.log")
+    if not failed:  # the workers' logs are kept where something went wrong
+        shutil.rmtree(folder, ignore_errors=True)
     return result
 
 
