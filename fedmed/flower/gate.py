@@ -190,7 +190,7 @@ class SiteTasks(_Executor):
             check()
             got = self.acquire()
             if got is None:
-                threading.Event().wait(idle)
+                time.sleep(idle)
                 continue
             try:
                 self._answer(*got)
