@@ -19,21 +19,21 @@ the fedmed process that started the component can. What each one runs:
 
 from __future__ import annotations
 
-import io
 import logging
 import os
 import secrets
 import subprocess
 import tempfile
 import threading
+import time
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import httpx
-import tomllib
 from flwr.app import Error, Message, RecordDict
+from flwr.common.config import get_fab_config
 from flwr.common.constant import ErrorCode, SubStatus
 from flwr.proto.runtime_pb2 import AcquireTaskRequest
 from flwr.supercore.constant import TaskType
@@ -239,11 +239,8 @@ class SiteTasks(_Executor):
 
 
 def app_components(fab: bytes) -> dict[str, str] | None:
-    """The ``[tool.flwr.app.components]`` a FAB declares (None if it has no readable pyproject.toml)."""
+    """The ``[tool.flwr.app.components]`` a FAB declares, read by Flower's own FAB reader (None if it has none)."""
     try:
-        with zipfile.ZipFile(io.BytesIO(fab)) as z:
-            project = tomllib.loads(z.read("pyproject.toml").decode())
-        return dict(project["tool"]["flwr"]["app"]["components"])
-    except (KeyError, ValueError, zipfile.BadZipFile, UnicodeDecodeError):
+        return dict(get_fab_config(fab)["tool"]["flwr"]["app"]["components"])
+    except (KeyError, TypeError, ValueError, zipfile.BadZipFile, UnicodeDecodeError):
         return None
-
