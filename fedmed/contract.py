@@ -11,10 +11,11 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Mapping
+from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from fedmed.build import build_net, dp_config
+from fedmed.build import dp_config
 from fedmed.privacy.dp import describe
 
 PREFIX = "contract."  # the terms travel in the hello as contract.<key>
@@ -25,10 +26,10 @@ def _plain(node) -> str:
     return json.dumps(value, sort_keys=True, default=str)
 
 
-def terms(cfg: DictConfig) -> dict[str, str]:
-    """The federation's terms as this config sees them: key -> value, as text."""
-    net, _ = build_net(cfg)
-    shapes = ";".join(f"{k}:{tuple(v.shape)}:{v.dtype}" for k, v in net.state_dict().items())
+def terms(cfg: DictConfig, weights: Mapping[str, Any]) -> dict[str, str]:
+    """The federation's terms as this config sees them: key -> value, as text. ``weights``: the state dict of
+    the network this side built from ``cfg`` (its parameter names, shapes and dtypes are a term)."""
+    shapes = ";".join(f"{k}:{tuple(v.shape)}:{v.dtype}" for k, v in weights.items())
     fed, data = cfg.federation, cfg.data
     return {
         "data.name": str(data.name),

@@ -14,6 +14,8 @@ from fedmed.privacy.identity import Signer, public_key_der, roster_from_files
 
 log = logging.getLogger("fedmed")
 
+LOOPBACK = ("127.0.0.1", "localhost", "::1")  # a server address that never leaves this machine
+
 
 def existing_file(path: str | None, what: str) -> Path | None:
     if not path:
@@ -64,12 +66,10 @@ def check_security(cfg: DictConfig, tls: Tls | None, keys: Mapping[str, Path] | 
         raise FedmedError("federation.auth.supernode_keys needs TLS (federation.tls.*): Flower authenticates "
                           "SuperNodes only over TLS")
     host = str(cfg.federation.server).rsplit(":", 1)[0]
-    if tls is None and host not in ("127.0.0.1", "localhost", "::1"):
+    if tls is None and host not in LOOPBACK:
         log.warning("federation.server=%s without TLS: updates cross the network in the clear and any node can "
                     "join; set federation.tls.* and federation.auth.supernode_keys", cfg.federation.server)
 
-
-LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
 def secagg_identity(cfg: DictConfig) -> tuple[Signer | None, dict[str, bytes] | None]:

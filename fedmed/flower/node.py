@@ -189,7 +189,7 @@ def build_site(cfg: DictConfig, run: RunLog) -> NodeSite:
     return NodeSite(client, strategy.name if strategy is not None else None,
                     lambda: Tracker(cfg.logger.tracking_uri, cfg.logger.experiment, cfg.logger.artifact_location),
                     {"manifest": str(site_config(cfg, name).manifest), "server": str(cfg.federation.server)},
-                    {"dataset": str(cfg.data.name)}, contract.terms(cfg))
+                    {"dataset": str(cfg.data.name)}, contract.terms(cfg, client.module.net.state_dict()))
 
 
 # -- a SuperNode started by hand ---------------------------------------------------------------

@@ -138,14 +138,11 @@ def reachable(address: str, timeout: float = 2) -> bool:
 
 
 def _wait_for_port(proc: Process, address: str, timeout: float = 60) -> None:
-    host, port = address.rsplit(":", 1)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         proc.check()
-        with socket.socket() as sock:
-            sock.settimeout(1)
-            if sock.connect_ex(("127.0.0.1" if host in ("0.0.0.0", "") else host, int(port))) == 0:
-                return
+        if reachable(address, timeout=1):
+            return
         time.sleep(0.3)
     raise FedmedError(f"{proc.name} did not open {address} within {timeout:g}s: {proc.last_line()}")
 

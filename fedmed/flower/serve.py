@@ -122,16 +122,16 @@ def run_on_grid(grid, cfg: DictConfig, run_config: Mapping[str, Any]) -> dict[st
     sites: list[grid_sites.GridSite] = []
     try:
         with run_status(RunLog(tracker, run_id)):
+            L.seed_everything(cfg.seed, verbose=False)
+            initial = build.build_module(cfg).net.state_dict()
             log.info("waiting for %d sites (%s) among the SuperNodes", len(fed.sites), ", ".join(fed.sites))
             sites = grid_sites.accept(grid, list(fed.sites), float(fed.connect_timeout),
                                       {"run_id": run_id, "experiment": cfg.logger.experiment,
                                        "strategy": strategy.name}, fed.site_timeout,
                                       {s: k.read_bytes() for s, k in keys.items()} if keys else None,
-                                      contract.terms(cfg))
+                                      contract.terms(cfg, initial))
             names = list(fed.sites)
             members = site_training_sets(cfg, pipeline, names) if run_config.get(LOCAL_DATA) else []
-            L.seed_everything(cfg.seed, verbose=False)
-            initial = build.build_module(cfg).net.state_dict()
             trained, test, _ = federate(cfg, strategy, sites, initial, tracker, run_id, resume, pipeline,
                                   resume["site_runs"] if resume else None, members,
                                   sum(int(s.info.get("num_train", 0)) for s in sites))
