@@ -33,13 +33,16 @@ class TableSource(FileSource):
         group_column: rows sharing a value (a patient, a lesion) never straddle two splits.
         val_fraction, test_fraction, split_seed: the generated split.
         spatial_dims: 2 for images or slices, 3 for volumes.
+        keep: only the rows whose metadata column has one of the listed values, e.g.
+            ``{source: [rosendahl, vidir_modern]}`` (leave-one-site-out). Applied after the split, so
+            every kept row stays in the split it has in the whole table.
     """
 
     def __init__(self, name: str, root: str, table: str, image_root: str | list[str] | None = None,
                  path_column: str = "path", label_column: str = "label", path_template: str = "{}",
                  class_names: list[str] | None = None, split_column: str | None = None,
                  group_column: str | None = None, val_fraction: float = 0.15, test_fraction: float = 0.15,
-                 split_seed: int = 0, spatial_dims: int = 2):
+                 split_seed: int = 0, spatial_dims: int = 2, keep: dict[str, list[str]] | None = None):
         self.name = name
         self.root = Path(root).expanduser().resolve()
         self.table_path = self.root / Path(table).expanduser()
@@ -49,6 +52,7 @@ class TableSource(FileSource):
         self._class_names, self.split_column, self.group_column = class_names, split_column, group_column
         self.fractions = {"val": val_fraction, "test": test_fraction}
         self.split_seed, self.spatial_dims = split_seed, spatial_dims
+        self.keep = {str(k): [str(v) for v in vs] for k, vs in dict(keep or {}).items()}
 
     def _read(self) -> pd.DataFrame:
         f = self.table_path
@@ -101,4 +105,18 @@ class TableSource(FileSource):
                                               self.split_seed)
         dup = table.id[table.id.duplicated()]
         problems += [f"{where}: {i} is listed more than once" for i in dup.unique()[:20]]
-        return table.drop_duplicates("id").reset_index(drop=True), names, problems
+        return self._kept(table.drop_duplicates("id").reset_index(drop=True)), names, problems
+
+    def _kept(self, table: pd.DataFrame) -> pd.DataFrame:
+        """The rows ``keep`` selects (all of them without it)."""
+        for column, values in self.keep.items():
+            if column not in table.columns:
+                raise FedmedError(f"data.source.keep: {self.table_path} has no column {column!r}; "
+                                  f"columns: {[c for c in table.columns if c not in ('path', 'size', 'stamp')]}")
+            missing = sorted(set(values) - set(table[column].astype(str)))
+            if missing:
+                values_seen = sorted(table[column].astype(str).unique())
+                raise FedmedError(f"data.source.keep: no row of {self.table_path} has {column} = "
+                                  f"{', '.join(map(repr, missing))}; values: {values_seen}")
+            table = table[table[column].astype(str).isin(values)]
+        return table.reset_index(drop=True)
