@@ -15,6 +15,7 @@ from fedmed.logs import setup_logging
 VERBS = {
     "fit": "train a federation (default), one site alone (site=<name>), or centrally (mode=centralized)",
     "serve": "run a federation's server: a Flower SuperLink and fedmed's App; sites join with fedmed fit site=<name>",
+    "evaluate": "score a trained model with 95% intervals and calibration: a data set, one site, or every site",
     "explain": "heatmaps and faithfulness numbers for a trained model (checkpoint=runs:/<run_id> or a path)",
     "data check": "decode every sample of a dataset and check the site manifests; lists every problem",
     "audit privacy": "membership-inference attacks on a trained model's training data (checkpoint=runs:/<run_id>)",
@@ -56,6 +57,12 @@ EXAMPLES = {
         "      'federation.auth.supernode_keys={hospital_a: a.pub, hospital_b: b.pub}'   # then, at each hospital:",
         "  fedmed fit site=hospital_a federation.server=fed.example.org:9092 federation.tls.ca_cert=ca.pem \\",
         "      federation.auth.private_key=hospital_a",
+    ],
+    "evaluate": [
+        "  fedmed evaluate checkpoint=runs:/<run_id>   # its test split: 95% bootstrap intervals, calibration",
+        "  fedmed evaluate checkpoint=runs:/<run_id> data=ham10000 site=vienna_dias split=all  # never trained",
+        "  fedmed evaluate checkpoint=runs:/<run_id> data=ham10000 sites=all   # each site its own test images; pooled",
+        "  fedmed evaluate checkpoint=path/to/model.pt n_boot=2000 seed=1",
     ],
     "explain": [
         "  fedmed explain checkpoint=runs:/<run_id>    # Grad-CAM on 32 test images, per-class views, faithfulness",

@@ -129,6 +129,10 @@ VERB_RULES: dict[str, dict[str, Rule]] = {
                 "per_class": integer(0), "faithfulness": boolean, "output_dir": text},
     "audit_privacy": {"checkpoint": text, "epochs": optional(integer(1))},
     "data_check": {"manifests": boolean, "workers": integer(1)},
+    "evaluate": {"checkpoint": text, "split": choice(*SPLITS, "all"), "n_boot": integer(100), "seed": integer(0),
+                 "bins": integer(2), "reproduce": optional(text), "output_dir": text,
+                 "sites": lambda v: None if v is None or v == "all" or names(v) is None
+                 else "all or a list of site names, e.g. [rosendahl,vienna_dias]"},
 }
 
 
@@ -152,7 +156,8 @@ def validate(cfg: DictConfig, verb: str = "fit", strategy: bool = True) -> None:
         if bad:
             raise FedmedError(f"splits={list(cfg.splits)}: expected a list of {', '.join(SPLITS)}")
     _check_data_dir(cfg)
-    _check_site(cfg)
+    if verb != "evaluate":  # evaluate scores sites that never trained too
+        _check_site(cfg)
     if strategy and cfg.get("strategy") is not None:
         check_strategy(cfg)
 

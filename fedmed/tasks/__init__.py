@@ -4,4 +4,5 @@ The CLI imports the verb it runs (``fedmed.tasks.<name>``) and nothing else of t
 """
 
 #: CLI verb (its config's name) -> the module that runs it
-TASKS = {"fit": "fit", "serve": "serve", "explain": "explain", "data_check": "data_check", "audit_privacy": "audit"}
+TASKS = {"fit": "fit", "serve": "serve", "explain": "explain", "data_check": "data_check", "audit_privacy": "audit",
+         "evaluate": "evaluate"}
