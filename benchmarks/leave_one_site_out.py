@@ -24,7 +24,7 @@ import json
 import time
 from pathlib import Path
 
-from results import save_json
+from results import ms, save_json
 
 from fedmed.config import compose
 from fedmed.logs import setup_logging
@@ -95,8 +95,62 @@ def main() -> None:
         evaluate(args)
 
 
+def scored(run: dict, cache: Path) -> dict:
+    """`fedmed evaluate` of one trained run: external (sites it never trained on, every image) and internal
+    (its training sites' test lesions), each with its 95% bootstrap interval; cached in bench_out."""
+    from fedmed.tasks import evaluate
+
+    key_ = f"{key(run)}:{run['run_id']}"
+    done = json.loads(cache.read_text()) if cache.exists() else {}
+    if key_ in done:
+        return done[key_]
+    trained_at = [run["site"]] if run["kind"] == "local" else [s for s in SOURCES if s != run["held_out"]]
+    unseen = [s for s in SOURCES if s not in trained_at]
+    base = [f"checkpoint=runs:/{run['run_id']}", "data=ham10000", "data.cache=disk", "logger.experiment=benchmark-loso"]
+    ext = evaluate.run(compose("evaluate", [*base, f"sites=[{','.join(unseen)}]", "split=all"]))
+    internal = evaluate.run(compose("evaluate", [*base, f"sites=[{','.join(trained_at)}]", "split=test"]))
+    pooled = "pooled" if len(trained_at) > 1 else trained_at[0]
+    out = {"external": {s: ext["scores"][s] for s in unseen}, "images": ext["images"],
+           "internal": internal["scores"][pooled], "evaluate_runs": [ext["run_id"], internal["run_id"]]}
+    done[key_] = out
+    cache.write_text(json.dumps(done, indent=1))
+    return out
+
+
 def evaluate(args) -> None:
-    raise SystemExit("the evaluation phase needs `fedmed evaluate`")
+    runs = json.loads((Path("bench_out") / f"{args.name}.json").read_text())
+    cache = Path("bench_out") / f"{args.name}_scores.json"
+    for run in runs.values():
+        run["scores"] = scored(run, cache)
+    seeds = sorted({r["seed"] for r in runs.values()})
+    columns = ["held-out site", "images", "federated (3 sites): internal", "federated: at the held-out site",
+               "pooled (3 sites): internal", "pooled: at the held-out site", "each site alone: at the held-out site",
+               "federated at the held-out site, seed 42 (95% CI)"]
+    rows = []
+    for h in args.held_out:
+        fed = [r for r in runs.values() if r["kind"] == "federated" and r["held_out"] == h]
+        pooled = [r for r in runs.values() if r["kind"] == "pooled" and r["held_out"] == h]
+        alone = [r["scores"]["external"][h]["balanced_acc"]["value"] for r in runs.values()
+                 if r["kind"] == "local" and r["site"] != h]
+        ext = [[r["scores"]["external"][h]["balanced_acc"]["value"] for r in rs] for rs in (fed, pooled)]
+        internal = [[r["scores"]["internal"]["balanced_acc"]["value"] for r in rs] for rs in (fed, pooled)]
+        ci = [r["scores"]["external"][h]["balanced_acc"] for r in fed if r["seed"] == 42]
+        rows.append([h, str(fed[0]["scores"]["images"][h]) if fed else "-",
+                     *(ms(v) if v else "-" for v in (internal[0], ext[0], internal[1], ext[1])),
+                     f"{ms(alone)} (min {min(alone):.3f}, max {max(alone):.3f})" if alone else "-",
+                     f"{ci[0]['value']:.3f} [{ci[0]['low']:.3f}, {ci[0]['high']:.3f}]" if ci else "-"])
+    print(f"HAM10000 leave one site out, balanced accuracy, seeds {seeds}")
+    print("| " + " | ".join(columns) + " |\n|" + "---|" * len(columns))
+    for row in rows:
+        print("| " + " | ".join(row) + " |")
+    if args.results:
+        write_results(args.results, columns, rows, seeds)
+
+
+def write_results(path: Path, columns: list[str], rows: list[list[str]], seeds: list[int]) -> None:
+    doc = json.loads(path.read_text()) if path.exists() else {}
+    doc.update({"columns": columns, "rows": rows, "seeds": seeds})
+    path.write_text(json.dumps(doc, indent=1) + "\n")
 
 
 if __name__ == "__main__":

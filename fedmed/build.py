@@ -20,6 +20,7 @@ from fedmed.data.datamodule import Pipeline, SiteData
 from fedmed.data.manifest import Manifest
 from fedmed.data.sites import ensure_manifests, plan_manifests, write_new
 from fedmed.errors import FedmedError
+from fedmed.evaluation.sites import SiteImages
 from fedmed.federated.attack import ATTACKS, Attack
 from fedmed.federated.channel import UpdateChannel
 from fedmed.federated.checkpoint import CHECKPOINT, load_checkpoint, unsafe_reason
@@ -131,8 +132,16 @@ def attackers(cfg: DictConfig) -> dict[str, str]:
 
 
 def site_data(cfg: DictConfig, manifest: Manifest, site_cfg: DictConfig) -> SiteData:
-    """A site's data: its manifest, read against the site's own copy of the source."""
-    return Pipeline.from_config(cfg.data, instantiate(cfg.data.source, root=site_cfg.data_root)).site(manifest)
+    """A site's data: its manifest, read against the site's own copy of the source, and (natural
+    partitions) the test images of its own source."""
+    own = instantiate(cfg.data.source, root=site_cfg.data_root)
+    pipeline = Pipeline.from_config(cfg.data, own)
+    data = pipeline.site(manifest)
+    if cfg.partition.get("method") == "natural":
+        rows = SiteImages(str(site_cfg.name), cfg.data, own, cfg.partition, "test", "internal").rows("test")
+        if rows is not None and len(rows):
+            data.test = pipeline.dataset("test", rows)
+    return data
 
 
 def _partition_args(cfg: DictConfig) -> tuple:

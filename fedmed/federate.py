@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from fedmed import build
 from fedmed.data.datamodule import Pipeline
+from fedmed.evaluation import Scores
 from fedmed.federated import Orchestrator
 from fedmed.federated.strategies.base import Strategy
 from fedmed.federated.transport import SiteTransport
@@ -74,6 +75,26 @@ def resumable(exc: BaseException, cfg: DictConfig, verb: str, run_id: str) -> Ba
     return exc
 
 
+def site_scores(sites: Sequence[SiteTransport], weights: Mapping[str, Any]) -> list[Scores]:
+    """Each site scores the selected model on its own test images and returns numbers only; what a site
+    sends is checked (shapes, its name) and a site that cannot answer is left out with a warning."""
+    out = []
+    for site in sites:
+        try:
+            got = site.score(weights)
+            if got is None:
+                continue
+            scores = Scores.from_dict(got)
+            if scores.name != site.name:
+                raise ValueError(f"answered as site {scores.name!r}")
+        except Exception as exc:  # noqa: BLE001 - the federation is done; its report goes on without this site
+            log.warning("site %s could not score the final model on its own test images: %s: %s", site.name,
+                        type(exc).__name__, exc)
+            continue
+        out.append(scores)
+    return out
+
+
 def federate(cfg: DictConfig, strategy: Strategy, sites: Sequence[SiteTransport], initial: Mapping[str, Any],
              tracker: Tracker, run_id: str, resume: Mapping[str, Any] | None, pipeline: Pipeline,
              site_runs: Mapping[str, str] | None = None, members: Sequence[Any] = (),
@@ -101,6 +122,7 @@ def federate(cfg: DictConfig, strategy: Strategy, sites: Sequence[SiteTransport]
         for site in sites:
             ev = site.finetune(result.weights, fed.rounds + 1, fed.finetune_epochs, instructions)
             rows.append((f"fine-tuned {fed.finetune_epochs} ep", site.name, "val", ev))
+    scores = site_scores(sites, result.weights)
     seconds = time.perf_counter() - t0
     last = result.history[-1]
     codec = "" if fed.compression == "none" else f", {fed.compression} updates"
@@ -110,6 +132,6 @@ def federate(cfg: DictConfig, strategy: Strategy, sites: Sequence[SiteTransport]
             "raw); raw images sent: 0")
     trained = Trained("federated", [s.name for s in sites], result.weights, f"round {result.round}/{fed.rounds}",
                       seconds, rows, comm, list(members), result.round * fed.local_epochs, result.history,
-                      build.dp_records_from_history(result.history), n_train)
+                      build.dp_records_from_history(result.history), n_train, scores)
     test, record = finish(cfg, pipeline, trained, tracker, run_id)
     return trained, test, record

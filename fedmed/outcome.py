@@ -28,12 +28,16 @@ from fedmed.data.datamodule import ArrayDataset, Pipeline, SiteData, make_loader
 from fedmed.data.manifest import Manifest, read_manifest
 from fedmed.data.sites import describe_partition, site_class_counts
 from fedmed.errors import FedmedError
+from fedmed.evaluation import Scores, model_card, reliability_figure, score
+from fedmed.evaluation.predict import class_probabilities
+from fedmed.evaluation.record import evaluation_record, metric_values
+from fedmed.evaluation.scores import HEADLINE, fmt
 from fedmed.federated.checkpoint import CHECKPOINT, disk_fault
 from fedmed.federated.messages import EvalResult, RoundRecord
 from fedmed.federated.site import SiteClient
 from fedmed.federated.training import TrainingSettings
 from fedmed.model_export import ImageClassifier, log_pyfunc, raw_examples
-from fedmed.models.metrics import evaluate, name_classes
+from fedmed.models.metrics import class_keys, evaluate, name_classes
 from fedmed.privacy.audit import AttackResult, candidates, lira_attack, loss_attack
 from fedmed.privacy.dp import DPConfig, describe
 from fedmed.privacy.record import format_record, privacy_record
@@ -61,6 +65,7 @@ class Trained:
         history: the federation's rounds (empty for a baseline).
         dp_records: each site's DP accounting.
         num_train: training images over all sites (default: the size of ``trained_on``).
+        site_scores: the selected model on each site's own test images, as the sites scored it.
     """
 
     mode: str
@@ -75,6 +80,7 @@ class Trained:
     history: list[RoundRecord] = field(default_factory=list)
     dp_records: dict[str, dict[str, float]] = field(default_factory=dict)
     num_train: int | None = None
+    site_scores: list[Scores] = field(default_factory=list)
 
 
 def run_name(cfg: DictConfig, mode: str, site: str | None = None, strategy: str | None = None,
@@ -155,17 +161,43 @@ def finish(cfg: DictConfig, pipeline: Pipeline, trained: Trained, tracker: Track
     tracker.log_metrics(run_id, {**mlflow_attack_metrics(attacks),
                                  "privacy_update_bytes_sent": record["update_bytes_sent"], **eps}, step=rounds)
 
+    evaluations = log_evaluations(cfg, tracker, run_id, module.net, test, source.class_names, t.site_scores)
     rows = [{"who": f"{label} @ {site}", "split": split, "n": e.num_samples, **e.metrics}
             for label, site, split, e in t.site_rows]
+    rows += [{"who": f"{t.mode} model @ {s.name}", "split": "own test", "n": int(s.support.sum()),
+              **{k: v["value"] for k, v in s.summary().items() if k in HEADLINE}} for s in t.site_scores]
     rows.append({"who": f"{t.mode} model", "split": "test", "n": int(confmat.sum()), **test_metrics})
+    spread = ("\neach site's own test images (scored at the site): balanced accuracy "
+              + ", ".join(f"{s.name} {fmt(s.summary()['balanced_acc'])}" for s in t.site_scores)
+              + f"; worst {min(evaluations[1:], key=lambda e: e[1].summary()['balanced_acc']['value'])[1].name}"
+              if t.site_scores else "")
     text = summary_table(
         f"fedmed fit: {t.mode}, {cfg.data.name}, {cfg.model.name}, selected {t.chosen}, {t.seconds:.0f}s",
         rows,
-        f"{t.comm}\n{format_record(record)}\n"
+        f"{t.comm}{spread}\n{format_record(record)}\n"
         f"MLflow run {run_id}; browse it with: mlflow ui --backend-store-uri {cfg.logger.tracking_uri}",
     )  # the footer's lines are never wrapped: the command stays one line to copy
     tracker.log_text(run_id, text, "summary.txt")
     return test_metrics, record
+
+
+def log_evaluations(cfg: DictConfig, tracker: Tracker, run_id: str, net: torch.nn.Module, test: ArrayDataset,
+                    class_names: list[str], site_scores: list[Scores]) -> list[tuple[str, Scores]]:
+    """The selected model on the test split and on each site's own test images, with 95% bootstrap
+    intervals (``test/<metric>_low|_high``, ``site_test/<site>/<metric>``), a reliability diagram and
+    the model card (``model_card.md``)."""
+    probs, labels = class_probabilities(net, test)
+    pooled = score(probs, labels, class_names, f"{cfg.data.name} test")
+    evaluations = [("internal", pooled), *[("internal", s) for s in site_scores]]
+    for prefix, s in [("test", pooled), *[(f"site_test/{class_keys([s.name])[0]}", s) for s in site_scores]]:
+        tracker.log_metrics(run_id, metric_values(prefix, s), step=cfg.federation.rounds)
+    tracker.log_dict(run_id, evaluation_record(evaluations), "evaluation.json")
+    tracker.log_figure(run_id, reliability_figure(pooled.calibration[0], f"{cfg.data.name} test, selected model"),
+                       "reliability_test.png")
+    counts = tracker.load_json(run_id, "partition/class_counts.json")  # absent for a centralized run
+    tracker.log_text(run_id, model_card(cfg, evaluations, name=run_id, training_counts=counts,
+                                        privacy=describe(dp_config(cfg))), "model_card.md")
+    return evaluations
 
 
 def log_model(cfg: DictConfig, source, tracker: Tracker, run_id: str, weights: dict[str, torch.Tensor]) -> str:

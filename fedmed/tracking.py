@@ -220,6 +220,14 @@ class Tracker:
         """A table (column -> values) that the MLflow UI shows in its artifact view and evaluation tab."""
         self.client.log_table(run_id, data=dict(columns), artifact_file=artifact_file)
 
+    def load_json(self, run_id: str, artifact_file: str) -> Any:
+        """A JSON artifact of ``run_id``, or None where the run has none (or the store does not know the run)."""
+        with tempfile.TemporaryDirectory() as tmp:
+            try:
+                return json.loads(Path(self.client.download_artifacts(run_id, artifact_file, tmp)).read_text())
+            except Exception:  # noqa: BLE001 - no such run or artifact, another store
+                return None
+
     def log_state_dict(self, run_id: str, state: Mapping[str, Any], artifact_file: str) -> None:
         import torch
 

@@ -250,12 +250,16 @@ def _root_fedmed_error(exc: BaseException) -> FedmedError | None:
 
 @dataclass
 class SiteData:
-    """The training and validation data of one site.
+    """The training and validation data of one site, and its own test images where the partition says
+    which they are (a natural partition: the test rows of its source).
 
     Args:
         train: the training set (augmented, if configured).
         val: the validation set.
+        test: the site's own test images: scored once, at the end, by the final model; never used for
+            training or selection.
     """
 
     train: ArrayDataset
     val: ArrayDataset
+    test: ArrayDataset | None = None

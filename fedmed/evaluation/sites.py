@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from fedmed.data.datamodule import ArrayDataset, Pipeline
 from fedmed.errors import FedmedError
@@ -80,8 +80,9 @@ class SiteImages:
                               f"are {seen} (partition.groups maps a site to several)")
 
     def dataset(self, trained_data: DictConfig) -> ArrayDataset:
-        """The site's images, preprocessed as the model was trained."""
-        pipeline = Pipeline.from_config(trained_data, self.source)
+        """The site's images, preprocessed as the model was trained (cached as this command's data config says)."""
+        here = {k: self.data.get(k) for k in ("cache", "cache_dir", "cache_workers") if self.data.get(k) is not None}
+        pipeline = Pipeline.from_config(OmegaConf.merge(trained_data, here), self.source)
         parts = [pipeline.dataset(s, self.rows(s)) for s in (("train", "val", "test") if self.split == "all"
                                                                 else (self.split,))]
         parts = [p for p in parts if len(p)]

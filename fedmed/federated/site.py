@@ -130,6 +130,21 @@ class SiteClient:
             self.run.log_metrics({f"val_{k}": v for k, v in metrics.items()}, step=round_idx)
         return EvalResult(self.name, len(self.data.val), metrics, confmat, summary)
 
+    def score(self, weights: StateDict) -> dict[str, Any] | None:
+        """Score ``weights`` (the final global model) on this site's own test images: a
+        :class:`~fedmed.evaluation.Scores` as plain numbers (counts and bootstrap replicates, no image),
+        or None where the site has no test images of its own."""
+        if self.data.test is None or not len(self.data.test):
+            return None
+        from fedmed.evaluation import score
+        from fedmed.evaluation.predict import class_probabilities
+
+        self.module.net.load_state_dict(weights)
+        probs, labels = class_probabilities(self.module.net, self.data.test)
+        k = self.module.num_classes
+        names = list(self.heatmaps.class_names or [f"class{i}" for i in range(k)])
+        return score(probs, labels, names, self.name).to_dict()
+
     def finetune(self, weights: StateDict, round_idx: int, epochs: int,
                  instructions: Mapping[str, Any] | None = None) -> EvalResult:
         """Personalisation after the federation: train ``weights`` ``epochs`` epochs on this site's data

@@ -31,6 +31,10 @@ class SiteTransport(Protocol):
         run (metrics ``personalized_val_*``, its model) and returns only its validation numbers."""
         ...
 
+    def score(self, weights: Mapping[str, torch.Tensor]) -> dict[str, Any] | None:
+        """The final model on the site's own test images: numbers only (:meth:`SiteClient.score`)."""
+        ...
+
     def public_key(self, round_idx: int) -> tuple[bytes, bytes]: ...
 
     def attest(self, round_idx: int, survivors: list[str]) -> dict[str, bytes]: ...
@@ -84,3 +88,6 @@ class InProcessSite:
     def finetune(self, weights: Mapping[str, torch.Tensor], round_idx: int, epochs: int,
                  instructions: Mapping[str, Any] | None = None) -> EvalResult:
         return self.client.finetune(clone_state(weights), round_idx, epochs, instructions)
+
+    def score(self, weights: Mapping[str, torch.Tensor]) -> dict[str, Any] | None:
+        return self.client.score(clone_state(weights))

@@ -32,6 +32,7 @@ from fedmed.flower.protocol import (
     HELLO,
     PUBLIC_KEY,
     REFUSED,
+    SCORE,
     TRAIN,
     RemoteSiteError,
     finish_request,
@@ -108,6 +109,10 @@ class GridSite:
                  instructions: Mapping[str, Any] | None = None) -> EvalResult:
         content = self.ask(FINETUNE, records.fit_request(weights, round_idx, epochs, instructions), str(round_idx))
         return self._own(records.records_eval_result(content))
+
+    def score(self, weights: Mapping[str, torch.Tensor]) -> dict[str, Any] | None:
+        content = self.ask(SCORE, RecordDict({"weights": records.state_record(weights)}), "final")
+        return records.get_tree(content, "scores") if records.has_tree(content, "scores") else None
 
     def _own(self, result):
         if result.site != self.name:  # the round loop goes by these names (secure aggregation's dropouts)

@@ -35,6 +35,7 @@ from fedmed.flower.protocol import (
     HELLO,
     PUBLIC_KEY,
     REFUSED,
+    SCORE,
     TRAIN,
     read_finish,
     read_hello,
@@ -126,6 +127,14 @@ def _finetune(client: SiteClient, content: RecordDict) -> RecordDict:
     return records.eval_result_records(client.finetune(weights, round_idx, epochs, instructions))
 
 
+def _score(client: SiteClient, content: RecordDict) -> RecordDict:
+    scores = client.score(records.record_state(content.array_records["weights"]))
+    out = RecordDict()
+    if scores is not None:
+        records.put_tree(out, "scores", scores)
+    return out
+
+
 def _public_key(client: SiteClient, content: RecordDict) -> RecordDict:
     public, signature = client.public_key(records.config_int(content.config_records["round"], "round"))
     return RecordDict({"key": ConfigRecord({"public": public, "signature": signature})})
@@ -149,7 +158,7 @@ def _dropout_correction(client: SiteClient, content: RecordDict) -> RecordDict:
 
 
 CALLS: dict[str, Callable[[SiteClient, RecordDict], RecordDict]] = {
-    TRAIN: _train, EVALUATE: _evaluate, FINETUNE: _finetune, PUBLIC_KEY: _public_key, ATTEST: _attest,
+    TRAIN: _train, EVALUATE: _evaluate, FINETUNE: _finetune, SCORE: _score, PUBLIC_KEY: _public_key, ATTEST: _attest,
     DROPOUT: _dropout_correction}
 
 

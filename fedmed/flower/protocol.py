@@ -3,6 +3,7 @@
 Message types: ``query.hello`` (which site a node is, its sample counts), ``train``,
 ``train.finetune`` (personalisation after the federation), ``evaluate``, ``query.public_key``,
 ``query.attest`` and ``query.dropout_correction`` (secure aggregation's unmasking),
+``evaluate.test`` (the final model on a site's own test images),
 ``query.refused`` (why a node is not admitted) and ``query.finish`` (the federation is over).
 
 A site that raises answers with an error reply naming the exception's kind, which the server
@@ -24,6 +25,7 @@ from fedmed.privacy.dp import PrivacyBudgetExhausted
 HELLO, TRAIN, EVALUATE, FINETUNE = "query.hello", "train", "evaluate", "train.finetune"
 PUBLIC_KEY, DROPOUT, FINISH = "query.public_key", "query.dropout_correction", "query.finish"
 ATTEST = "query.attest"  # secure aggregation: a survivor's tags over the survivor set
+SCORE = "evaluate.test"  # the final model on the site's own test images (numbers only)
 REFUSED = "query.refused"  # the server tells a node why it is not admitted (it is sent nothing else)
 
 _OURS = re.compile(r"(\w+): (.*)", re.S)  # "Kind: message", from error_reply

@@ -21,6 +21,7 @@ from fedmed.config import site_config
 from fedmed.errors import FedmedError
 from fedmed.evaluation import Scores, interval_table, model_card, pool, reliability_figure, score
 from fedmed.evaluation.predict import class_probabilities
+from fedmed.evaluation.record import evaluation_record, metric_values
 from fedmed.evaluation.scores import LABELS, fmt
 from fedmed.evaluation.sites import SiteImages, trained_on
 from fedmed.models.metrics import class_keys
@@ -57,7 +58,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         parts.append((kinds.pop() if len(kinds) == 1 else "mixed", pool([s for _, s in parts])))
     run_id = _log(cfg, tracker, ckpt, trained, parts)
     _print(cfg, parts, run_id)
-    return {"run_id": run_id, "scores": {s.name: s.summary() for _, s in parts}}
+    return {"run_id": run_id, "scores": {s.name: s.summary() for _, s in parts},
+            "images": {s.name: int(s.support.sum()) for _, s in parts}}
 
 
 def _check_fit(trained: DictConfig, cfg: DictConfig, names: list[str], source) -> None:
@@ -109,38 +111,19 @@ def _log(cfg: DictConfig, tracker: Tracker, ckpt: dict, trained: DictConfig, par
         out.mkdir(parents=True, exist_ok=True)
         for _, s in parts:
             key = class_keys([s.name])[0]
-            tracker.log_metrics(run_id, {f"{key}/{m}{suffix}": v[part] for m, v in s.summary().items()
-                                         for suffix, part in (("", "value"), ("_low", "low"), ("_high", "high"))
-                                         if v[part] == v[part]}, step=0)
+            tracker.log_metrics(run_id, metric_values(key, s), step=0)
             title = f"{trained.data.name} model on {s.name} (n={int(s.support.sum())})"
             tracker.log_figure(run_id, reliability_figure(s.calibration[0], title), f"reliability_{key}.png")
             tracker.log_figure(run_id, confusion_figure(torch.as_tensor(s.confmat[0]), s.class_names, title),
                                f"confusion_matrix_{key}.png")
-        tracker.log_dict(run_id, {"level": 0.95, "n_boot": int(cfg.n_boot), "seed": int(cfg.seed),
-                                  "scores": {s.name: {"kind": k, "images_per_class": s.support.tolist(),
-                                                      "metrics": s.summary()} for k, s in parts}},
-                         "evaluation.json")
+        tracker.log_dict(run_id, evaluation_record(parts), "evaluation.json")
+        counts = tracker.load_json(model_run, "partition/class_counts.json") if model_run else None
         card = model_card(trained, [(k, s) for k, s in parts if s.name != "pooled" or len(parts) == 1],
-                          name=str(model_run or cfg.checkpoint), training_counts=_training_counts(tracker, model_run),
+                          name=str(model_run or cfg.checkpoint), training_counts=counts,
                           privacy=describe(dp_config(trained)), command=cfg.get("reproduce"))
         (out / "model_card.md").write_text(card)
         tracker.log_text(run_id, card, "model_card.md")
     return run_id
-
-
-def _training_counts(tracker: Tracker, model_run: str | None) -> dict[str, list[int]] | None:
-    """The model's training images per site and class, from its run's partition record, where it has one."""
-    if not model_run:
-        return None
-    import json
-    import tempfile
-
-    with tempfile.TemporaryDirectory() as tmp:
-        try:
-            path = tracker.client.download_artifacts(model_run, "partition/class_counts.json", tmp)
-            return {str(k): [int(c) for c in v] for k, v in json.loads(Path(path).read_text()).items()}
-        except Exception:  # noqa: BLE001 - a centralized run, a model from another store
-            return None
 
 
 def _print(cfg: DictConfig, parts: list[tuple[str, Scores]], run_id: str) -> None:

@@ -1,0 +1,47 @@
+"""At the end of a federation each site scores the selected model on its own test images and sends only
+counts; the report is the same whether the sites run in this process or behind Flower SuperNodes."""
+
+import json
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+from fedmed.config import compose
+from fedmed.tasks import fit
+from tests.conftest import DATA_DIR, needs
+
+HAM = DATA_DIR / "skin_lesion" / "labels.csv"
+TWO_SITES = ["experiment=ham10000", "federation.rounds=1", "trainer.limit_train_batches=0.2",
+             "data.transforms.size=16", "privacy.audit=none", "explain.every_n_rounds=0", "logger.log_model=false",
+             "data.source.keep={source: [vienna_dias, rosendahl]}", "federation.sites=[vienna_dias,rosendahl]",
+             "partition.dirname=natural-two-sources"]
+
+
+def _evaluation(cfg, run_id: str, tmp: Path) -> dict:
+    client = MlflowClient(cfg.logger.tracking_uri)
+    return json.loads(Path(client.download_artifacts(run_id, "evaluation.json", str(tmp))).read_text())
+
+
+@needs(HAM)
+def test_each_site_scores_the_final_model_at_home_the_same_in_process_and_over_flower(isolated, tmp_path):
+    cfg = compose("fit", [*isolated, *TWO_SITES])
+    here = fit.run(cfg)
+    flower = fit.run(compose("fit", [*isolated, *TWO_SITES, "federation.parallel=2"]))
+    a, b = _evaluation(cfg, here["run_id"], tmp_path / "a"), _evaluation(cfg, flower["run_id"], tmp_path / "b")
+    assert set(a["scores"]) == {"ham10000 test", "vienna_dias", "rosendahl"}
+    for name, want in a["scores"].items():  # the same weights and images: the same counts; the same numbers up to
+        got = b["scores"][name]              # float rounding of the forward pass in another process
+        assert got["images_per_class"] == want["images_per_class"] and got["kind"] == want["kind"], name
+        for metric, v in want["metrics"].items():
+            assert got["metrics"][metric] == pytest.approx(v, abs=1e-6, nan_ok=True), (name, metric)
+    assert sum(a["scores"]["vienna_dias"]["images_per_class"]) == 64  # its own test lesions only
+    assert sum(a["scores"]["rosendahl"]["images_per_class"]) + 64 == sum(a["scores"]["ham10000 test"]
+                                                                         ["images_per_class"])
+    run = MlflowClient(cfg.logger.tracking_uri).get_run(flower["run_id"])
+    value = a["scores"]["rosendahl"]["metrics"]["balanced_acc"]
+    assert run.data.metrics["site_test/rosendahl/balanced_acc"] == pytest.approx(value["value"])
+    assert run.data.metrics["site_test/rosendahl/balanced_acc_low"] == pytest.approx(value["low"])
+    card = Path(MlflowClient(cfg.logger.tracking_uri).download_artifacts(flower["run_id"], "model_card.md",
+                                                                           str(tmp_path / "c"))).read_text()
+    assert "| vienna_dias | internal | 64 |" in card and "| vienna_dias | 3" not in card
