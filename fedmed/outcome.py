@@ -167,7 +167,11 @@ def finish(cfg: DictConfig, pipeline: Pipeline, trained: Trained, tracker: Track
     rows += [{"who": f"{t.mode} model @ {s.name}", "split": "own test", "n": int(s.support.sum()),
               **{k: v["value"] for k, v in s.summary().items() if k in HEADLINE}} for s in t.site_scores]
     rows.append({"who": f"{t.mode} model", "split": "test", "n": int(confmat.sum()), **test_metrics})
-    spread = ("\neach site's own test images (scored at the site): balanced accuracy "
+    whole = evaluations[0][1].summary()
+    spread = (f"\ntest with 95% intervals ({evaluations[0][1].n_boot} resamples within each class): balanced accuracy "
+              f"{fmt(whole['balanced_acc'])}, AUROC {fmt(whole['auroc'])}, calibration error {fmt(whole['ece'])}; "
+              "model card: model_card.md in the run")
+    spread += ("\neach site's own test images (scored at the site): balanced accuracy "
               + ", ".join(f"{s.name} {fmt(s.summary()['balanced_acc'])}" for s in t.site_scores)
               + f"; worst {min(evaluations[1:], key=lambda e: e[1].summary()['balanced_acc']['value'])[1].name}"
               if t.site_scores else "")

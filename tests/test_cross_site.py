@@ -30,11 +30,15 @@ def test_each_site_scores_the_final_model_at_home_the_same_in_process_and_over_f
     flower = fit.run(compose("fit", [*isolated, *TWO_SITES, "federation.parallel=2"]))
     a, b = _evaluation(cfg, here["run_id"], tmp_path / "a"), _evaluation(cfg, flower["run_id"], tmp_path / "b")
     assert set(a["scores"]) == {"ham10000 test", "vienna_dias", "rosendahl"}
-    for name, want in a["scores"].items():  # the same weights and images: the same counts; the same numbers up to
-        got = b["scores"][name]              # float rounding of the forward pass in another process
+    # the same weights and images: the same counts; the same numbers up to the float rounding of the forward
+    # pass in a process with another thread count (a one-round model has near-ties that it can reorder)
+    for name, want in a["scores"].items():
+        got = b["scores"][name]
         assert got["images_per_class"] == want["images_per_class"] and got["kind"] == want["kind"], name
         for metric, v in want["metrics"].items():
-            assert got["metrics"][metric] == pytest.approx(v, abs=1e-6, nan_ok=True), (name, metric)
+            assert got["metrics"][metric]["value"] == pytest.approx(v["value"], abs=1e-3, nan_ok=True), (name, metric)
+            for bound in ("low", "high"):
+                assert got["metrics"][metric][bound] == pytest.approx(v[bound], abs=1e-2, nan_ok=True), (name, metric)
     assert sum(a["scores"]["vienna_dias"]["images_per_class"]) == 64  # its own test lesions only
     assert sum(a["scores"]["rosendahl"]["images_per_class"]) + 64 == sum(a["scores"]["ham10000 test"]
                                                                          ["images_per_class"])

@@ -47,9 +47,9 @@ def model_card(config: DictConfig, evaluations: Sequence[tuple[str, Scores]], *,
              + (f", strategy `{cfg.strategy._target_.rsplit('.', 1)[-1]}`, {fed.rounds} rounds x "
                 f"{fed.local_epochs} local epoch(s)" if mode == "federated" else f", {fed.rounds * fed.local_epochs} "
                 "epochs") + f", selection `{fed.select}` (validation data only), seed {cfg.seed}.",
-             f"- Privacy: DP-SGD {privacy}; secure aggregation {bool(cfg.privacy.secure_aggregation)}; "
+             f"- Privacy: DP-SGD {privacy}; secure aggregation {'on' if cfg.privacy.secure_aggregation else 'off'}; "
              f"update compression `{fed.compression}`.", "",
-             "## Preprocessing", "", "```yaml",
+             "## Preprocessing (augmentation: training only)", "", "```yaml",
              OmegaConf.to_yaml(cfg.data.transforms).rstrip(), "```", ""]
     if training_counts:
         lines += ["## Training data (images per class at each site; no image leaves its site)", ""]
@@ -69,11 +69,12 @@ def model_card(config: DictConfig, evaluations: Sequence[tuple[str, Scores]], *,
     lines += ["", "## Known failure modes", ""]
     for kind, s in evaluations:
         summary = s.summary(level)
-        recalls = {c: summary[f"recall_{k}"] for c, k in zip(classes, _keys(s), strict=True)
+        recalls = {c: (summary[f"recall_{k}"], int(n)) for c, k, n in zip(classes, _keys(s), s.support, strict=True)
                    if np.isfinite(summary[f"recall_{k}"]["value"])}
-        worst = min(recalls, key=lambda c: recalls[c]["value"]) if recalls else None
+        worst = min(recalls, key=lambda c: recalls[c][0]["value"]) if recalls else None
         if worst is not None:
-            lines.append(f"- {s.name} ({kind}): lowest recall for **{worst}**, {fmt(recalls[worst])}; "
+            lines.append(f"- {s.name} ({kind}): lowest recall for **{worst}**, {fmt(recalls[worst][0])} "
+                         f"({recalls[worst][1]} image{'s' if recalls[worst][1] != 1 else ''}); "
                          f"calibration error {fmt(summary['ece'])}.")
     if len(evaluations) > 1:
         worst_site = min(evaluations, key=lambda e: e[1].summary(level)["balanced_acc"]["value"])[1]

@@ -119,11 +119,19 @@ def _log(cfg: DictConfig, tracker: Tracker, ckpt: dict, trained: DictConfig, par
         tracker.log_dict(run_id, evaluation_record(parts), "evaluation.json")
         counts = tracker.load_json(model_run, "partition/class_counts.json") if model_run else None
         card = model_card(trained, [(k, s) for k, s in parts if s.name != "pooled" or len(parts) == 1],
-                          name=str(model_run or cfg.checkpoint), training_counts=counts,
+                          name=_model_name(tracker, model_run) or str(cfg.checkpoint), training_counts=counts,
                           privacy=describe(dp_config(trained)), command=cfg.get("reproduce"))
         (out / "model_card.md").write_text(card)
         tracker.log_text(run_id, card, "model_card.md")
     return run_id
+
+
+def _model_name(tracker: Tracker, model_run: str | None) -> str | None:
+    """The MLflow name of the model's run (e.g. ``federated-ham10000-cnn-fedavg-s42-...``), where this store has it."""
+    try:
+        return f"{tracker.client.get_run(model_run).info.run_name} (MLflow run {model_run})" if model_run else None
+    except Exception:  # noqa: BLE001 - a model from another store
+        return None
 
 
 def _print(cfg: DictConfig, parts: list[tuple[str, Scores]], run_id: str) -> None:
