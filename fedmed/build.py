@@ -137,6 +137,8 @@ def site_data(cfg: DictConfig, manifest: Manifest, site_cfg: DictConfig) -> Site
     own = instantiate(cfg.data.source, root=site_cfg.data_root)
     pipeline = Pipeline.from_config(cfg.data, own)
     data = pipeline.site(manifest)
+    if getattr(own, "mask_root", None) is not None:  # evidence masks: scored against explanations only
+        data.val_masks = pipeline.masks("val", pipeline.check_manifest(manifest)["validation"])
     if cfg.partition.get("method") == "natural":
         rows = SiteImages(str(site_cfg.name), cfg.data, own, cfg.partition, "test", "internal").rows("test")
         if rows is not None and len(rows):
@@ -190,7 +192,8 @@ def site_client(cfg: DictConfig, name: str, index: int, data: SiteData, run: Run
                if fed.compression != "none" and federated else None)
     settings = training_settings(cfg, federated)
     heatmaps = SiteHeatmaps(name, data.val, cfg.data.num_classes,
-                            ExplainSettings(cfg.explain.method, int(cfg.explain.n)), cfg.seed, class_names)
+                            ExplainSettings(cfg.explain.method, int(cfg.explain.n)), cfg.seed, class_names,
+                            data.val_masks)
     return SiteClient(name, data, lambda: build_module(cfg), settings, index,
                       part=strategy.site_part() if strategy is not None else None,
                       channel=UpdateChannel(name, encoder, signer, roster), heatmaps=heatmaps,

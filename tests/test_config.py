@@ -139,9 +139,9 @@ def test_explain_configs_compose(isolated):
 
 def test_every_primary_config_composes(isolated):
     """Each verb's own config (configs/<verb>.yaml) composes, with its mandatory values given."""
-    needs = {"explain": ["checkpoint=x.pt"], "audit_privacy": ["checkpoint=x.pt"]}
+    needs = {"explain": ["checkpoint=x.pt"], "audit_privacy": ["checkpoint=x.pt"], "evaluate": ["checkpoint=x.pt"]}
     verbs = sorted(p.stem for p in config_dir().glob("*.yaml"))
-    assert {"fit", "explain", "data_check", "serve", "audit_privacy"} <= set(verbs)
+    assert {"fit", "explain", "data_check", "serve", "audit_privacy", "evaluate"} <= set(verbs)
     for verb in verbs:
         cfg = compose(verb, [*isolated[:1], *needs.get(verb, [])]) if verb == "data_check" else \
             compose(verb, [*isolated, *needs.get(verb, [])])

@@ -22,7 +22,7 @@ from fedmed.data.manifest import Manifest
 from fedmed.data.medmnist_source import md5sum
 from fedmed.data.preprocessing import Preprocessing
 from fedmed.data.source import DataSource, Rows
-from fedmed.data.transforms import augmentation_transforms, deterministic_transforms
+from fedmed.data.transforms import augmentation_transforms, deterministic_transforms, mask_transforms
 from fedmed.errors import FedmedError, ManifestError
 
 log = logging.getLogger("fedmed")
@@ -191,6 +191,27 @@ class Pipeline:
             out[section] = np.asarray(rows, dtype=np.int64)
         return out
 
+    def masks(self, split: str, rows: Rows = None) -> torch.Tensor:
+        """The evidence masks (e.g. expert lesion outlines) of rows of ``split``: (N, 1, *spatial) bool, through
+        the images' spatial preprocessing and no other step. Only explanations are scored against them;
+        nothing that trains or selects a model reads them.
+
+        Raises:
+            FedmedError: the source has no masks, or one is missing (the error names its file).
+        """
+        from monai.transforms import Compose
+
+        items = getattr(self.source, "mask_items", lambda *_: None)(split, rows)
+        if items is None:
+            raise FedmedError(f"{self.source.name} has no evidence masks (data.source.mask_root)")
+        chain = Compose([*(t for t in (self.source.loader(),) if t is not None),
+                         *mask_transforms(self.pre, self.spatial_dims).transforms])
+        try:
+            masks = self._run_cache(items, chain)
+        except Exception as exc:  # noqa: BLE001 - the file's own error, not MONAI's wrapper
+            raise _root_fedmed_error(exc) or exc from None
+        return torch.stack(masks) > 127.5 if masks else torch.zeros(0, dtype=torch.bool)
+
     # -- caching --------------------------------------------------------------------------
     def deterministic(self):
         """The cached part of the chain: the source's loader (files only), then the deterministic transforms."""
@@ -258,8 +279,11 @@ class SiteData:
         val: the validation set.
         test: the site's own test images: scored once, at the end, by the final model; never used for
             training or selection.
+        val_masks: evidence masks of the validation images (N, 1, *spatial), where the data has them:
+            only the site's explanations are scored against them.
     """
 
     train: ArrayDataset
     val: ArrayDataset
     test: ArrayDataset | None = None
+    val_masks: torch.Tensor | None = None

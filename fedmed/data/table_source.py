@@ -33,6 +33,8 @@ class TableSource(FileSource):
         group_column: rows sharing a value (a patient, a lesion) never straddle two splits.
         val_fraction, test_fraction, split_seed: the generated split.
         spatial_dims: 2 for images or slices, 3 for volumes.
+        mask_root: folder under ``root`` of evidence masks (e.g. expert lesion outlines), one per image:
+            ``<image stem>.png``, 0 outside and 255 inside. Used only to score explanations.
         keep: only the rows whose metadata column has one of the listed values, e.g.
             ``{source: [rosendahl, vidir_modern]}`` (leave-one-site-out). Applied after the split, so
             every kept row stays in the split it has in the whole table.
@@ -42,7 +44,8 @@ class TableSource(FileSource):
                  path_column: str = "path", label_column: str = "label", path_template: str = "{}",
                  class_names: list[str] | None = None, split_column: str | None = None,
                  group_column: str | None = None, val_fraction: float = 0.15, test_fraction: float = 0.15,
-                 split_seed: int = 0, spatial_dims: int = 2, keep: dict[str, list[str]] | None = None):
+                 split_seed: int = 0, spatial_dims: int = 2, keep: dict[str, list[str]] | None = None,
+                 mask_root: str | None = None):
         self.name = name
         self.root = Path(root).expanduser().resolve()
         self.table_path = self.root / Path(table).expanduser()
@@ -53,6 +56,21 @@ class TableSource(FileSource):
         self.fractions = {"val": val_fraction, "test": test_fraction}
         self.split_seed, self.spatial_dims = split_seed, spatial_dims
         self.keep = {str(k): [str(v) for v in vs] for k, vs in dict(keep or {}).items()}
+        self.mask_root = self.root / mask_root if mask_root else None
+
+    def mask_items(self, split: str, rows=None) -> list[dict] | None:
+        """Data dicts of the evidence masks of ``rows`` of ``split`` (None: this source has none)."""
+        if self.mask_root is None:
+            return None
+        if not self.mask_root.is_dir():
+            raise DataNotFoundError(f"data.source.mask_root: {self.mask_root} is not a folder (dataset {self.name})")
+        items = []
+        for it in self.items(split, rows):
+            path = self.mask_root / f"{Path(it['path']).stem}.png"
+            if not path.is_file():
+                raise DataNotFoundError(f"data.source.mask_root: no mask {path} for {it['id']}")
+            items.append({**it, "image": str(path), "path": str(path), "stamp": str(path.stat().st_size)})
+        return items
 
     def _read(self) -> pd.DataFrame:
         f = self.table_path

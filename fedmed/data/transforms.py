@@ -138,6 +138,21 @@ def deterministic_transforms(pre: Preprocessing, spatial_dims: int) -> Compose:
     return Compose(steps)
 
 
+def mask_transforms(pre: Preprocessing, spatial_dims: int) -> Compose:
+    """The spatial steps of :func:`deterministic_transforms` for a binary mask (read as greyscale): the same
+    orientation, slice and resize (area, as the image), then thresholded at half; no intensity step."""
+    k = ["image"]
+    steps: list = [ToChannelsd(k, 1)]
+    if pre.orientation:
+        steps.append(Orientationd(k, axcodes=pre.orientation, labels=(("L", "R"), ("P", "A"), ("I", "S"))))
+    if pre.slice_axis is not None:
+        steps.append(Sliced(k, pre.slice_axis, pre.slice_index))
+    if pre.size:
+        steps.append(Resized(k, spatial_size=(int(pre.size),) * spatial_dims, mode="area"))
+    steps.append(EnsureTyped(k, data_type="tensor", dtype=torch.float32, track_meta=False))
+    return Compose(steps)
+
+
 class BatchRandAffine:
     """Random rotation and zoom for a whole batch at once: one draw per image, one resampling call.
 

@@ -11,6 +11,7 @@ from torch import nn
 
 from fedmed.data.datamodule import ArrayDataset
 from fedmed.explain import class_mean_maps, deletion_insertion, explain, heatmap_grid, map_correlation, predict
+from fedmed.explain.localisation import localisation_table
 from fedmed.explain.sampling import stratified_sample
 
 
@@ -32,12 +33,15 @@ class SiteHeatmaps:
         settings: method and sample size.
         seed: picks the sample (the same images every round) and seeds the faithfulness baselines.
         class_names: for the figures.
+        masks: evidence masks of ``data`` (N, 1, *spatial), where the site has them: the maps are scored
+            against them (:mod:`fedmed.explain.localisation`), beside a centre-prior baseline; the masks
+            stay here, only the numbers leave.
     """
 
     def __init__(self, site: str, data: ArrayDataset, num_classes: int, settings: ExplainSettings, seed: int,
-                 class_names: list[str] | None = None):
+                 class_names: list[str] | None = None, masks: torch.Tensor | None = None):
         self.site, self.data, self.num_classes, self.settings = site, data, num_classes, settings
-        self.seed, self.class_names = seed, class_names
+        self.seed, self.class_names, self.masks = seed, class_names, masks
         self.previous: torch.Tensor | None = None  # last explained round's per-class mean maps
 
     def explain(self, net: nn.Module, round_idx: int,
@@ -53,6 +57,10 @@ class SiteHeatmaps:
         maps = explain(net, x, method, pred)
         deletion, insertion = deletion_insertion(net, x, maps, pred, seed=self.seed)
         xai = {"xai_deletion_auc": float(deletion.mean()), "xai_insertion_auc": float(insertion.mean())}
+        if self.masks is not None:
+            table = localisation_table({"model": maps}, self.masks[idx][:, 0], seed=self.seed)
+            xai |= {f"xai_{m}": v for m, v in table["model"].items()}
+            xai |= {f"xai_centre_{m}": v for m, v in table["baseline: centre"].items()}
         means = class_mean_maps(maps, y, k)
         if self.previous is not None:
             xai["xai_round_consistency"] = map_correlation(means, self.previous)

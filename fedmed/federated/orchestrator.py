@@ -278,6 +278,11 @@ class Orchestrator:
             log.info("round %d/%d: explained at every site: deletion AUC %.3f, insertion AUC %.3f, "
                      "cross-site heatmap consistency %.3f", r, rounds, metrics["val_xai_deletion_auc"],
                      metrics["val_xai_insertion_auc"], metrics["xai_site_consistency"])
+            if "val_xai_pointing_game" in metrics:  # the sites hold evidence masks
+                log.info("round %d/%d: against the sites' lesion masks: pointing game %.3f (centre prior %.3f), "
+                         "relevance mass %.3f (centre prior %.3f)", r, rounds, metrics["val_xai_pointing_game"],
+                         metrics["val_xai_centre_pointing_game"], metrics["val_xai_relevance_mass"],
+                         metrics["val_xai_centre_relevance_mass"])
         return record, evals
 
     def state(self, r: int, global_w, best: Best | None, history: list[RoundRecord]) -> dict[str, Any]:
