@@ -87,3 +87,23 @@ def test_masks_score_the_sites_explanations_and_never_change_training(isolated, 
     site = client.search_runs([client.get_run(with_masks["run_id"]).info.experiment_id],
                               f"tags.mlflow.parentRunId = '{with_masks['run_id']}' and tags.site = 'vienna_dias'")
     assert "val_xai_relevance_mass" in site[0].data.metrics  # logged in the site's own run too
+
+
+@needs(HAM)
+def test_explain_scores_every_method_against_the_masks_beside_the_baselines(isolated, tmp_path):
+    from omegaconf import OmegaConf
+
+    from fedmed.build import build_module
+    from fedmed.tasks import explain
+
+    cfg = compose("fit", ["experiment=ham10000", f"paths.data_dir={DATA_DIR}", "data.transforms.size=16"])
+    torch.manual_seed(0)
+    path = tmp_path / "model.pt"
+    torch.save({"state_dict": build_module(cfg).net.state_dict(), "config": OmegaConf.to_container(cfg, resolve=True),
+                "class_names": list(cfg.data.source.class_names)}, path)
+    res = explain.run(compose("explain", [*isolated, "data=ham10000", f"checkpoint={path}", "n=8", "per_class=0",
+                                          "faithfulness=false", f"output_dir={tmp_path / 'xai'}"]))["methods"]
+    assert set(res) == {"gradcam", "baseline: random", "baseline: centre"}
+    for row in res.values():
+        assert all(0 <= row[k] <= 1 for k in ("pointing_game", "relevance_mass", "relevance_rank", "top_iou"))
+    assert res["baseline: centre"]["relevance_rank"] > res["baseline: random"]["relevance_rank"]  # centred lesions

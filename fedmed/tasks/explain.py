@@ -25,6 +25,8 @@ from fedmed.explain import (
     randomized_copy,
     rank_correlation,
 )
+from fedmed.explain.localisation import BASELINES, baseline_maps, localisation
+from fedmed.explain.localisation import METRICS as LOCALISATION
 from fedmed.explain.sampling import stratified_sample
 from fedmed.tracking import RunLog, Tracker, run_status
 
@@ -62,10 +64,12 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     tracker.log_params(run_id, OmegaConf.to_container(cfg, resolve=True))  # type: ignore[arg-type]
     results: dict[str, dict[str, float]] = {}
+    per_class: dict[str, dict[str, dict[str, float]]] = {}
     randomized = randomized_copy(net, cfg.seed) if cfg.faithfulness else None
     with run_status(RunLog(tracker, run_id)):
         idx = stratified_sample(ds.y, cfg.n, cfg.seed)
         x, y = ds.x[idx], ds.y[idx]
+        masks = _masks(trained, source, cfg.split, idx)  # evidence masks, where the data has them
         for method in methods:
             targets = pred_all[idx] if cfg.target == "predicted" else y
             t0 = time.perf_counter()
@@ -82,13 +86,32 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                            sanity_rank_corr=float(rho.mean()))
             if cfg.per_class:
                 _per_class(cfg, net, ds, pred_all, conf_all, names, method, tracker, run_id, out)
+            if masks is not None:
+                loc = localisation(maps, masks)
+                row.update({k: float(v.nanmean()) for k, v in loc.items()})
+                per_class[method] = {names[c]: {k: float(v[y == c].nanmean()) for k, v in loc.items()}
+                                     for c in range(len(names)) if (y == c).any()}
             results[method] = row
             key = method.replace("+", "p")  # MLflow metric names take no '+': gradcam++ -> gradcampp
             tracker.log_metrics(run_id, {f"{key}/{k}": v for k, v in row.items()}, step=0)
             log.info("%s: %s", method, ", ".join(f"{k}={v:.3f}" for k, v in row.items()))
+        if masks is not None:  # what a map earns without a model: noise, and "look at the middle"
+            for kind in BASELINES:
+                loc = localisation(baseline_maps(kind, tuple(masks.shape), cfg.seed), masks)
+                base = results[f"baseline: {kind}"] = {k: float(v.nanmean()) for k, v in loc.items()}
+                tracker.log_metrics(run_id, {f"baseline_{kind}/{k}": v for k, v in base.items()}, step=0)
+            tracker.log_dict(run_id, per_class, "localisation_per_class.json")
         tracker.log_dict(run_id, results, "faithfulness.json")
         _print_table(cfg, results, out, run_id)
     return {"run_id": run_id, "output_dir": str(out), "methods": results}
+
+
+def _masks(trained: DictConfig, source, split: str, idx: torch.Tensor) -> torch.Tensor | None:
+    """The evidence masks of the explained images (N, *spatial), through the model's preprocessing; None where
+    the data has none."""
+    if getattr(source, "mask_root", None) is None:
+        return None
+    return Pipeline.from_config(trained.data, source).masks(split, idx.numpy())[:, 0]
 
 
 def _save(tracker: Tracker, run_id: str, out: Path, name: str, fig) -> None:
@@ -119,12 +142,23 @@ def _print_table(cfg, results, out: Path, run_id: str) -> None:
     table = Table(title=f"fedmed explain: {cfg.data.name} {cfg.split}, n={cfg.n}, target={cfg.target}",
                   title_justify="left")
     cols = ["deletion_auc", "insertion_auc", "sanity_rank_corr", "maps_per_second"]
+    if any("pointing_game" in row for row in results.values()):
+        cols[3:3] = list(LOCALISATION)
     table.add_column("method", no_wrap=True)
+    short = {"deletion_auc": "del. AUC", "insertion_auc": "ins. AUC", "sanity_rank_corr": "sanity rho",
+             "pointing_game": "pointing", "relevance_mass": "rel. mass", "relevance_rank": "rel. rank",
+             "top_iou": "top IoU", "maps_per_second": "maps/s"}
     for c in cols:
-        table.add_column(c.replace("_", " "), justify="right", no_wrap=True)
+        table.add_column(short.get(c, c), justify="right", no_wrap=True)
     for m, row in results.items():
         table.add_row(m, *(f"{row[c]:.3f}" if c in row else "-" for c in cols))
     console = Console() if Console().is_terminal else Console(width=120)
     console.print(table)
     console.print("deletion AUC: lower is better; insertion AUC: higher; sanity rank corr (trained vs randomised "
-                  f"model): low means the maps depend on what the model learned.\nfigures: {out}\nMLflow run {run_id}")
+                  "model): low means the maps depend on what the model learned.")
+    if any("pointing_game" in row for row in results.values()):
+        console.print("against the expert masks: pointing game (the map's maximum inside), relevance mass (share of "
+                      "relevance inside), relevance rank (share of the top |mask| pixels inside), top IoU (top 25% of "
+                      "pixels vs the mask); higher is better. A method localises only where it beats the centre "
+                      "prior, a Gaussian at the image centre.")
+    console.print(f"figures: {out}\nMLflow run {run_id}")
