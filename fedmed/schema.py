@@ -126,7 +126,7 @@ RULES: dict[str, Rule] = {
 VERB_RULES: dict[str, dict[str, Rule]] = {
     "explain": {"checkpoint": text, "split": choice(*SPLITS), "n": integer(1),
                 "method": choice(*EXPLAIN_METHODS, "all"), "target": choice("predicted", "true"),
-                "per_class": integer(0), "faithfulness": boolean, "output_dir": text},
+                "per_class": integer(0), "faithfulness": boolean, "output_dir": text, "report": boolean},
     "audit_privacy": {"checkpoint": text, "epochs": optional(integer(1))},
     "data_check": {"manifests": boolean, "workers": integer(1)},
     "evaluate": {"checkpoint": text, "split": choice(*SPLITS, "all"), "n_boot": integer(100), "seed": integer(0),
@@ -156,7 +156,7 @@ def validate(cfg: DictConfig, verb: str = "fit", strategy: bool = True) -> None:
         if bad:
             raise FedmedError(f"splits={list(cfg.splits)}: expected a list of {', '.join(SPLITS)}")
     _check_data_dir(cfg)
-    if verb != "evaluate":  # evaluate scores sites that never trained too
+    if verb not in ("evaluate", "explain"):  # they score sites that never trained too
         _check_site(cfg)
     if strategy and cfg.get("strategy") is not None:
         check_strategy(cfg)

@@ -1,6 +1,11 @@
 """Evidence masks as data: they follow the images' geometry, score the sites' explanations during a
 federation, and never reach training or selection."""
 
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -107,3 +112,38 @@ def test_explain_scores_every_method_against_the_masks_beside_the_baselines(isol
     for row in res.values():
         assert all(0 <= row[k] <= 1 for k in ("pointing_game", "relevance_mass", "relevance_rank", "top_iou"))
     assert res["baseline: centre"]["relevance_rank"] > res["baseline: random"]["relevance_rank"]  # centred lesions
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("google-chrome")
+
+
+@needs(HAM)
+def test_a_site_report_groups_its_cases_and_says_what_the_numbers_mean(isolated, tmp_path):
+    from omegaconf import OmegaConf
+
+    from fedmed.build import build_module
+    from fedmed.tasks import explain
+
+    cfg = compose("fit", ["experiment=ham10000", f"paths.data_dir={DATA_DIR}", "data.transforms.size=16"])
+    torch.manual_seed(1)
+    path = tmp_path / "model.pt"
+    torch.save({"state_dict": build_module(cfg).net.state_dict(), "config": OmegaConf.to_container(cfg, resolve=True),
+                "class_names": list(cfg.data.source.class_names)}, path)
+    res = explain.run(compose("explain", [*isolated, "data=ham10000", f"checkpoint={path}", "site=vienna_dias",
+                                          "n=12", "per_class=0", "report=true", f"output_dir={tmp_path / 'xai'}"]))
+    page = (Path(res["output_dir"]) / "report.html").read_text()
+    assert "Site: <b>vienna_dias</b>. 12 cases" in page and "baseline: centre" in page
+    assert "the maps do not point at the lesions" in page or "the maps point at the lesions" in page
+    cases = re.findall(r"<p><b>(ISIC_\d+)</b></p><p>model says: <b>(\w+)</b> \(probability [0-9.]+\)</p>"
+                       r"<p>true class: (\w+)</p>", page)
+    assert len({name for name, _, _ in cases}) == 12  # every explained image is shown
+    for name, pred, true in set(cases):  # a right case once, under "correct"; a wrong one as missed and false alarm
+        assert sum(c[0] == name for c in cases) == (1 if pred == true else 2)
+        assert (f"<h2>{true}: correct" in page) if pred == true else \
+            (f"<h2>{true}: missed" in page and f"<h2>{pred}: false alarm" in page)
+    if CHROMIUM:  # what a reader sees: the page renders with its images
+        shot = tmp_path / "report.png"
+        subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", f"--screenshot={shot}",
+                        "--window-size=1200,1600", (Path(res["output_dir"]) / "report.html").as_uri()],
+                       capture_output=True, timeout=120)
+        assert shot.exists() and shot.stat().st_size > 50_000

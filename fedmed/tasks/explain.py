@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
@@ -14,8 +15,10 @@ from rich.console import Console
 from rich.table import Table
 
 from fedmed.build import checkpoint_net, load_model_checkpoint
+from fedmed.config import site_config
 from fedmed.data.datamodule import Pipeline
 from fedmed.errors import FedmedError
+from fedmed.evaluation.sites import SiteImages
 from fedmed.explain import (
     METHODS,
     deletion_insertion,
@@ -27,6 +30,7 @@ from fedmed.explain import (
 )
 from fedmed.explain.localisation import BASELINES, baseline_maps, localisation
 from fedmed.explain.localisation import METRICS as LOCALISATION
+from fedmed.explain.report import Case, html_report
 from fedmed.explain.sampling import stratified_sample
 from fedmed.tracking import RunLog, Tracker, run_status
 
@@ -49,13 +53,21 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     net = checkpoint_net(ckpt, str(cfg.checkpoint))
     net.eval()
     source = instantiate(cfg.data.source)  # this machine's copy, preprocessed as the model was trained
-    ds = Pipeline.from_config(trained.data, source).dataset(cfg.split)
+    site = str(cfg.site.name) if cfg.get("site") else None
+    if site is not None:  # one site's images (its own copy; under a natural partition its source's rows)
+        source = instantiate(cfg.data.source, root=site_config(cfg, site, "explain").data_root)
+        place = SiteImages(site, cfg.data, source, cfg.partition, cfg.split, "")
+        place.check()
+        rows = place.rows(cfg.split)
+    else:
+        rows = None
+    ds = Pipeline.from_config(trained.data, source).dataset(cfg.split, rows)
     names = list(ckpt.get("class_names") or source.class_names)
     pred_all, conf_all = predict(net, ds.x)
 
     parent = ckpt.get("run_id")
     run_id = tracker.start_run(
-        f"explain-{cfg.method}-{cfg.split}",
+        f"explain-{cfg.method}-{site + '-' if site else ''}{cfg.split}",
         {"role": "explain", "dataset": cfg.data.name, "method": cfg.method, "split": cfg.split,
          "checkpoint": str(cfg.checkpoint)},
         parent_id=parent,
@@ -69,7 +81,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     with run_status(RunLog(tracker, run_id)):
         idx = stratified_sample(ds.y, cfg.n, cfg.seed)
         x, y = ds.x[idx], ds.y[idx]
-        masks = _masks(trained, source, cfg.split, idx)  # evidence masks, where the data has them
+        chosen = idx.numpy() if rows is None else rows[idx.numpy()]  # rows of the split
+        masks = _masks(trained, source, cfg.split, chosen)  # evidence masks, where the data has them
         for method in methods:
             targets = pred_all[idx] if cfg.target == "predicted" else y
             t0 = time.perf_counter()
@@ -102,16 +115,64 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                 tracker.log_metrics(run_id, {f"baseline_{kind}/{k}": v for k, v in base.items()}, step=0)
             tracker.log_dict(run_id, per_class, "localisation_per_class.json")
         tracker.log_dict(run_id, results, "faithfulness.json")
+        if cfg.report:
+            path = _report(cfg, tracker, run_id, out, source, chosen, x, y, net, methods[0], names, results, masks,
+                           site, parent)
+            log.info("clinician report: %s", path)
         _print_table(cfg, results, out, run_id)
     return {"run_id": run_id, "output_dir": str(out), "methods": results}
 
 
-def _masks(trained: DictConfig, source, split: str, idx: torch.Tensor) -> torch.Tensor | None:
+def _masks(trained: DictConfig, source, split: str, rows: np.ndarray) -> torch.Tensor | None:
     """The evidence masks of the explained images (N, *spatial), through the model's preprocessing; None where
     the data has none."""
     if getattr(source, "mask_root", None) is None:
         return None
-    return Pipeline.from_config(trained.data, source).masks(split, idx.numpy())[:, 0]
+    return Pipeline.from_config(trained.data, source).masks(split, rows)[:, 0]
+
+
+def _report(cfg, tracker: Tracker, run_id: str, out: Path, source, rows: np.ndarray, x, y, net, method: str,
+            names: list[str], results: dict, masks, site: str | None, model_run: str | None) -> Path:
+    """The HTML report of the explained sample: every case at its native resolution, grouped per class, under
+    the sample's numbers; logged to this run and, where it exists, to the site's run of the model's federation."""
+    from PIL import Image
+
+    pred, conf = predict(net, x)
+    maps = explain(net, x, method, pred).numpy()
+    items = source.items(cfg.split, rows)
+    mask_items = getattr(source, "mask_items", lambda *_: None)(cfg.split, rows)
+    cases = []
+    for i, it in enumerate(items):
+        image = np.asarray(Image.open(it["path"]).convert("RGB"))
+        mask = np.asarray(Image.open(mask_items[i]["path"]).convert("L")) > 127 if mask_items else None
+        cases.append(Case(image, maps[i], mask, names[int(y[i])], names[int(pred[i])], names[int(pred[i])],
+                          float(conf[i]), Path(it["path"]).stem))
+    keep = {"pointing_game", "relevance_mass", "relevance_rank", "top_iou", "deletion_auc", "insertion_auc"}
+    numbers = {name: {k: v for k, v in row.items() if k in keep} for name, row in results.items()
+               if name == method or name.startswith("baseline")}
+    notes = ["Each heatmap shows where the model found evidence for the class it predicted (brighter: more). "
+             "The cyan line is the expert's lesion outline."]
+    if masks is not None:
+        ours, centre = results[method]["relevance_mass"], results["baseline: centre"]["relevance_mass"]
+        notes.append(f"Pointing game: share of images whose brightest point lies inside the outline. Relevance mass: "
+                     f"share of the heat inside it. A map that ignores the image and always lights up the centre "
+                     f"scores the 'baseline: centre' row; random noise scores the 'baseline: random' row. Here "
+                     f"{method} puts {ours:.0%} of its heat inside the outlines, the centre alone {centre:.0%}: "
+                     + ("the maps point at the lesions more than the centre does." if ours > centre else
+                        "the maps do not point at the lesions more than a fixed centre spot does."))
+    notes.append("Deletion AUC (lower is better) and insertion AUC (higher): how fast the model's confidence falls "
+                 "as the brightest pixels are removed, or rises as they are revealed.")
+    title = f"{method} explanations of {cfg.data.name} {cfg.split} images" + (f" at {site}" if site else "")
+    page = html_report(title, site or "all", cases, names, numbers, notes)
+    path = out / "report.html"
+    path.write_text(page)
+    tracker.log_text(run_id, page, "report.html")
+    if site and model_run:
+        runs = tracker.client.search_runs([tracker.experiment_id], f"tags.mlflow.parentRunId = '{model_run}' "
+                                                                   f"and tags.site = '{site}'")
+        if runs:
+            tracker.log_text(runs[0].info.run_id, page, f"report/{method}_{cfg.split}.html")
+    return path
 
 
 def _save(tracker: Tracker, run_id: str, out: Path, name: str, fig) -> None:
