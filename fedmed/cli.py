@@ -191,7 +191,11 @@ def _resume_hint(verb: str, exc: BaseException) -> None:
 def entry() -> None:
     """The ``fedmed`` command: :func:`main`, and an exit that a site call still running past its
     ``federation.site_timeout`` cannot turn into an abort (its torch code would be torn down mid-step)."""
-    code = main()
+    try:
+        code = main()
+    except BrokenPipeError:  # `fedmed --help | head`: the reader left; say nothing more
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(1)
     calls = sys.modules.get("fedmed.federated.calls")  # imported only where sites were called
     if calls is not None and calls.timed_out_calls():
         sys.stdout.flush()

@@ -59,8 +59,8 @@ def model_card(config: DictConfig, evaluations: Sequence[tuple[str, Scores]], *,
     lines += ["## Evaluations", "",
               f"Each value with its {level:.0%} stratified bootstrap interval "
               f"({evaluations[0][1].n_boot if evaluations else 0} resamples within each class, seed "
-              f"{evaluations[0][1].seed if evaluations else 0}). Internal: held-out test images of the sites that "
-              "trained; external: a site that never took part.", ""]
+              f"{evaluations[0][1].seed if evaluations else 0}). Internal: test images of the data the model trained "
+              "on, never used for training or selection; external: a site that never took part.", ""]
     lines += _table(["data", "kind", "images", *[LABELS[m] for m in HEADLINE]],
                     [[s.name, kind, int(s.support.sum()), *[fmt(s.summary(level)[m]) for m in HEADLINE]]
                      for kind, s in evaluations])
