@@ -94,18 +94,25 @@ def test_masks_score_the_sites_explanations_and_never_change_training(isolated, 
     assert "val_xai_relevance_mass" in site[0].data.metrics  # logged in the site's own run too
 
 
-@needs(HAM)
-def test_explain_scores_every_method_against_the_masks_beside_the_baselines(isolated, tmp_path):
+def _untrained_ham_model(folder: Path, seed: int) -> Path:
+    """A HAM10000 checkpoint (16 px, untrained): which images and masks are scored does not depend on weights."""
     from omegaconf import OmegaConf
 
     from fedmed.build import build_module
-    from fedmed.tasks import explain
 
     cfg = compose("fit", ["experiment=ham10000", f"paths.data_dir={DATA_DIR}", "data.transforms.size=16"])
-    torch.manual_seed(0)
-    path = tmp_path / "model.pt"
+    torch.manual_seed(seed)
+    path = folder / "model.pt"
     torch.save({"state_dict": build_module(cfg).net.state_dict(), "config": OmegaConf.to_container(cfg, resolve=True),
                 "class_names": list(cfg.data.source.class_names)}, path)
+    return path
+
+
+@needs(HAM)
+def test_explain_scores_every_method_against_the_masks_beside_the_baselines(isolated, tmp_path):
+    from fedmed.tasks import explain
+
+    path = _untrained_ham_model(tmp_path, seed=0)
     res = explain.run(compose("explain", [*isolated, "data=ham10000", f"checkpoint={path}", "n=8", "per_class=0",
                                           "faithfulness=false", f"output_dir={tmp_path / 'xai'}"]))["methods"]
     assert set(res) == {"gradcam", "baseline: random", "baseline: centre"}
@@ -119,16 +126,9 @@ CHROMIUM = shutil.which("chromium") or shutil.which("google-chrome")
 
 @needs(HAM)
 def test_a_site_report_groups_its_cases_and_says_what_the_numbers_mean(isolated, tmp_path):
-    from omegaconf import OmegaConf
-
-    from fedmed.build import build_module
     from fedmed.tasks import explain
 
-    cfg = compose("fit", ["experiment=ham10000", f"paths.data_dir={DATA_DIR}", "data.transforms.size=16"])
-    torch.manual_seed(1)
-    path = tmp_path / "model.pt"
-    torch.save({"state_dict": build_module(cfg).net.state_dict(), "config": OmegaConf.to_container(cfg, resolve=True),
-                "class_names": list(cfg.data.source.class_names)}, path)
+    path = _untrained_ham_model(tmp_path, seed=1)
     res = explain.run(compose("explain", [*isolated, "data=ham10000", f"checkpoint={path}", "site=vienna_dias",
                                           "n=12", "per_class=0", "report=true", f"output_dir={tmp_path / 'xai'}"]))
     page = (Path(res["output_dir"]) / "report.html").read_text()

@@ -111,13 +111,7 @@ def _name(d: dict) -> str:
 def deterministic_transforms(pre: Preprocessing, spatial_dims: int) -> Compose:
     """The cached part of preprocessing for ``spatial_dims``-D model inputs."""
     k = ["image"]
-    steps: list = [ToChannelsd(k, pre.channels)]
-    if pre.orientation:
-        steps.append(Orientationd(k, axcodes=pre.orientation, labels=(("L", "R"), ("P", "A"), ("I", "S"))))
-    if pre.slice_axis is not None:
-        steps.append(Sliced(k, pre.slice_axis, pre.slice_index))
-    if pre.size:
-        steps.append(Resized(k, spatial_size=(int(pre.size),) * spatial_dims, mode="area"))
+    steps: list = [ToChannelsd(k, pre.channels), *_spatial_steps(pre, spatial_dims)]
     if pre.intensity == "uint8":
         steps.append(ScaleIntensityRanged(k, a_min=0.0, a_max=255.0, b_min=0.0, b_max=1.0, clip=True))
     elif pre.intensity == "minmax":
@@ -142,15 +136,22 @@ def mask_transforms(pre: Preprocessing, spatial_dims: int) -> Compose:
     """The spatial steps of :func:`deterministic_transforms` for a binary mask (read as greyscale): the same
     orientation, slice and resize (area, as the image), then thresholded at half; no intensity step."""
     k = ["image"]
-    steps: list = [ToChannelsd(k, 1)]
+    steps = [ToChannelsd(k, 1), *_spatial_steps(pre, spatial_dims),
+             EnsureTyped(k, data_type="tensor", dtype=torch.float32, track_meta=False)]
+    return Compose(steps)
+
+
+def _spatial_steps(pre: Preprocessing, spatial_dims: int) -> list:
+    """Orientation, slice and resize: the steps an image and its mask share."""
+    k = ["image"]
+    steps: list = []
     if pre.orientation:
         steps.append(Orientationd(k, axcodes=pre.orientation, labels=(("L", "R"), ("P", "A"), ("I", "S"))))
     if pre.slice_axis is not None:
         steps.append(Sliced(k, pre.slice_axis, pre.slice_index))
     if pre.size:
         steps.append(Resized(k, spatial_size=(int(pre.size),) * spatial_dims, mode="area"))
-    steps.append(EnsureTyped(k, data_type="tensor", dtype=torch.float32, track_meta=False))
-    return Compose(steps)
+    return steps
 
 
 class BatchRandAffine:
