@@ -91,8 +91,9 @@ def _where(cfg: DictConfig, trained: DictConfig, source) -> list[SiteImages]:
         own = instantiate(cfg.data.source, root=site.data_root)
         used = trained_on(trained, name, cfg.data.name)
         if used and cfg.split != "test":
-            raise FedmedError(f"site={name}: the model trained on this site's {cfg.split if cfg.split != 'all' else ''}"
-                              f"images; score its test images (split=test)".replace("  ", " "))
+            what = "images" if cfg.split == "all" else f"{cfg.split} images"
+            raise FedmedError(f"site={name}: the model trained on this site's {what}; score its test images "
+                              "(split=test)")
         out.append(SiteImages(name, cfg.data, own, cfg.partition, cfg.split, "internal" if used else "external"))
         out[-1].check()
     return out
