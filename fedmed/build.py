@@ -136,9 +136,7 @@ def site_data(cfg: DictConfig, manifest: Manifest, site_cfg: DictConfig) -> Site
     partitions) the test images of its own source."""
     own = instantiate(cfg.data.source, root=site_cfg.data_root)
     pipeline = Pipeline.from_config(cfg.data, own)
-    data = pipeline.site(manifest)
-    if getattr(own, "mask_root", None) is not None:  # evidence masks: scored against explanations only
-        data.val_masks = pipeline.masks("val", pipeline.check_manifest(manifest)["validation"])
+    data = pipeline.site(manifest, masks=True)  # evidence masks: scored against explanations only
     if cfg.partition.get("method") == "natural":
         rows = SiteImages(str(site_cfg.name), cfg.data, own, cfg.partition, "test", "internal").rows("test")
         if rows is not None and len(rows):

@@ -145,10 +145,18 @@ class Pipeline:
         augment, batch = augmentation_transforms(self.pre.augment, self.spatial_dims) if train else (None, None)
         return AugmentedDataset(base, augment, batch) if augment is not None or batch is not None else base
 
-    def site(self, manifest: Manifest) -> SiteData:
-        """The train/val data of a site, checked against the source (see :meth:`check_manifest`)."""
+    def site(self, manifest: Manifest, masks: bool = False) -> SiteData:
+        """The train/val data of a site, checked against the source (see :meth:`check_manifest`); with
+        ``masks``, also the evidence masks of its validation images where the source has them."""
         rows = self.check_manifest(manifest)
-        return SiteData(self.dataset("train", rows["training"], train=True), self.dataset("val", rows["validation"]))
+        val_masks = self.masks("val", rows["validation"]) if masks and self.has_masks else None
+        return SiteData(self.dataset("train", rows["training"], train=True), self.dataset("val", rows["validation"]),
+                        val_masks=val_masks)
+
+    @property
+    def has_masks(self) -> bool:
+        """Whether the source carries evidence masks (``data.source.mask_root``)."""
+        return getattr(self.source, "mask_root", None) is not None
 
     def pooled(self) -> SiteData:
         """The whole train and val splits (centralized baseline)."""

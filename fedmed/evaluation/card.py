@@ -9,6 +9,7 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from fedmed.evaluation.scores import HEADLINE, LABELS, Scores, fmt
+from fedmed.models.metrics import class_keys
 
 
 def _row(cells: Sequence[Any]) -> str:
@@ -61,15 +62,16 @@ def model_card(config: DictConfig, evaluations: Sequence[tuple[str, Scores]], *,
               f"({evaluations[0][1].n_boot if evaluations else 0} resamples within each class, seed "
               f"{evaluations[0][1].seed if evaluations else 0}). Internal: test images of the data the model trained "
               "on, never used for training or selection; external: a site that never took part.", ""]
+    summaries = [s.summary(level) for _, s in evaluations]  # each computed once
     lines += _table(["data", "kind", "images", *[LABELS[m] for m in HEADLINE]],
-                    [[s.name, kind, int(s.support.sum()), *[fmt(s.summary(level)[m]) for m in HEADLINE]]
-                     for kind, s in evaluations])
+                    [[s.name, kind, int(s.support.sum()), *[fmt(summary[m]) for m in HEADLINE]]
+                     for (kind, s), summary in zip(evaluations, summaries, strict=True)])
     lines += ["", "Images per class:", ""]
     lines += _table(["data", *classes], [[s.name, *map(int, s.support)] for _, s in evaluations])
     lines += ["", "## Known failure modes", ""]
-    for kind, s in evaluations:
-        summary = s.summary(level)
-        recalls = {c: (summary[f"recall_{k}"], int(n)) for c, k, n in zip(classes, _keys(s), s.support, strict=True)
+    for (kind, s), summary in zip(evaluations, summaries, strict=True):
+        keys = class_keys(s.class_names)
+        recalls = {c: (summary[f"recall_{k}"], int(n)) for c, k, n in zip(classes, keys, s.support, strict=True)
                    if np.isfinite(summary[f"recall_{k}"]["value"])}
         worst = min(recalls, key=lambda c: recalls[c][0]["value"]) if recalls else None
         if worst is not None:
@@ -77,15 +79,10 @@ def model_card(config: DictConfig, evaluations: Sequence[tuple[str, Scores]], *,
                          f"({recalls[worst][1]} image{'s' if recalls[worst][1] != 1 else ''}); "
                          f"calibration error {fmt(summary['ece'])}.")
     if len(evaluations) > 1:
-        worst_site = min(evaluations, key=lambda e: e[1].summary(level)["balanced_acc"]["value"])[1]
-        lines.append(f"- Worst data set by balanced accuracy: **{worst_site.name}** "
-                     f"({fmt(worst_site.summary(level)['balanced_acc'])}).")
+        at = min(range(len(evaluations)), key=lambda i: summaries[i]["balanced_acc"]["value"])
+        lines.append(f"- Worst data set by balanced accuracy: **{evaluations[at][1].name}** "
+                     f"({fmt(summaries[at]['balanced_acc'])}).")
     lines += ["", "## Reproduce", "", f"```\n{command}\n```" if command else
               "The full config is `config.yaml` in the model's MLflow run.", ""]
     return "\n".join(lines)
 
-
-def _keys(s: Scores) -> list[str]:
-    from fedmed.models.metrics import class_keys
-
-    return class_keys(s.class_names)

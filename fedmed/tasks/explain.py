@@ -88,6 +88,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             t0 = time.perf_counter()
             maps = explain(net, x, method, targets)
             row = {"maps_per_second": len(x) / (time.perf_counter() - t0)}
+            if method == methods[0]:
+                shown = maps  # the report's maps
             title = f"{method} on {cfg.data.name} {cfg.split} (target: {cfg.target} class)"
             _save(tracker, run_id, out, f"{method}_{cfg.split}.png",
                   heatmap_grid(x, maps, y, pred_all[idx], conf_all[idx], names, title))
@@ -116,8 +118,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             tracker.log_dict(run_id, per_class, "localisation_per_class.json")
         tracker.log_dict(run_id, results, "faithfulness.json")
         if cfg.report:
-            path = _report(cfg, tracker, run_id, out, source, chosen, x, y, net, methods[0], names, results, masks,
-                           site, parent)
+            path = _report(cfg, tracker, run_id, out, source, chosen, shown, y, pred_all[idx], conf_all[idx], targets,
+                           methods[0], names, results, masks, site, parent)
             log.info("clinician report: %s", path)
         _print_table(cfg, results, out, run_id)
     return {"run_id": run_id, "output_dir": str(out), "methods": results}
@@ -126,31 +128,31 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 def _masks(trained: DictConfig, source, split: str, rows: np.ndarray) -> torch.Tensor | None:
     """The evidence masks of the explained images (N, *spatial), through the model's preprocessing; None where
     the data has none."""
-    if getattr(source, "mask_root", None) is None:
-        return None
-    return Pipeline.from_config(trained.data, source).masks(split, rows)[:, 0]
+    pipeline = Pipeline.from_config(trained.data, source)
+    return pipeline.masks(split, rows)[:, 0] if pipeline.has_masks else None
 
 
-def _report(cfg, tracker: Tracker, run_id: str, out: Path, source, rows: np.ndarray, x, y, net, method: str,
-            names: list[str], results: dict, masks, site: str | None, model_run: str | None) -> Path:
-    """The HTML report of the explained sample: every case at its native resolution, grouped per class, under
-    the sample's numbers; logged to this run and, where it exists, to the site's run of the model's federation."""
+def _report(cfg, tracker: Tracker, run_id: str, out: Path, source, rows: np.ndarray, maps: torch.Tensor, y, pred,
+            conf, targets, method: str, names: list[str], results: dict, masks, site: str | None,
+            model_run: str | None) -> Path:
+    """The HTML report of the explained sample (``maps`` of ``method`` for the classes ``targets``): every case at
+    its native resolution, grouped per class, under the sample's numbers; logged to this run and, where it
+    exists, to the site's run of the model's federation."""
     from PIL import Image
 
-    pred, conf = predict(net, x)
-    maps = explain(net, x, method, pred).numpy()
     items = source.items(cfg.split, rows)
     mask_items = getattr(source, "mask_items", lambda *_: None)(cfg.split, rows)
     cases = []
     for i, it in enumerate(items):
         image = np.asarray(Image.open(it["path"]).convert("RGB"))
         mask = np.asarray(Image.open(mask_items[i]["path"]).convert("L")) > 127 if mask_items else None
-        cases.append(Case(image, maps[i], mask, names[int(y[i])], names[int(pred[i])], names[int(pred[i])],
-                          float(conf[i]), Path(it["path"]).stem))
+        cases.append(Case(image, maps[i].numpy(), mask, names[int(y[i])], names[int(pred[i])],
+                          names[int(targets[i])], float(conf[i]), Path(it["path"]).stem))
     keep = {"pointing_game", "relevance_mass", "relevance_rank", "top_iou", "deletion_auc", "insertion_auc"}
     numbers = {name: {k: v for k, v in row.items() if k in keep} for name, row in results.items()
                if name == method or name.startswith("baseline")}
-    notes = ["Each heatmap shows where the model found evidence for the class it predicted (brighter: more). "
+    explained = "the class it predicted" if cfg.target == "predicted" else "the true class"
+    notes = [f"Each heatmap shows where the model found evidence for {explained} (brighter: more). "
              "The cyan line is the expert's lesion outline."]
     if masks is not None:
         ours, centre = results[method]["relevance_mass"], results["baseline: centre"]["relevance_mass"]
