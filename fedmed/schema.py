@@ -101,6 +101,7 @@ RULES: dict[str, Rule] = {
     "data.transforms.size": optional(integer(1)), "data.transforms.channels": choice(1, 3),
     "data.transforms.intensity": choice("uint8", "minmax", "percentile", "none"),
     "data.transforms.zscore": boolean,
+    "data.transforms.colour": optional(choice("shades_of_gray")), "data.transforms.colour_power": number(1),
     "data.transforms.augment.flip_prob": PROB, "data.transforms.augment.affine_prob": PROB,
     "data.transforms.augment.rotate_degrees": number(0, 180),
     "data.transforms.augment.zoom": number(0, 1, hi_open=True),

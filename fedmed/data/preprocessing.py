@@ -14,6 +14,7 @@ from fedmed.errors import FedmedError
 INTENSITY = ("uint8", "minmax", "percentile", "none")
 DENOISE = (None, "gaussian", "median")
 CONTRAST = (None, "histeq", "gamma")
+COLOUR = (None, "shades_of_gray")
 
 
 @dataclass
@@ -70,6 +71,12 @@ class Preprocessing:
         denoise_radius: median filter radius in pixels.
         contrast: None, ``histeq`` (histogram equalisation) or ``gamma``.
         gamma: for ``contrast="gamma"``; < 1 brightens dark tissue.
+        colour: None, or ``shades_of_gray``: colour constancy (Finlayson and Trezzi, 2004), each RGB
+            image divided by its illuminant, the Minkowski ``colour_power``-mean of each channel, so a
+            grey surface looks grey whatever the camera and light; against the colour cast that
+            differs between acquisition sites. RGB only (``channels: 3``).
+        colour_power: the Minkowski norm of ``shades_of_gray`` (1: grey world; large: max-RGB); 6 is
+            the usual choice for dermoscopy.
         augment: the random training-time augmentation.
     """
 
@@ -85,6 +92,8 @@ class Preprocessing:
     denoise_radius: int = 1
     contrast: str | None = None
     gamma: float = 1.0
+    colour: str | None = None
+    colour_power: float = 6.0
     augment: Augmentation = field(default_factory=Augmentation)
 
     @classmethod
@@ -95,11 +104,16 @@ class Preprocessing:
         _check_keys(aug, Augmentation, f"{where}.augment")
         pre = cls(**raw, augment=Augmentation(**aug))
         for key, value, allowed in (("intensity", pre.intensity, INTENSITY), ("denoise", pre.denoise, DENOISE),
-                                    ("contrast", pre.contrast, CONTRAST)):
+                                    ("contrast", pre.contrast, CONTRAST), ("colour", pre.colour, COLOUR)):
             if value not in allowed:
                 raise FedmedError(f"{where}.{key}={value!r} is not one of {allowed}")
         if pre.channels not in (1, 3):
             raise FedmedError(f"{where}.channels={pre.channels} must be 1 or 3")
+        if pre.colour is not None and pre.channels != 3:
+            raise FedmedError(f"{where}.colour={pre.colour} needs RGB images ({where}.channels=3, "
+                              f"not {pre.channels})")
+        if not pre.colour_power >= 1:
+            raise FedmedError(f"{where}.colour_power={pre.colour_power} must be at least 1")
         return pre
 
 

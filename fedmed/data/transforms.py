@@ -4,7 +4,8 @@ read into :class:`~fedmed.data.preprocessing.Preprocessing`).
 Two chains act on ``{"image": ..., "label": ...}`` items:
 
 - :func:`deterministic_transforms`: load (done by the source), channel conversion, optional NIfTI
-  orientation / 2D slice, resize, intensity scaling, denoising, contrast enhancement, z-score.
+  orientation / 2D slice, resize, intensity scaling, denoising, contrast enhancement, colour
+  constancy, z-score.
   Computed once per sample and cached (see :mod:`fedmed.data.datamodule`).
 - :func:`augmentation_transforms`: random flips, rotation, zoom, brightness/contrast jitter and
   coarse dropout ("cutout"), applied to training samples only, on the cached tensors (rotation and
@@ -73,6 +74,39 @@ class ToChannelsd(MapTransform):
         return d
 
 
+class ShadesOfGrayd(MapTransform):
+    """Colour constancy by Shades of Gray (Finlayson and Trezzi, 2004) on channel-first RGB in [0, 1].
+
+    The illuminant is the Minkowski ``power``-mean of each channel, ``e_c = mean(x_c ** p) ** (1/p)``;
+    each channel is divided by ``sqrt(3) * e_c / |e|`` (a grey illuminant leaves the image as it is)
+    and clipped to [0, 1].
+
+    Args:
+        keys: the item keys to correct.
+        power: the Minkowski norm p (1: grey world; large: max-RGB).
+    """
+
+    def __init__(self, keys, power: float = 6.0):
+        super().__init__(keys)
+        self.power = float(power)
+
+    def __call__(self, data):
+        d = dict(data)
+        for key in self.key_iterator(d):
+            x = torch.as_tensor(d[key], dtype=torch.float32)
+            if x.shape[0] != 3:
+                raise FedmedError(f"{_name(d)} has {x.shape[0]} channels; shades_of_gray needs RGB")
+            flat = x.reshape(3, -1).double()
+            illuminant = flat.pow(self.power).mean(1).pow(1.0 / self.power)
+            norm = illuminant.norm()
+            if not norm > 0:  # an all-black image: nothing to correct
+                d[key] = x
+                continue
+            gain = (norm / (math.sqrt(3.0) * illuminant.clamp_min(1e-6))).float()
+            d[key] = (x * gain.view(3, *([1] * (x.ndim - 1)))).clamp(0.0, 1.0)
+        return d
+
+
 class Sliced(MapTransform):
     """Take one 2D slice of a channel-first 3D volume: ``(C, X, Y, Z)`` -> ``(C, ., .)``.
 
@@ -126,6 +160,8 @@ def deterministic_transforms(pre: Preprocessing, spatial_dims: int) -> Compose:
         steps.append(HistogramNormalized(k, num_bins=256, min=0, max=1))
     elif pre.contrast == "gamma":
         steps.append(AdjustContrastd(k, gamma=pre.gamma))
+    if pre.colour == "shades_of_gray":
+        steps.append(ShadesOfGrayd(k, power=pre.colour_power))
     if pre.zscore:
         steps.append(NormalizeIntensityd(k, channel_wise=True))
     steps.append(EnsureTyped(k, data_type="tensor", dtype=torch.float32, track_meta=False))
