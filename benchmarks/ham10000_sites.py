@@ -115,6 +115,19 @@ def metric_history(cfg, run_id: str, key: str) -> list[tuple[int, float]]:
     return [(m.step, m.value) for m in MlflowClient(cfg.logger.tracking_uri).get_metric_history(run_id, key)]
 
 
+def validation_score(cfg, row: dict) -> float:
+    """The validation balanced accuracy of the model a run selected (federated: the sites' validation images
+    taken together, after head calibration where it ran): what a lever is chosen by, never the test split."""
+    selected = row["selected"]
+    if row["label"] == "centralized" or row["label"].startswith("local:"):
+        epoch = int(selected.split()[1].split("/")[0])
+        return dict(metric_history(cfg, row["run_id"], "val_balanced_acc"))[epoch]
+    if "head calibrated" in selected:
+        return metric_history(cfg, row["run_id"], "calibrated_val_pooled_balanced_acc")[-1][1]
+    rnd = int(selected.split()[1].split("/")[0].rstrip(","))
+    return dict(metric_history(cfg, row["run_id"], "val_pooled_balanced_acc"))[rnd]
+
+
 def table(rows: dict[str, list[dict]], sites: list[str]) -> str:
     head = ["run", "test bal. ACC", "test macro-F1", "test AUROC", *[f"bal. ACC @ {s}" for s in sites], "time (s)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -214,6 +227,7 @@ def main() -> None:
                    "seconds": wall, "train_seconds": res["seconds"], "overrides": overrides,
                    "test": res["test"], "test_sites": per_site, "val": res["sites"],
                    "xai_site_consistency": xai}
+            row["val_balanced_acc"] = validation_score(cfg, row)
             if label == "finetune":
                 row["personalized_sites"] = personalized(cfg, res["run_id"], tests)  # type: ignore[arg-type]
             done.append(row)
@@ -221,6 +235,11 @@ def main() -> None:
             print(f"{label} seed {seed}: selected {res['selected']}, pooled test bal. ACC "
                   f"{per_site['pooled']['balanced_acc']:.3f} (fit says {res['test']['balanced_acc']:.3f}), "
                   f"{wall:.0f}s", flush=True)
+    missing = [d for d in done if "val_balanced_acc" not in d]
+    for d in missing:  # rows written before the validation score was recorded
+        d["val_balanced_acc"] = validation_score(compose("fit", d["overrides"]), d)
+    if missing:
+        save_json(args.name, done)
     rows: dict[str, list[dict]] = {}
     for d in done:
         rows.setdefault(d["label"], []).append(d)

@@ -29,6 +29,7 @@ from fedmed.federated.heatmaps import ExplainSettings, SiteHeatmaps
 from fedmed.federated.messages import RoundRecord
 from fedmed.federated.orchestrator import FederationSettings
 from fedmed.federated.site import SiteClient
+from fedmed.federated.statistics import CLASS_FEATURES, LABEL_COUNTS, HeadCalibration
 from fedmed.federated.strategies.base import Strategy
 from fedmed.federated.training import TrainingSettings
 from fedmed.models.classifier import Classifier
@@ -102,6 +103,13 @@ def check_settings(cfg: DictConfig, mode: str) -> Strategy | None:
     if secure and mode != "federated":
         raise FedmedError("privacy.secure_aggregation applies to federations, not to local or centralized runs")
     attackers(cfg)
+    shared = [key for key, on in (("model.logit_prior=federation", label_prior(cfg) == "federation"),
+                                  ("federation.calibrate_head=true", bool(cfg.federation.get("calibrate_head"))))
+              if on]
+    if shared and (secure or dp_config(cfg) is not None):
+        raise FedmedError(f"{shared[0]} with {'privacy.secure_aggregation' if secure else 'DP-SGD'}: the sites would "
+                          "send their class statistics in the clear, outside "
+                          f"{'the masked sum' if secure else 'the privacy budget'}; choose one")
     if mode != "federated":
         return None
     strategy = build_strategy(cfg)
@@ -166,13 +174,39 @@ def load_sites(cfg: DictConfig, source, sites: list[str]) -> tuple[dict[str, Man
     return {s: manifests[s] for s in sites}, data
 
 
+def label_prior(cfg: DictConfig) -> str:
+    """``model.logit_prior`` where the loss is logit-adjusted (``site`` otherwise: no prior is used)."""
+    return str(cfg.model.get("logit_prior", "site")) if cfg.model.get("logit_adjust", 0.0) else "site"
+
+
+def shares(cfg: DictConfig, federated: bool) -> frozenset[str]:
+    """What a site of this config tells the server beyond its updates (:mod:`fedmed.federated.statistics`)."""
+    if not federated:
+        return frozenset()
+    out = {LABEL_COUNTS} if label_prior(cfg) == "federation" else set()
+    if cfg.federation.get("calibrate_head"):
+        out |= {LABEL_COUNTS, CLASS_FEATURES}
+    return frozenset(out)
+
+
 def training_settings(cfg: DictConfig, federated: bool) -> TrainingSettings:
     """How every site trains; ``federated`` adds the fine-tuning epochs to the planned ones."""
     fed = cfg.federation
     planned = fed.rounds * fed.local_epochs + (fed.finetune_epochs if federated else 0)
     return TrainingSettings(batch_size=cfg.data.batch_size,
                             trainer=OmegaConf.to_container(cfg.trainer, resolve=True),  # type: ignore[arg-type]
-                            seed=cfg.seed, planned_epochs=planned, privacy=dp_config(cfg))
+                            seed=cfg.seed, planned_epochs=planned, privacy=dp_config(cfg),
+                            shares=shares(cfg, federated),
+                            label_prior=label_prior(cfg) if federated else "site")
+
+
+def head_calibration(cfg: DictConfig) -> HeadCalibration | None:
+    """``federation.calibrate_head``: how the server re-fits the classifier layer (None: off)."""
+    fed = cfg.federation
+    if not fed.get("calibrate_head"):
+        return None
+    return HeadCalibration(samples=int(fed.calibrate_samples), epochs=int(fed.calibrate_epochs),
+                           lr=float(fed.calibrate_lr), seed=int(cfg.seed))
 
 
 def site_client(cfg: DictConfig, name: str, index: int, data: SiteData, run: RunLog | None = None,
@@ -211,7 +245,8 @@ def federation_settings(cfg: DictConfig) -> FederationSettings:
             rounds=fed.rounds, local_epochs=fed.local_epochs, fraction=fed.fraction, min_sites=fed.min_sites,
             seed=cfg.seed, select=fed.select, explain_rounds=frozenset(explain_rounds(fed.rounds,
                                                                                        cfg.explain.every_n_rounds)),
-            site_timeout=fed.site_timeout, secure_aggregation=bool(cfg.privacy.secure_aggregation))
+            site_timeout=fed.site_timeout, secure_aggregation=bool(cfg.privacy.secure_aggregation),
+            label_prior=label_prior(cfg) == "federation", num_classes=int(cfg.data.num_classes))
     except ValueError as exc:
         raise FedmedError(str(exc)) from None
 

@@ -6,6 +6,6 @@ CAM_METHODS = ("gradcam", "gradcam++", "hirescam", "xgradcam", "layercam", "eige
 ATTRIBUTION_METHODS = ("saliency", "inputxgradient", "integratedgradients", "gradientshap")
 EXPLAIN_METHODS = CAM_METHODS + ATTRIBUTION_METHODS
 CODECS = ("none", "fp16", "int8", "topk")
-SELECTIONS = ("best_val_loss", "best_val_balanced_acc", "last")
+SELECTIONS = ("best_val_loss", "best_val_balanced_acc", "best_val_site_balanced_acc", "last")
 #: data sources that read a folder of their own (it must exist; MedMNIST downloads where there is network)
 FOLDER_SOURCES = ("ImageFolderSource", "TableSource", "NpzSource")

@@ -15,7 +15,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from fedmed.build import dp_config
+from fedmed.build import dp_config, label_prior
 from fedmed.privacy.dp import describe
 
 PREFIX = "contract."  # the terms travel in the hello as contract.<key>
@@ -40,6 +40,8 @@ def terms(cfg: DictConfig, weights: Mapping[str, Any]) -> dict[str, str]:
         "partition": _plain(cfg.partition),
         "privacy.dp": describe(dp_config(cfg)),
         "federation.plan": f"rounds={fed.rounds} local_epochs={fed.local_epochs} finetune_epochs={fed.finetune_epochs}",
+        "model.loss": f"logit_adjust={cfg.model.get('logit_adjust', 0.0)} logit_prior={label_prior(cfg)}",
+        "federation.calibrate_head": str(bool(fed.get("calibrate_head"))),
         "strategy": _plain(cfg.strategy),
         "privacy.secure_aggregation": str(bool(cfg.privacy.secure_aggregation)),
         "federation.compression": f"{fed.compression} topk_fraction={fed.topk_fraction} "

@@ -117,8 +117,16 @@ def federate(cfg: DictConfig, strategy: Strategy, sites: Sequence[SiteTransport]
                                  "config": OmegaConf.to_container(cfg, resolve=True)})
     result = orchestrator.run(initial, resume)
     rows = [("global model", s, "val", e) for s, e in result.site_eval.items()]
+    chosen = f"round {result.round}/{fed.rounds}"
+    calibration = build.head_calibration(cfg)
+    if calibration is not None:
+        calibrated = orchestrator.calibrate_head(result.weights, calibration, build.build_module(cfg).net)
+        if calibrated is not None:
+            result.weights = calibrated[0]
+            chosen += ", head calibrated"
+            rows += [("head calibrated", s, "val", e) for s, e in calibrated[1].items()]
     if fed.finetune_epochs > 0:  # personalisation: each site fine-tunes the selected model on its own data
-        instructions = {**strategy.configure_fit(result.weights), "trained_epochs": result.round * fed.local_epochs}
+        instructions = {**orchestrator.instructions(result.weights), "trained_epochs": result.round * fed.local_epochs}
         for site in sites:
             ev = site.finetune(result.weights, fed.rounds + 1, fed.finetune_epochs, instructions)
             rows.append((f"fine-tuned {fed.finetune_epochs} ep", site.name, "val", ev))
@@ -130,7 +138,7 @@ def federate(cfg: DictConfig, strategy: Strategy, sites: Sequence[SiteTransport]
     comm = (f"bytes sent per round: {fmt_bytes(last.bytes_down)} down + {fmt_bytes(last.bytes_up)} up "
             f"({len(last.sites)} sites{remote}{codec}; model {fmt_bytes(last.bytes_down / max(len(last.sites), 1))} "
             "raw); raw images sent: 0")
-    trained = Trained("federated", [s.name for s in sites], result.weights, f"round {result.round}/{fed.rounds}",
+    trained = Trained("federated", [s.name for s in sites], result.weights, chosen,
                       seconds, rows, comm, list(members), result.round * fed.local_epochs, result.history,
                       build.dp_records_from_history(result.history), n_train, scores)
     test, record = finish(cfg, pipeline, trained, tracker, run_id)

@@ -42,10 +42,13 @@ class EpochProgress(L.Callback):
 
 class BestOnValidation(L.Callback):
     """Keeps (in memory) the weights of the epoch with the lowest validation loss, or with the
-    highest validation balanced accuracy (``select="best_val_balanced_acc"``)."""
+    highest validation balanced accuracy (``select="best_val_balanced_acc"``, and
+    ``best_val_site_balanced_acc``: with one site's data it is the same)."""
 
     def __init__(self, select: str = "best_val_loss") -> None:
-        self.key, self.sign = ("val_balanced_acc", -1.0) if select == "best_val_balanced_acc" else ("val_loss", 1.0)
+        # one site's data: the mean of the sites' balanced accuracies is its own
+        by_acc = select in ("best_val_balanced_acc", "best_val_site_balanced_acc")
+        self.key, self.sign = ("val_balanced_acc", -1.0) if by_acc else ("val_loss", 1.0)
         self.best_loss, self.best_epoch = float("inf"), 0
         self.best_state: dict[str, torch.Tensor] | None = None
 

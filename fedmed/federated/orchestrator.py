@@ -22,6 +22,7 @@ from fedmed.federated.calls import SiteTimeout, call_with_timeout, concurrently
 from fedmed.federated.checkpoint import CHECKPOINT, save_checkpoint
 from fedmed.federated.messages import EvalResult, FitResult, RoundRecord, clone_state
 from fedmed.federated.secure_round import collect_keys, unmask
+from fedmed.federated.statistics import HeadCalibration, check_statistics, last_linear, summed
 from fedmed.federated.strategies.base import Strategy
 from fedmed.federated.transport import SiteTransport
 from fedmed.federated.updates import check_masked, check_update, receive
@@ -46,10 +47,24 @@ def pooled_balanced_acc(results: Sequence[EvalResult]) -> float:
     return balanced_accuracy(torch.stack([m.to(torch.float64) for m in mats if m is not None]).sum(0))
 
 
+def site_mean_balanced_acc(results: Sequence[EvalResult]) -> float:
+    """Mean over the sites of each site's own validation balanced accuracy (sites without a confusion
+    matrix or without labelled images left out; NaN if none is left): every site counts the same,
+    whatever its size."""
+    values = [balanced_accuracy(r.confmat.to(torch.float64)) for r in results if r.confmat is not None]
+    values = [v for v in values if not math.isnan(v)]
+    return sum(values) / len(values) if values else float("nan")
+
+
+SELECTION_METRIC = {"best_val_balanced_acc": "val_pooled_balanced_acc",
+                    "best_val_site_balanced_acc": "val_site_balanced_acc"}
+
+
 def selection_score(select: str, metrics: Mapping[str, float]) -> float:
-    """Lower is better: the validation loss, or minus the pooled validation balanced accuracy."""
-    if select == "best_val_balanced_acc":
-        value = metrics["val_pooled_balanced_acc"]
+    """Lower is better: the validation loss, or minus the validation balanced accuracy (the sites' pooled,
+    or the mean of the sites' own)."""
+    if select in SELECTION_METRIC:
+        value = metrics[SELECTION_METRIC[select]]
         return float("inf") if math.isnan(value) else -value
     return metrics["val_loss"]
 
@@ -67,11 +82,15 @@ class FederationSettings:
         select: ``best_val_loss`` keeps the global model with the lowest sample-weighted site
             validation loss (federated evaluation; the test split is never used),
             ``best_val_balanced_acc`` the one with the highest balanced accuracy on the sites'
-            validation data taken together, ``last`` the final one.
+            validation data taken together, ``best_val_site_balanced_acc`` the one with the highest
+            mean of the sites' own validation balanced accuracies, ``last`` the final one.
         explain_rounds: rounds at which sites also explain the new global model (numbers come back).
         site_timeout: seconds a site may take to train (None: no limit).
         secure_aggregation: sites send masked contributions; the server only learns their sum
             (:mod:`fedmed.privacy.secagg`). Needs a strategy whose aggregate is ``summable``.
+        label_prior: before the first round every site sends its training images per class; their sum
+            goes to every site with every round (``model.logit_prior=federation``).
+        num_classes: the model's classes (checks what the sites send).
     """
 
     rounds: int
@@ -83,12 +102,16 @@ class FederationSettings:
     explain_rounds: frozenset[int] = frozenset()
     site_timeout: float | None = None
     secure_aggregation: bool = False
+    label_prior: bool = False
+    num_classes: int | None = None
 
     def __post_init__(self) -> None:
         if self.rounds < 1 or self.local_epochs < 1:
             raise ValueError(f"rounds and local_epochs must be >= 1, got {self.rounds}, {self.local_epochs}")
         if not 0 < self.fraction <= 1:
             raise ValueError(f"federation.fraction must be in (0, 1], got {self.fraction}")
+        if self.label_prior and self.num_classes is None:
+            raise ValueError("label_prior needs num_classes")
         if self.select not in SELECTIONS:
             raise ValueError(f"federation.select must be one of {SELECTIONS}, got {self.select!r}")
 
@@ -167,6 +190,7 @@ class Orchestrator:
         self.checkpoint = Path(checkpoint_dir) / CHECKPOINT if checkpoint_dir else None
         self.extra_state = dict(extra_state or {})
         self._stray: dict[str, threading.Thread] = {}  # sites still running a timed-out round
+        self.label_counts: list[int] | None = None  # label_prior: the federation's training images per class
 
     def sample(self, round_idx: int) -> list[SiteTransport]:
         s = self.settings
@@ -185,9 +209,73 @@ class Orchestrator:
         t = self._stray.get(name)
         return t is not None and t.is_alive()
 
+    def gather_label_counts(self) -> list[int]:
+        """Every site's training images per class, checked, summed (``label_prior``); a site that cannot
+        answer stops the federation before any training (the prior would not be the federation's)."""
+        k = self.settings.num_classes
+        assert k is not None
+        got: list[dict[str, Any]] = []
+        for site, (stats, exc) in zip(self.sites, concurrently(lambda c: c.statistics(None, False), self.sites),
+                                      strict=True):
+            declared = getattr(site, "info", {}).get("num_train")
+            problem = (f"{type(exc).__name__}: {exc}" if exc is not None else
+                       check_statistics(stats, k, False, max_count=int(declared) if declared is not None else None))
+            if problem:
+                raise FederationError(f"site {site.name} could not send its label counts for the federation's "
+                                      f"label prior (model.logit_prior=federation): {problem}")
+            got.append(dict(stats or {}))
+        counts = [int(c) for c in summed(got)["counts"]]
+        log.info("the federation's label prior, from %d sites: %s images per class", len(got), counts)
+        self.run_log.log_metrics({f"label_prior_count_class{i}": c for i, c in enumerate(counts)}, step=0)
+        return counts
+
+    def calibrate_head(self, weights: dict[str, torch.Tensor], calibration: HeadCalibration, net: torch.nn.Module
+                       ) -> tuple[dict[str, torch.Tensor], dict[str, EvalResult]] | None:
+        """Classifier calibration with virtual features (:mod:`fedmed.federated.statistics`): every site sends
+        the per-class moments of ``weights``' penultimate features, checked; the server re-fits the last linear
+        layer and the sites evaluate the result (logged as ``calibrated_val_*`` at step ``rounds + 1``).
+
+        Returns None, with a warning and a run tag, where a site cannot send usable statistics: the federation's
+        model then stays as it is.
+        """
+        k = self.settings.num_classes or 0
+        dim = last_linear(net)[1].in_features
+        got: list[dict[str, Any]] = []
+        for site, (stats, exc) in zip(self.sites, concurrently(lambda c: c.statistics(weights, True), self.sites),
+                                      strict=True):
+            declared = getattr(site, "info", {}).get("num_train")
+            problem = (f"{type(exc).__name__}: {exc}" if exc is not None else
+                       check_statistics(stats, k, True, dim, int(declared) if declared is not None else None))
+            if problem:
+                log.warning("head calibration skipped: site %s sent no usable feature statistics: %s", site.name,
+                            problem)
+                if self.run_log.tracker is not None and self.run_log.run_id is not None:
+                    self.run_log.tracker.set_tags(self.run_log.run_id,
+                                                  {"head_calibration": f"skipped: {site.name}: {problem}"[:250]})
+                return None
+            got.append(dict(stats or {}))
+        calibrated = calibration.fit(net, weights, summed(got))
+        step = self.settings.rounds + 1
+        evals = self._evaluate_round(step, calibrated, explain=False)
+        metrics = {"calibrated_val_pooled_balanced_acc": pooled_balanced_acc(list(evals.values())),
+                   "calibrated_val_site_balanced_acc": site_mean_balanced_acc(list(evals.values())),
+                   **{f"calibrated_val_{k}": v for k, v in weighted_metrics(list(evals.values())).items()}}
+        self.run_log.log_metrics(metrics, step=step)
+        log.info("head calibrated on %d virtual features per class from %d sites: validation balanced accuracy "
+                 "%.4f (pooled), %.4f (mean of the sites)", calibration.samples, len(got),
+                 metrics["calibrated_val_pooled_balanced_acc"], metrics["calibrated_val_site_balanced_acc"])
+        return calibrated, evals
+
+    def instructions(self, global_w) -> dict[str, Any]:
+        """The strategy's instructions for a round, and the federation's label prior where it is used."""
+        out = dict(self.strategy.configure_fit(global_w))
+        if self.label_counts is not None:
+            out["label_prior"] = list(self.label_counts)
+        return out
+
     def _train_round(self, r: int, chosen: list[SiteTransport], global_w) -> tuple[list[FitResult], dict[str, bytes]]:
         s = self.settings
-        instructions = self.strategy.configure_fit(global_w)
+        instructions = self.instructions(global_w)
         peers: dict[str, bytes] = {}
         length = 0
         if s.secure_aggregation:
@@ -259,6 +347,7 @@ class Orchestrator:
         evals = self._evaluate_round(r, global_w, explain)
         metrics = {f"val_{k}": v for k, v in weighted_metrics(list(evals.values())).items()}
         metrics["val_pooled_balanced_acc"] = pooled_balanced_acc(list(evals.values()))
+        metrics["val_site_balanced_acc"] = site_mean_balanced_acc(list(evals.values()))
         if explain:
             metrics["xai_site_consistency"] = site_consistency(list(evals.values()))
         n_train = sum(f.num_samples for f in fits)
@@ -314,6 +403,8 @@ class Orchestrator:
         history: list[RoundRecord] = []
         if resume is not None:
             first, global_w, best, history = self._restore(resume)
+        if s.label_prior:
+            self.label_counts = self.gather_label_counts()
         for r in range(first, s.rounds + 1):
             t0 = time.perf_counter()
             chosen = self.sample(r)

@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import numpy as np
 import torch
 
 from fedmed.data.datamodule import SiteData, make_loader
@@ -20,6 +21,7 @@ from fedmed.federated.attack import Attack
 from fedmed.federated.channel import UpdateChannel
 from fedmed.federated.heatmaps import ExplainSettings, SiteHeatmaps
 from fedmed.federated.messages import EvalResult, FitResult, StateDict
+from fedmed.federated.statistics import CLASS_FEATURES, LABEL_COUNTS, check_statistics, class_statistics
 from fedmed.federated.strategies.base import SitePart
 from fedmed.federated.training import LocalTraining, TrainingSettings
 from fedmed.models.classifier import Classifier
@@ -88,11 +90,43 @@ class SiteClient:
         """
         instructions = dict(instructions or {})
         self.part.configure(instructions)
+        self._use_prior(instructions.get("label_prior"))
         out = self.training.fit_round(weights, round_idx, epochs, self.part, self.attack)
         new = self.attack.update(out.start, out.weights) if self.attack else out.weights
         self.run.log_metrics(out.metrics, step=round_idx)
         result = FitResult(self.name, new, len(self.data.train), out.metrics, out.extras)
         return self.channel.package(result, out.start, instructions) if send else result
+
+    def _use_prior(self, counts: Any) -> None:
+        """``model.logit_prior=federation``: train with the federation's label mix the server sent, checked
+        first; a site configured with its own prior refuses one."""
+        if counts is None:
+            if self.settings.label_prior == "federation":
+                raise ValueError("model.logit_prior=federation, but the server sent no label prior")
+            return
+        if self.settings.label_prior != "federation":
+            raise ValueError("the server sent a label prior; this site is configured with model.logit_prior="
+                             f"{self.settings.label_prior}")
+        problem = check_statistics({"counts": np.asarray(counts)}, self.module.num_classes, features=False)
+        if problem:
+            raise ValueError(f"the server's label prior: {problem}")
+        self.module.set_label_counts(torch.as_tensor(np.asarray(counts)))
+
+    def statistics(self, weights: StateDict | None, features: bool) -> dict[str, Any]:
+        """This site's training images per class and, with ``features``, the per-class moments of ``weights``'
+        penultimate features (:func:`~fedmed.federated.statistics.class_statistics`): numbers only, and only
+        what this site's config agreed to share (``PermissionError`` otherwise)."""
+        want = CLASS_FEATURES if features else LABEL_COUNTS
+        if want not in self.settings.shares and CLASS_FEATURES not in self.settings.shares:
+            raise PermissionError(f"site {self.name} does not share {want.replace('_', ' ')}: its config has no "
+                                  "model.logit_prior=federation or federation.calibrate_head=true")
+        net = self.module.net
+        if features:
+            if weights is None:
+                raise ValueError("feature statistics need the model's weights")
+            self.set_weights(self.part.local_weights(weights))
+        stats = class_statistics(net, self.data.train, self.module.num_classes, features, self.training.device())
+        return {"site": self.name, **stats}
 
     def public_key(self, round_idx: int) -> tuple[bytes, bytes]:
         """Secure aggregation: a fresh masking key for the round, and this site's signature over it."""

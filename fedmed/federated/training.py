@@ -33,6 +33,11 @@ class TrainingSettings:
         planned_epochs: local epochs a site trains in the whole run (a DP target epsilon is
             spread over them, and a cosine learning rate decays over them).
         privacy: DP-SGD settings (None: off).
+        shares: what the site agreed to tell the server beyond its updates
+            (:mod:`fedmed.federated.statistics`): ``label_counts`` (its training images per class),
+            ``class_features`` (per-class moments of the model's penultimate features).
+        label_prior: ``site`` (a logit-adjusted loss uses the site's own label mix) or ``federation``
+            (the summed counts the server sends with every round).
     """
 
     batch_size: int = 64
@@ -40,6 +45,8 @@ class TrainingSettings:
     seed: int = 0
     planned_epochs: int = 1
     privacy: DPConfig | None = None
+    shares: frozenset[str] = frozenset()
+    label_prior: str = "site"
 
 
 @dataclass

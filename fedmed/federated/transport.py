@@ -35,6 +35,11 @@ class SiteTransport(Protocol):
         """The final model on the site's own test images: numbers only (:meth:`SiteClient.score`)."""
         ...
 
+    def statistics(self, weights: Mapping[str, torch.Tensor] | None, features: bool) -> dict[str, Any]:
+        """The site's training images per class and, with ``features``, per-class feature moments of ``weights``
+        (:meth:`SiteClient.statistics`)."""
+        ...
+
     def public_key(self, round_idx: int) -> tuple[bytes, bytes]: ...
 
     def attest(self, round_idx: int, survivors: list[str]) -> dict[str, bytes]: ...
@@ -91,3 +96,6 @@ class InProcessSite:
 
     def score(self, weights: Mapping[str, torch.Tensor]) -> dict[str, Any] | None:
         return self.client.score(clone_state(weights))
+
+    def statistics(self, weights: Mapping[str, torch.Tensor] | None, features: bool) -> dict[str, Any]:
+        return self.client.statistics(clone_state(weights) if weights is not None else None, features)

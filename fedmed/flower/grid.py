@@ -33,6 +33,7 @@ from fedmed.flower.protocol import (
     PUBLIC_KEY,
     REFUSED,
     SCORE,
+    STATISTICS,
     TRAIN,
     RemoteSiteError,
     finish_request,
@@ -113,6 +114,20 @@ class GridSite:
     def score(self, weights: Mapping[str, torch.Tensor]) -> dict[str, Any] | None:
         content = self.ask(SCORE, RecordDict({"weights": records.state_record(weights)}), "final")
         return records.get_tree(content, "scores") if records.has_tree(content, "scores") else None
+
+    def statistics(self, weights: Mapping[str, torch.Tensor] | None, features: bool) -> dict[str, Any]:
+        content = RecordDict({"statistics": ConfigRecord({"features": bool(features)})})
+        if weights is not None:
+            content["weights"] = records.state_record(weights)
+        stats = records.get_tree(self.ask(STATISTICS, content, "statistics"), "statistics")
+        if not isinstance(stats, dict):
+            raise RemoteSiteError(self.name, "ValueError", "its statistics are not a mapping")
+        return self._own_stats(stats)
+
+    def _own_stats(self, stats: dict[str, Any]) -> dict[str, Any]:
+        if stats.get("site") != self.name:
+            raise RemoteSiteError(self.name, "ValueError", f"answered as site {stats.get('site')!r}")
+        return stats
 
     def _own(self, result):
         if result.site != self.name:  # the round loop goes by these names (secure aggregation's dropouts)

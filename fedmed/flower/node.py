@@ -36,6 +36,7 @@ from fedmed.flower.protocol import (
     PUBLIC_KEY,
     REFUSED,
     SCORE,
+    STATISTICS,
     TRAIN,
     read_finish,
     read_hello,
@@ -135,6 +136,14 @@ def _score(client: SiteClient, content: RecordDict) -> RecordDict:
     return out
 
 
+def _statistics(client: SiteClient, content: RecordDict) -> RecordDict:
+    features = bool(content.config_records["statistics"].get("features", False))
+    weights = records.record_state(content.array_records["weights"]) if "weights" in content.array_records else None
+    out = RecordDict()
+    records.put_tree(out, "statistics", client.statistics(weights, features))
+    return out
+
+
 def _public_key(client: SiteClient, content: RecordDict) -> RecordDict:
     public, signature = client.public_key(records.config_int(content.config_records["round"], "round"))
     return RecordDict({"key": ConfigRecord({"public": public, "signature": signature})})
@@ -158,8 +167,8 @@ def _dropout_correction(client: SiteClient, content: RecordDict) -> RecordDict:
 
 
 CALLS: dict[str, Callable[[SiteClient, RecordDict], RecordDict]] = {
-    TRAIN: _train, EVALUATE: _evaluate, FINETUNE: _finetune, SCORE: _score, PUBLIC_KEY: _public_key, ATTEST: _attest,
-    DROPOUT: _dropout_correction}
+    TRAIN: _train, EVALUATE: _evaluate, FINETUNE: _finetune, SCORE: _score, STATISTICS: _statistics,
+    PUBLIC_KEY: _public_key, ATTEST: _attest, DROPOUT: _dropout_correction}
 
 
 def answer(client: SiteClient, message_type: str, content: RecordDict) -> RecordDict:

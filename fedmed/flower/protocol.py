@@ -3,7 +3,8 @@
 Message types: ``query.hello`` (which site a node is, its sample counts), ``train``,
 ``train.finetune`` (personalisation after the federation), ``evaluate``, ``query.public_key``,
 ``query.attest`` and ``query.dropout_correction`` (secure aggregation's unmasking),
-``evaluate.test`` (the final model on a site's own test images),
+``evaluate.test`` (the final model on a site's own test images), ``query.statistics`` (a site's
+training images per class, and per-class feature moments of a model: only what the site agreed to share),
 ``query.refused`` (why a node is not admitted) and ``query.finish`` (the federation is over).
 
 A site that raises answers with an error reply naming the exception's kind, which the server
@@ -26,6 +27,7 @@ HELLO, TRAIN, EVALUATE, FINETUNE = "query.hello", "train", "evaluate", "train.fi
 PUBLIC_KEY, DROPOUT, FINISH = "query.public_key", "query.dropout_correction", "query.finish"
 ATTEST = "query.attest"  # secure aggregation: a survivor's tags over the survivor set
 SCORE = "evaluate.test"  # the final model on the site's own test images (numbers only)
+STATISTICS = "query.statistics"  # class counts / per-class feature moments (fedmed.federated.statistics)
 REFUSED = "query.refused"  # the server tells a node why it is not admitted (it is sent nothing else)
 
 _OURS = re.compile(r"(\w+): (.*)", re.S)  # "Kind: message", from error_reply

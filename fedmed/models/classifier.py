@@ -40,7 +40,8 @@ class Classifier(L.LightningModule):
             ``tau * log(prior)`` of the training labels (:meth:`set_label_prior`) to the logits
             before the cross-entropy, so the raw logits learn a class-balanced classifier. Each
             federated site uses its own label mix, which removes the pull of a skewed site towards
-            its majority class. 0 is plain cross-entropy. Evaluation always uses the raw logits.
+            its majority class, or the federation's (:meth:`set_label_counts`,
+            ``model.logit_prior=federation``). 0 is plain cross-entropy. Evaluation always uses the raw logits.
         lr_schedule: ``constant``, or ``cosine``: the learning rate follows a half cosine from
             ``lr`` down to ``min_lr_ratio * lr`` over the whole run's epochs, stepped per epoch.
             The caller sets :attr:`schedule` = (first epoch, total epochs) before each fit; a
@@ -105,7 +106,12 @@ class Classifier(L.LightningModule):
 
         Add-one smoothing keeps a class that a site lacks finite (log(1 / (n + C))).
         """
-        counts = torch.bincount(torch.as_tensor(labels).long().flatten(), minlength=self.num_classes).double()
+        self.set_label_counts(torch.bincount(torch.as_tensor(labels).long().flatten(), minlength=self.num_classes))
+
+    def set_label_counts(self, counts) -> None:
+        """Use the label mix of per-class ``counts`` for ``logit_adjust`` (a site's own, or the federation's
+        summed over its sites), with the same add-one smoothing."""
+        counts = torch.as_tensor(counts).double()
         self.log_prior = ((counts + 1) / (counts.sum() + self.num_classes)).log().float()
 
     def training_step(self, batch, batch_idx):

@@ -1,0 +1,173 @@
+"""Class statistics a site may share beyond its updates, and what the server does with them.
+
+Two levers against label and feature shift between sites use them:
+
+- **the federation's label prior** (``model.logit_prior=federation``): each site sends its count of
+  training images per class once; the logit-adjusted loss of every site then uses the summed
+  counts instead of its own label mix;
+- **classifier calibration with virtual representations** (``federation.calibrate_head``; Luo et
+  al., NeurIPS 2021): after the federation each site sends, for the selected model, per class the
+  count, the sum and the sum of outer products of its training images' penultimate features (the
+  input of the network's last linear layer); the server forms each class's mean and covariance
+  from the summed moments, draws the same number of virtual features for every class from those
+  Gaussians, and re-fits the last linear layer on them. No image and no single feature vector
+  leaves a site, but the per-class moments are about the site's data (docs: Privacy).
+
+A site answers only for what its own config agreed to share (``TrainingSettings.shares``); the server checks what
+comes back (:func:`check_statistics`) before it uses it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from fedmed.data.datamodule import make_loader
+
+LABEL_COUNTS, CLASS_FEATURES = "label_counts", "class_features"
+
+
+def last_linear(net: nn.Module) -> tuple[str, nn.Linear]:
+    """The network's classifier layer: its last ``nn.Linear`` in module order, with its name."""
+    found = [(name, m) for name, m in net.named_modules() if isinstance(m, nn.Linear)]
+    if not found:
+        raise ValueError(f"{type(net).__name__} has no linear layer to calibrate")
+    return found[-1]
+
+
+@torch.no_grad()
+def class_statistics(net: nn.Module, dataset, num_classes: int, features: bool,
+                     device: torch.device | str = "cpu") -> dict[str, np.ndarray]:
+    """Per-class count of ``dataset``'s labels and, with ``features``, the per-class sum and sum of
+    outer products of the network's penultimate features (float64), the network in eval mode."""
+    labels = torch.as_tensor(dataset.y).long().flatten()
+    out = {"counts": torch.bincount(labels, minlength=num_classes).numpy().astype(np.int64)}
+    if not features:
+        return out
+    _, head = last_linear(net)
+    seen: list[torch.Tensor] = []
+    handle = head.register_forward_pre_hook(lambda _m, args: seen.append(args[0].detach().double().cpu()))
+    was_training = net.training
+    net.eval().to(device)
+    dim = head.in_features
+    sums, outer = np.zeros((num_classes, dim)), np.zeros((num_classes, dim, dim))
+    try:
+        for x, y in make_loader(dataset, 256, shuffle=False):
+            seen.clear()
+            net(x.to(device))
+            f = seen[0].reshape(len(y), -1)
+            for c in torch.unique(y).tolist():
+                fc = f[torch.as_tensor(y) == c]
+                sums[c] += fc.sum(0).numpy()
+                outer[c] += (fc.T @ fc).numpy()
+    finally:
+        handle.remove()
+        net.train(was_training)
+        net.cpu()
+    return {**out, "sum": sums, "outer": outer}
+
+
+def check_statistics(stats: Any, num_classes: int, features: bool, dim: int | None = None,
+                     max_count: int | None = None) -> str | None:
+    """What is wrong with a site's statistics (None: usable). Counts: ``num_classes`` non-negative integers,
+    at most ``max_count`` in all; features: finite sums ``(C, dim)`` and symmetric outer products ``(C, dim, dim)``."""
+    if not isinstance(stats, Mapping) or "counts" not in stats:
+        return "no counts"
+    counts = np.asarray(stats["counts"])
+    if counts.shape != (num_classes,) or counts.dtype.kind not in "iu" or (counts < 0).any():
+        return f"counts must be {num_classes} non-negative integers, got {counts.tolist()!r}"[:200]
+    if max_count is not None and int(counts.sum()) > max_count:
+        return f"counts add up to {int(counts.sum())}, more than the {max_count} training images the site declared"
+    if not features:
+        return None
+    sums, outer = np.asarray(stats.get("sum")), np.asarray(stats.get("outer"))
+    if sums.ndim != 2 or sums.shape[0] != num_classes or (dim is not None and sums.shape[1] != dim):
+        return f"feature sums have shape {sums.shape}, expected ({num_classes}, {dim})"
+    d = sums.shape[1]
+    if outer.shape != (num_classes, d, d):
+        return f"outer products have shape {outer.shape}, expected ({num_classes}, {d}, {d})"
+    if not (np.isfinite(sums).all() and np.isfinite(outer).all()):
+        return "feature statistics hold NaN or Inf"
+    if not np.allclose(outer, outer.transpose(0, 2, 1), rtol=1e-6, atol=1e-6):
+        return "outer products are not symmetric"
+    return None
+
+
+def summed(stats: Sequence[Mapping[str, Any]]) -> dict[str, np.ndarray]:
+    """The federation's statistics: every site's counts (and moments) added up."""
+    keys = set.intersection(*(set(s) for s in stats)) & {"counts", "sum", "outer"}
+    return {k: np.sum([np.asarray(s[k], dtype=np.float64 if k != "counts" else np.int64) for s in stats], axis=0)
+            for k in keys}
+
+
+def class_gaussians(total: Mapping[str, np.ndarray], ridge: float = 1e-3
+                    ) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    """Mean and covariance of each class's features from summed moments (classes with at least 2 images).
+
+    The covariance is the unbiased sample covariance plus ``ridge`` times the mean feature variance on
+    the diagonal, so that a class with fewer images than feature dimensions still has a proper Gaussian.
+    """
+    out = {}
+    for c, n in enumerate(np.asarray(total["counts"]).tolist()):
+        if n < 2:
+            continue
+        mean = total["sum"][c] / n
+        cov = (total["outer"][c] - n * np.outer(mean, mean)) / (n - 1)
+        cov = (cov + cov.T) / 2
+        cov += np.eye(len(mean)) * (ridge * max(float(np.trace(cov)) / len(mean), 1e-8))
+        out[c] = (torch.as_tensor(mean), torch.as_tensor(cov))
+    return out
+
+
+@dataclass(frozen=True)
+class HeadCalibration:
+    """How the server re-fits the classifier layer on virtual features.
+
+    Args:
+        samples: virtual features drawn per class (the same for every class: a balanced head).
+        epochs: passes over them (Adam, batch 256).
+        lr: Adam's learning rate.
+        seed: seeds the draws and the shuffling.
+    """
+
+    samples: int = 1000
+    epochs: int = 20
+    lr: float = 1e-3
+    seed: int = 0
+
+    def fit(self, net: nn.Module, weights: Mapping[str, torch.Tensor], total: Mapping[str, np.ndarray]
+            ) -> dict[str, torch.Tensor]:
+        """``weights`` with the last linear layer re-fitted on class-balanced virtual features from ``total``.
+
+        Classes that no site holds (fewer than 2 images in all) get no virtual features; the layer is
+        trained from its federated values, so their rows only move through the softmax.
+        """
+        name, _ = last_linear(net)
+        gen = torch.Generator().manual_seed(self.seed)
+        xs, ys = [], []
+        for c, (mean, cov) in class_gaussians(total).items():
+            chol = torch.linalg.cholesky(cov)
+            z = torch.randn(self.samples, len(mean), generator=gen, dtype=torch.float64)
+            xs.append((mean + z @ chol.T).float())
+            ys.append(torch.full((self.samples,), c, dtype=torch.long))
+        if not xs:
+            raise ValueError("no class has 2 or more training images in all: nothing to calibrate on")
+        x, y = torch.cat(xs), torch.cat(ys)
+        w, b = weights[f"{name}.weight"].clone().float(), weights[f"{name}.bias"].clone().float()
+        layer = nn.Linear(w.shape[1], w.shape[0])
+        layer.load_state_dict({"weight": w, "bias": b})
+        opt = torch.optim.Adam(layer.parameters(), lr=self.lr)
+        for _ in range(self.epochs):
+            for idx in torch.randperm(len(x), generator=gen).split(256):
+                opt.zero_grad()
+                nn.functional.cross_entropy(layer(x[idx]), y[idx]).backward()
+                opt.step()
+        out = {k: v.clone() for k, v in weights.items()}
+        out[f"{name}.weight"] = layer.weight.detach().to(weights[f"{name}.weight"].dtype)
+        out[f"{name}.bias"] = layer.bias.detach().to(weights[f"{name}.bias"].dtype)
+        return out
