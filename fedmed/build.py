@@ -79,6 +79,17 @@ def build_module(cfg: DictConfig) -> Classifier:
                       keep_state=opt.get("keep_state", False))
 
 
+def initial_weights(cfg: DictConfig) -> dict[str, torch.Tensor]:
+    """The weights a run starts from: a fresh network, or its body from ``model.pretrained``."""
+    net = build_module(cfg).net
+    source = cfg.model.get("pretrained")
+    if source:
+        from fedmed.models.pretrained import load_pretrained
+
+        load_pretrained(net, str(source))
+    return net.state_dict()
+
+
 def build_strategy(cfg: DictConfig, num_sites: int | None = None) -> Strategy:
     """The ``strategy`` config node (``configs/strategy/<name>.yaml``) as an object."""
     try:

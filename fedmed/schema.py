@@ -77,6 +77,13 @@ def optional(inner: Rule) -> Rule:
     return rule
 
 
+def pretrained_source(v: Any) -> str | None:
+    """``imagenet``, or a file that exists (checked here: a missing file is refused before anything is imported)."""
+    if v == "imagenet" or (isinstance(v, str) and Path(v).expanduser().is_file()):
+        return None
+    return "imagenet or an existing file of weights" + (f" (no file {v})" if isinstance(v, str) else "")
+
+
 def names(v: Any) -> str | None:
     ok = isinstance(v, list | tuple | ListConfig) and len(v) > 0 and all(isinstance(s, str) for s in v)
     return None if ok else "a non-empty list of names, e.g. [hospital_a,hospital_b]"
@@ -109,6 +116,7 @@ RULES: dict[str, Rule] = {
     "data.transforms.augment.cutout_prob": PROB, "data.transforms.augment.cutout_holes": integer(0),
     "data.transforms.augment.cutout_size": integer(1),
     "model.logit_adjust": number(0), "model.logit_prior": choice("site", "federation"),
+    "model.pretrained": optional(pretrained_source),
     "federation.calibrate_head": boolean, "federation.calibrate_samples": integer(10),
     "federation.calibrate_epochs": integer(1), "federation.calibrate_lr": POSITIVE,
     "model.optimizer.name": choice("adam", "sgd"), "model.optimizer.lr": POSITIVE,

@@ -123,7 +123,7 @@ def run_on_grid(grid, cfg: DictConfig, run_config: Mapping[str, Any]) -> dict[st
     try:
         with run_status(RunLog(tracker, run_id)):
             L.seed_everything(cfg.seed, verbose=False)
-            initial = build.build_module(cfg).net.state_dict()
+            initial = build.initial_weights(cfg)
             log.info("waiting for %d sites (%s) among the SuperNodes", len(fed.sites), ", ".join(fed.sites))
             sites = grid_sites.accept(grid, list(fed.sites), float(fed.connect_timeout),
                                       {"run_id": run_id, "experiment": cfg.logger.experiment,

@@ -6,5 +6,6 @@ e.g. ``fedmed.models.CompactCNN``) and the rest of ``model.net`` are its argumen
 
 from fedmed.models.cnn import CompactCNN
 from fedmed.models.densenet import SmallInputDenseNet
+from fedmed.models.efficientnet import EfficientNetLite0
 
-__all__ = ["CompactCNN", "SmallInputDenseNet"]
+__all__ = ["CompactCNN", "EfficientNetLite0", "SmallInputDenseNet"]

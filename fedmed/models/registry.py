@@ -5,8 +5,9 @@ from __future__ import annotations
 from fedmed.errors import FedmedError
 from fedmed.models.cnn import CompactCNN
 from fedmed.models.densenet import SmallInputDenseNet
+from fedmed.models.efficientnet import EfficientNetLite0
 
-MODELS: tuple[type, ...] = (CompactCNN, SmallInputDenseNet)
+MODELS: tuple[type, ...] = (CompactCNN, SmallInputDenseNet, EfficientNetLite0)
 
 
 def class_names(classes: tuple[type, ...]) -> dict[str, type]:

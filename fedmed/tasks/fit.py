@@ -68,7 +68,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         log_partition(tracker, run_id, manifests, source.class_names, f"{cfg.data.name}: {cfg.partition.dirname}")
     with run_status(RunLog(tracker, run_id)) as site_runs_done:
         L.seed_everything(cfg.seed, verbose=False)
-        initial = build.build_module(cfg).net.state_dict()
+        initial = build.initial_weights(cfg)
         if mode == "federated":
             assert strategy is not None
             clients, site_runs = _sites(cfg, strategy, sites, datas, site_cfgs, source.class_names, tracker, run_id,
@@ -81,7 +81,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                 resumable(exc, cfg, "fit", run_id)
                 raise
         else:
-            trained = _baseline(cfg, mode, sites, datas, tracker, run_id)
+            trained = _baseline(cfg, mode, sites, datas, tracker, run_id, initial)
             test_metrics, record = finish(cfg, pipeline, trained, tracker, run_id)
     return {
         "mode": mode,
@@ -113,12 +113,14 @@ def _sites(cfg, strategy, sites, datas, site_cfgs, class_names, tracker: Tracker
     return clients, site_runs
 
 
-def _baseline(cfg, mode, sites, datas, tracker: Tracker, run_id: str) -> Trained:
+def _baseline(cfg, mode, sites, datas, tracker: Tracker, run_id: str, initial) -> Trained:
     """Train one site alone (local) or the pooled training data (centralized)."""
     epochs = cfg.federation.rounds * cfg.federation.local_epochs
     ((who, data),) = datas.items()
     t0 = time.perf_counter()
     client = build.site_client(cfg, who, 0, data, RunLog(tracker, run_id))
+    if cfg.model.get("pretrained"):
+        client.set_weights(initial)
     weights, best_epoch = client.train_alone(epochs, cfg.federation.select)
     seconds = time.perf_counter() - t0
     tracker.set_tags(run_id, {"selected_epoch": best_epoch})
