@@ -71,6 +71,15 @@ def test_a_server_checkpoint_that_would_run_code_is_refused(tmp_path, isolated, 
     ("+strategy.lr=0.1", "strategy.lr: fedavg has no such parameter"),
     ("site=hospital_d", "site=hospital_d is not one of federation.sites"),
     ("privacy.audit_shadows=2", "privacy.audit_shadows=2: expected an integer >= 4"),
+    ("model=efficientnet_lite0 model.pretrained=/no/such/weights.pth",
+     "model.pretrained='/no/such/weights.pth': expected null or imagenet or an existing file of weights "
+     "(no file /no/such/weights.pth)"),
+    ("model.logit_prior=global", "model.logit_prior='global'"),
+    ("data.transforms.colour=grey", "data.transforms.colour='grey'"),
+    ("model.logit_adjust=1 model.logit_prior=federation privacy.secure_aggregation=true",
+     "model.logit_prior=federation with privacy.secure_aggregation: the sites would send their class statistics"),
+    ("federation.calibrate_head=true privacy.secure_aggregation=true",
+     "federation.calibrate_head=true with privacy.secure_aggregation"),
 ])
 def test_wrong_config_values_are_one_line_before_any_work(tmp_path, isolated, capsys, override, names):
     t0 = time.perf_counter()
