@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from fedmed.build import build_module, dp_config
+from fedmed.build import build_module, dp_config, shares
 from fedmed.config import site_config
 from fedmed.data.datamodule import ArrayDataset, Pipeline, SiteData, make_loader
 from fedmed.data.manifest import Manifest, read_manifest
@@ -155,7 +155,8 @@ def finish(cfg: DictConfig, pipeline: Pipeline, trained: Trained, tracker: Track
         bytes_down=[r.bytes_down for r in h], compression=cfg.federation.compression if h else "none",
         secure_aggregation=bool(cfg.privacy.secure_aggregation), dp=t.dp_records, dp_setting=describe(dp_config(cfg)),
         audit=attack_rows(attacks),
-        num_train=t.num_train if t.num_train is not None else sum(len(d) for d in t.trained_on))
+        num_train=t.num_train if t.num_train is not None else sum(len(d) for d in t.trained_on),
+        class_statistics=shares(cfg, t.mode == "federated"))
     tracker.log_dict(run_id, record, "privacy/record.json")
     eps = {"dp_epsilon_max": max(d["epsilon"] for d in t.dp_records.values())} if t.dp_records else {}
     tracker.log_metrics(run_id, {**mlflow_attack_metrics(attacks),

@@ -291,3 +291,16 @@ def test_the_privacy_record_names_a_site_without_dp_accounting():
                          compression="none", secure_aggregation=False, dp=None, dp_setting="off", audit=[],
                          num_train=10)
     assert off["dp_unreported"] == []
+
+
+def test_the_privacy_record_says_which_class_statistics_the_sites_sent():
+    from fedmed.privacy.record import format_record, privacy_record
+
+    common = dict(sites=["a", "b"], rounds_done=1, bytes_up=[1], bytes_down=[1], compression="none",
+                  secure_aggregation=False, dp=None, dp_setting="off", audit=[], num_train=10)
+    rec = privacy_record(mode="federated", class_statistics={"class_features", "label_counts"}, **common)
+    assert rec["class_statistics_shared"] == ["class_features", "label_counts"]
+    text = format_record(rec)
+    assert "class statistics sent:    per-class mean and covariance of the model's penultimate features" in text
+    assert "training images per class (each site's, in the clear)" in text
+    assert "class statistics" not in format_record(privacy_record(mode="federated", **common))

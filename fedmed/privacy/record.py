@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
 
@@ -19,6 +19,7 @@ def privacy_record(
     dp_setting: str,
     audit: Sequence[Mapping[str, Any]],
     num_train: int,
+    class_statistics: Collection[str] = (),
 ) -> dict[str, Any]:
     """Everything the run shared and what an attacker could learn from the model.
 
@@ -27,6 +28,8 @@ def privacy_record(
         dp: per site, its accountant's record (epsilon, delta, noise multiplier...), or None (no DP).
         audit: the membership-inference attacks' results (``name``, ``auc``, TPRs, counts).
         num_train: training images over all sites (none of them left its site in a federation).
+        class_statistics: what each site sent beyond its updates (``label_counts``, ``class_features``:
+            :mod:`fedmed.federated.statistics`), in the clear.
     """
     shared_images = num_train if mode == "centralized" else 0
     return {
@@ -40,6 +43,7 @@ def privacy_record(
         "model_bytes_received": int(sum(bytes_down)),
         "compression": compression,
         "secure_aggregation": bool(secure_aggregation),
+        "class_statistics_shared": sorted(class_statistics) if mode == "federated" else [],
         "differential_privacy": dp_setting,
         "dp_per_site": {s: dict(v) for s, v in (dp or {}).items()},
         # every site is named: one that trained without reporting DP-SGD accounting is not covered by it
@@ -60,6 +64,12 @@ def format_record(rec: Mapping[str, Any]) -> str:
              f"{rec['update_bytes_per_site_round']:,} per site per round (compression: {rec['compression']})",
              f"  secure aggregation:       {'on (the server saw only sums)' if rec['secure_aggregation'] else 'off'}",
              f"  differential privacy:     {rec['differential_privacy']}"]
+    shared = rec.get("class_statistics_shared") or []
+    if shared:
+        what = {"label_counts": "training images per class", "class_features": "per-class mean and covariance of the "
+                "model's penultimate features (head calibration)"}
+        lines.append("  class statistics sent:    " + "; ".join(what.get(s, s) for s in shared)
+                     + " (each site's, in the clear)")
     for site, d in rec["dp_per_site"].items():
         lines.append(f"    {site}: epsilon={d['epsilon']:.3f} at delta={d['delta']:g} "
                      f"(noise multiplier {d['noise_multiplier']:.3f}, {d['dp_steps']} private steps)")
