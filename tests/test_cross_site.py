@@ -16,6 +16,9 @@ TWO_SITES = ["experiment=ham10000", "federation.rounds=1", "trainer.limit_train_
              "data.transforms.size=16", "privacy.audit=none", "explain.every_n_rounds=0", "logger.log_model=false",
              "data.source.keep={source: [vienna_dias, rosendahl]}", "federation.sites=[vienna_dias,rosendahl]",
              "partition.dirname=natural-two-sources"]
+# the levers that make sites send class statistics (query.statistics) ride along: the same result both ways too
+LEVERS = ["model.logit_prior=federation", "federation.calibrate_head=true", "federation.calibrate_samples=100",
+          "federation.calibrate_epochs=2"]
 
 
 def _evaluation(cfg, run_id: str, tmp: Path) -> dict:
@@ -25,9 +28,14 @@ def _evaluation(cfg, run_id: str, tmp: Path) -> dict:
 
 @needs(HAM)
 def test_each_site_scores_the_final_model_at_home_the_same_in_process_and_over_flower(isolated, tmp_path):
-    cfg = compose("fit", [*isolated, *TWO_SITES])
+    cfg = compose("fit", [*isolated, *TWO_SITES, *LEVERS])
     here = fit.run(cfg)
-    flower = fit.run(compose("fit", [*isolated, *TWO_SITES, "federation.parallel=2"]))
+    flower = fit.run(compose("fit", [*isolated, *TWO_SITES, *LEVERS, "federation.parallel=2"]))
+    assert here["selected"] == "round 1/1, head calibrated"
+    mlflow = MlflowClient(cfg.logger.tracking_uri)
+    for key in ("label_prior_count_class4", "calibrated_val_pooled_balanced_acc"):
+        want = mlflow.get_run(here["run_id"]).data.metrics[key]
+        assert mlflow.get_run(flower["run_id"]).data.metrics[key] == pytest.approx(want, abs=1e-3), key
     a, b = _evaluation(cfg, here["run_id"], tmp_path / "a"), _evaluation(cfg, flower["run_id"], tmp_path / "b")
     assert set(a["scores"]) == {"ham10000 test", "vienna_dias", "rosendahl"}
     # the same weights and images: the same counts; the same numbers up to the float rounding of the forward
