@@ -13,6 +13,7 @@ learned).
 Usage:
     FEDMED_DATA_DIR=../shared/data OMP_NUM_THREADS=1 python benchmarks/explain_localisation.py \
         [--seeds 42] [--methods gradcam saliency gradientshap] [--n 48] [--results <file>]
+        [--label-randomisation]   # only the data randomisation test (Adebayo et al. 2018) of the centralized model
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 from results import ms, save_json
 
 from fedmed.config import compose
@@ -52,26 +54,92 @@ def trained(seed: int, kind: str, site: str | None) -> str:
     return str(runs[key])
 
 
-def study(args) -> list[dict]:
+def shuffled_labels(seed: int) -> str:
+    """The run id of a centralized model trained on HAM10000 with its labels randomly permuted (the data
+    randomisation test of Adebayo et al. 2018): a copy of the label table with the label column shuffled."""
+    import pandas as pd
+
+    from fedmed.tasks import fit
+
+    mine = Path("bench_out") / "explain_localisation_runs.json"
+    runs = json.loads(mine.read_text()) if mine.exists() else {}
+    key = f"shuffled:centralized:{seed}"
+    if key not in runs:
+        cfg = compose("fit", BASE)
+        table = pd.read_csv(Path(cfg.data.source.root) / cfg.data.source.table)
+        table["label"] = np.random.default_rng(seed).permutation(table["label"].to_numpy())
+        path = Path("bench_out").resolve() / f"ham10000_labels_shuffled_{seed}.csv"
+        path.parent.mkdir(exist_ok=True)
+        table.to_csv(path, index=False)
+        runs[key] = fit.run(compose("fit", [*BASE, f"seed={seed}", "mode=centralized", f"data.source.table={path}",
+                                            f"partition.dirname=labels-shuffled-{seed}"]))["run_id"]
+        save_json("explain_localisation_runs", runs)
+    return str(runs[key])
+
+
+def sample_images(n: int):
+    """A class-stratified sample of each source's test lesions (the same for every model): images, labels, masks."""
     from hydra.utils import instantiate
 
-    from fedmed.build import checkpoint_net, load_model_checkpoint
     from fedmed.data.datamodule import Pipeline
-    from fedmed.explain import explain, predict, randomized_copy, rank_correlation
-    from fedmed.explain.localisation import baseline_maps, localisation
     from fedmed.explain.sampling import stratified_sample
-    from fedmed.tracking import Tracker
 
     cfg = compose("fit", BASE)
     source = instantiate(cfg.data.source)
     pipeline = Pipeline.from_config(cfg.data, source)
     where = np.asarray(source.column("test", "source"))
     images = {}
-    for s in SOURCES:  # a class-stratified sample of each source's test lesions, the same for every model
+    for s in SOURCES:
         rows = np.flatnonzero(where == s)
         ds = pipeline.dataset("test", rows)
-        pick = stratified_sample(ds.y, args.n, 0).numpy()
+        pick = stratified_sample(ds.y, n, 0).numpy()
         images[s] = (ds.x[pick], ds.y[pick], pipeline.masks("test", rows[pick])[:, 0])
+    return cfg, images
+
+
+def label_randomisation(args) -> list[dict]:
+    """The centralized model's maps against those of the same network trained on permuted labels, on the same
+    images, explaining the class the real model predicts: Spearman rank correlation per image (near 0: the
+    maps depend on the labels the model learned)."""
+    from fedmed.build import checkpoint_net, load_model_checkpoint
+    from fedmed.explain import explain, predict, rank_correlation
+    from fedmed.models.metrics import balanced_accuracy
+    from fedmed.tracking import Tracker
+
+    cfg, images = sample_images(args.n)
+    tracker = Tracker(cfg.logger.tracking_uri, cfg.logger.experiment, cfg.logger.artifact_location)
+    out = []
+    for seed in args.seeds:
+        nets = {}
+        for kind, run_id in (("centralized", trained(seed, "centralized", None)), ("shuffled", shuffled_labels(seed))):
+            ckpt = load_model_checkpoint(f"runs:/{run_id}", tracker, Path(".cache") / "study")
+            nets[kind] = checkpoint_net(ckpt, run_id).eval()
+        for method in args.methods:
+            row = {"seed": seed, "method": method, "sites": {}}
+            for s, (x, y, _) in images.items():
+                pred, _ = predict(nets["centralized"], x)
+                shuffled_pred, _ = predict(nets["shuffled"], x)
+                rho = rank_correlation(explain(nets["centralized"], x, method, pred),
+                                       explain(nets["shuffled"], x, method, pred))
+                mat = torch.zeros(7, 7)
+                for t, q in zip(y.tolist(), shuffled_pred.tolist(), strict=True):
+                    mat[t, q] += 1
+                row["sites"][s] = {"rank_corr": float(rho.mean()), "n": len(y),
+                                   "shuffled_model_balanced_acc": balanced_accuracy(mat)}
+            out.append(row)
+            save_json("explain_label_randomisation", out)
+            print(f"seed {seed} {method:<14} label randomisation rank corr "
+                  f"{np.mean([v['rank_corr'] for v in row['sites'].values()]):.3f}", flush=True)
+    return out
+
+
+def study(args) -> list[dict]:
+    from fedmed.build import checkpoint_net, load_model_checkpoint
+    from fedmed.explain import explain, predict, randomized_copy, rank_correlation
+    from fedmed.explain.localisation import baseline_maps, localisation
+    from fedmed.tracking import Tracker
+
+    cfg, images = sample_images(args.n)
     tracker = Tracker(cfg.logger.tracking_uri, cfg.logger.experiment, cfg.logger.artifact_location)
     out = []
     for seed in args.seeds:
@@ -138,8 +206,26 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=48, help="test lesions explained per source")
     ap.add_argument("--only", action="store_true", help="print the table of what bench_out holds")
     ap.add_argument("--results", type=Path, default=None)
+    ap.add_argument("--label-randomisation", action="store_true",
+                    help="only the data randomisation test of the centralized model (a model trained on permuted "
+                    "labels); --results then gets its table")
     args = ap.parse_args()
     setup_logging()
+    if args.label_randomisation:
+        rows = label_randomisation(args)
+        columns = ["seed", "method", "rank corr (all sites)", *[f"rank corr @ {s}" for s in SOURCES],
+                   "permuted-label model: bal. ACC (all sites)"]
+        out = [[str(r["seed"]), r["method"], f"{np.mean([v['rank_corr'] for v in r['sites'].values()]):.3f}",
+                *[f"{r['sites'][s]['rank_corr']:.3f}" for s in SOURCES],
+                f"{np.mean([v['shuffled_model_balanced_acc'] for v in r['sites'].values()]):.3f}"] for r in rows]
+        print("| " + " | ".join(columns) + " |\n|" + "---|" * len(columns))
+        for r in out:
+            print("| " + " | ".join(r) + " |")
+        if args.results:
+            doc = json.loads(args.results.read_text()) if args.results.exists() else {}
+            doc.update({"columns": columns, "rows": out, "seeds": sorted({r["seed"] for r in rows})})
+            args.results.write_text(json.dumps(doc, indent=1) + "\n")
+        return
     path = Path("bench_out") / "explain_localisation.json"
     rows = json.loads(path.read_text()) if args.only else study(args)
     columns, out = table(rows, args.methods)

@@ -1,0 +1,109 @@
+"""Benchmark table: levers against HAM10000's site shift, each beside pooled training on equal terms.
+
+Every lever is a config option; each row is ``benchmarks/ham10000_sites.py`` run at seeds 42, 43, 44 with
+``experiment=ham10000`` and that option (the commands are in the results file). This script only gathers
+the runs' ``bench_out/<name>.json`` files into one table: pooled test balanced accuracy, macro-F1, AUROC,
+each site's own test lesions, the validation balanced accuracy the levers are compared by (never the
+test split), and the gap to centralized training with the same network and inputs.
+
+Usage:
+    python benchmarks/ham10000_site_shift.py [--bench-out bench_out] \
+        [--results benchmarks/results/ham10000_site_shift.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from pathlib import Path
+
+from results import ms
+
+SITES = ["rosendahl", "vidir_modern", "vidir_molemax", "vienna_dias"]
+
+#: (row name, bench_out file, run label in it, the pooled row it is compared with: (file, label), overrides)
+ROWS: list[tuple[str, str, str, tuple[str, str] | None, str]] = [
+    ("centralized, Shades of Gray", "ham_sog_centralized", "centralized", None,
+     "data.transforms.colour=shades_of_gray"),
+    ("FedAvg + Shades of Gray", "ham_sog_fedavg", "fedavg", ("ham_sog_centralized", "centralized"),
+     "data.transforms.colour=shades_of_gray"),
+    ("FedAvg + the federation's label prior", "ham_prior", "fedavg", None, "model.logit_prior=federation"),
+    ("FedAvg + head calibration", "ham_calib", "fedavg", None, "federation.calibrate_head=true"),
+    ("FedAvg, selected by the sites' mean balanced accuracy", "ham_sitesel", "fedavg", None,
+     "federation.select=best_val_site_balanced_acc"),
+    ("centralized, EfficientNet-Lite0 from ImageNet", "ham_pre_centralized", "centralized", None,
+     "model=efficientnet_lite0 model.pretrained=<weights>"),
+    ("FedAvg, EfficientNet-Lite0 from ImageNet", "ham_pre_fedavg", "fedavg", ("ham_pre_centralized", "centralized"),
+     "model=efficientnet_lite0 model.pretrained=<weights>"),
+    ("centralized, best combination", "ham_combo_centralized", "centralized", None, "<combination>"),
+    ("FedAvg, best combination", "ham_combo_fedavg", "fedavg", ("ham_combo_centralized", "centralized"),
+     "<combination>"),
+]
+#: the reference rows (FedAvg and centralized with experiment=ham10000 as it is): ham10000_natural_sites.json
+REFERENCE = {"FedAvg": "federated, FedAvg", "centralized": "centralized"}
+
+
+def load(folder: Path, name: str, label: str) -> list[dict]:
+    path = folder / f"{name}.json"
+    if not path.exists():
+        return []
+    return sorted((r for r in json.loads(path.read_text()) if r["label"] == label), key=lambda r: r["seed"])
+
+
+def mean(values: list[float]) -> float:
+    return statistics.mean(values) if values else float("nan")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--bench-out", type=Path, default=Path("bench_out"))
+    ap.add_argument("--results", type=Path, default=None)
+    ap.add_argument("--combination", default="", help="the overrides of the best combination, for the table")
+    args = ap.parse_args()
+    ref = json.loads(Path("benchmarks/results/ham10000_natural_sites.json").read_text())
+    columns = ["run", "options (with experiment=ham10000)", "seeds", "selected", "val bal. ACC", "test bal. ACC",
+               "test macro-F1", "test AUROC", *[f"bal. ACC @ {s}" for s in SITES],
+               "gap to pooled (points)", "wall time (s)"]
+    body = []
+    head = ref["columns"]
+    for name, label in REFERENCE.items():
+        row = next(r for r in ref["rows"] if r[0] == label)
+        cells = dict(zip(head, row, strict=True))
+        gap = "-8.0" if name == "FedAvg" else "-"
+        body.append([f"{name} (reference, Results: HAM10000 on its four sites)", "-", cells["seeds"],
+                     cells["selected"], "-", cells["test bal. ACC"], cells["test macro-F1"], cells["test AUROC"],
+                     *[cells[f"bal. ACC @ {s}"] for s in SITES], gap, cells["wall time (s)"]])
+    for name, file, label, pooled, options in ROWS:
+        rs = load(args.bench_out, file, label)
+        if not rs:
+            continue
+        if options == "<combination>":
+            options = args.combination or options
+        pooled_bal = None
+        if pooled is not None:
+            prs = load(args.bench_out, *pooled)
+            pooled_bal = mean([r["test_sites"]["pooled"]["balanced_acc"] for r in prs]) if prs else None
+        elif label == "fedavg":  # the reference centralized run: same network and inputs
+            pooled_bal = 0.511
+        bal = [r["test_sites"]["pooled"]["balanced_acc"] for r in rs]
+        gap = f"{100 * (mean(bal) - pooled_bal):+.1f}" if pooled_bal is not None else "-"
+        vals = [r["val_balanced_acc"] for r in rs if "val_balanced_acc" in r]
+        body.append([name, f"`{options}`", " ".join(str(r["seed"]) for r in rs), "; ".join(r["selected"] for r in rs),
+                     ms(vals) if vals else "-", ms(bal),
+                     ms([r["test_sites"]["pooled"]["f1"] for r in rs]),
+                     ms([r["test_sites"]["pooled"]["auroc"] for r in rs]),
+                     *[ms([r["test_sites"][s]["balanced_acc"] for r in rs]) for s in SITES],
+                     gap, f"{mean([r['seconds'] for r in rs]):.0f}"])
+    print("| " + " | ".join(columns) + " |")
+    print("|" + "---|" * len(columns))
+    for row in body:
+        print("| " + " | ".join(row) + " |")
+    if args.results:
+        table = json.loads(args.results.read_text()) if args.results.exists() else {}
+        table["columns"], table["rows"] = columns, body
+        args.results.write_text(json.dumps(table, indent=1, ensure_ascii=False) + "\n")
+
+
+if __name__ == "__main__":
+    main()
