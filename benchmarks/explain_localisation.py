@@ -218,24 +218,22 @@ def main() -> None:
         out = [[str(r["seed"]), r["method"], f"{np.mean([v['rank_corr'] for v in r['sites'].values()]):.3f}",
                 *[f"{r['sites'][s]['rank_corr']:.3f}" for s in SOURCES],
                 f"{np.mean([v['shuffled_model_balanced_acc'] for v in r['sites'].values()]):.3f}"] for r in rows]
-        print("| " + " | ".join(columns) + " |\n|" + "---|" * len(columns))
-        for r in out:
-            print("| " + " | ".join(r) + " |")
-        if args.results:
-            doc = json.loads(args.results.read_text()) if args.results.exists() else {}
-            doc.update({"columns": columns, "rows": out, "seeds": sorted({r["seed"] for r in rows})})
-            args.results.write_text(json.dumps(doc, indent=1) + "\n")
+        publish(columns, out, rows, args.results)
         return
     path = Path("bench_out") / "explain_localisation.json"
     rows = json.loads(path.read_text()) if args.only else study(args)
-    columns, out = table(rows, args.methods)
+    publish(*table(rows, args.methods), rows, args.results)
+
+
+def publish(columns: list[str], out: list[list[str]], rows: list[dict], results: Path | None) -> None:
+    """Print the table; with ``results``, also put it (and the seeds) into that Results page file."""
     print("| " + " | ".join(columns) + " |\n|" + "---|" * len(columns))
     for r in out:
         print("| " + " | ".join(r) + " |")
-    if args.results:
-        doc = json.loads(args.results.read_text()) if args.results.exists() else {}
+    if results:
+        doc = json.loads(results.read_text()) if results.exists() else {}
         doc.update({"columns": columns, "rows": out, "seeds": sorted({r["seed"] for r in rows})})
-        args.results.write_text(json.dumps(doc, indent=1) + "\n")
+        results.write_text(json.dumps(doc, indent=1) + "\n")
 
 
 if __name__ == "__main__":
