@@ -60,6 +60,8 @@ def main() -> None:
     ap.add_argument("--bench-out", type=Path, default=Path("bench_out"))
     ap.add_argument("--results", type=Path, default=None)
     ap.add_argument("--combination", default="", help="the overrides of the best combination, for the table")
+    ap.add_argument("--results-per-site", type=Path, default=None,
+                    help="also write every metric at every site (pooled test and each site's own test lesions)")
     args = ap.parse_args()
     ref = json.loads(Path("benchmarks/results/ham10000_natural_sites.json").read_text())
     columns = ["run", "options (with experiment=ham10000)", "seeds", "selected", "val bal. ACC", "test bal. ACC",
@@ -74,10 +76,14 @@ def main() -> None:
         body.append([f"{name} (reference, Results: HAM10000 on its four sites)", "-", cells["seeds"],
                      cells["selected"], "-", cells["test bal. ACC"], cells["test macro-F1"], cells["test AUROC"],
                      *[cells[f"bal. ACC @ {s}"] for s in SITES], gap, cells["wall time (s)"]])
+    per_site = []
     for name, file, label, pooled, options in ROWS:
         rs = load(args.bench_out, file, label)
         if not rs:
             continue
+        for where in ("pooled", *SITES):
+            per_site.append([name, " ".join(str(r["seed"]) for r in rs), where, str(rs[0]["test_sites"][where]["n"]),
+                             *[ms([r["test_sites"][where][k] for r in rs]) for k in ("balanced_acc", "f1", "auroc")]])
         if options == "<combination>":
             options = args.combination or options
         pooled_bal = None
@@ -99,10 +105,13 @@ def main() -> None:
     print("|" + "---|" * len(columns))
     for row in body:
         print("| " + " | ".join(row) + " |")
-    if args.results:
-        table = json.loads(args.results.read_text()) if args.results.exists() else {}
-        table["columns"], table["rows"] = columns, body
-        args.results.write_text(json.dumps(table, indent=1, ensure_ascii=False) + "\n")
+    for path, cols, rows in ((args.results, columns, body),
+                             (args.results_per_site, ["run", "seeds", "test data", "n", "bal. ACC", "macro-F1",
+                                                      "AUROC"], per_site)):
+        if path:
+            table = json.loads(path.read_text()) if path.exists() else {}
+            table["columns"], table["rows"] = cols, rows
+            path.write_text(json.dumps(table, indent=1, ensure_ascii=False) + "\n")
 
 
 if __name__ == "__main__":
