@@ -7,13 +7,13 @@ import pytest
 import torch
 
 from fedmed.data.datamodule import ArrayDataset, make_loader
-from fedmed.models import CompactCNN, SmallInputDenseNet
+from fedmed.models import CompactCNN, EfficientNetLite0, SmallInputDenseNet
 from fedmed.models.classifier import Classifier
 
-NETS = {"cnn": CompactCNN, "densenet": SmallInputDenseNet}
+NETS = {"cnn": CompactCNN, "densenet": SmallInputDenseNet, "efficientnet_lite0": EfficientNetLite0}
 
 
-@pytest.mark.parametrize("name", ["cnn", "densenet"])
+@pytest.mark.parametrize("name", ["cnn", "densenet", "efficientnet_lite0"])
 @pytest.mark.parametrize("size", [28, 64])
 def test_2d_shapes(name, size):
     net = NETS[name](in_channels=3, num_classes=4)
@@ -27,7 +27,7 @@ def test_3d_shapes():
 
 
 def test_target_layers_exist():
-    for name in ("cnn", "densenet"):
+    for name in NETS:
         net = NETS[name](in_channels=1, num_classes=2)
         for path in net.target_layers:
             assert isinstance(net.get_submodule(path), torch.nn.Module)
@@ -62,6 +62,8 @@ def test_model_configs_build_their_network_by_target():
         cfg = OmegaConf.create({"data": data, "model": OmegaConf.load(configs / f"{name}.yaml")})
         net = instantiate(cfg.model.net, _convert_="all")
         assert type(net) is cls and net(torch.randn(2, 1, 28, 28)).shape == (2, 3)
+    with pytest.raises(ValueError, match="EfficientNetLite0 is a 2D network"):
+        EfficientNetLite0(in_channels=1, num_classes=2, spatial_dims=3)
     with pytest.raises(InstantiationException, match="fedmed.models.ResNet"):
         instantiate({"_target_": "fedmed.models.ResNet"})
 
