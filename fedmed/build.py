@@ -208,6 +208,7 @@ def training_settings(cfg: DictConfig, federated: bool) -> TrainingSettings:
                             trainer=OmegaConf.to_container(cfg.trainer, resolve=True),  # type: ignore[arg-type]
                             seed=cfg.seed, planned_epochs=planned, privacy=dp_config(cfg),
                             shares=shares(cfg, federated),
+                            min_class_images=int(fed.get("calibrate_min_images", 10)),
                             label_prior=label_prior(cfg) if federated else "site")
 
 

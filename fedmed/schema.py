@@ -119,6 +119,7 @@ RULES: dict[str, Rule] = {
     "model.pretrained": optional(pretrained_source),
     "federation.calibrate_head": boolean, "federation.calibrate_samples": integer(10),
     "federation.calibrate_epochs": integer(1), "federation.calibrate_lr": POSITIVE,
+    "federation.calibrate_min_images": integer(1),
     "model.optimizer.name": choice("adam", "sgd"), "model.optimizer.lr": POSITIVE,
     "model.optimizer.momentum": number(0, 1, hi_open=True), "model.optimizer.keep_state": boolean,
     "model.optimizer.weight_decay": number(0), "model.optimizer.schedule": choice("constant", "cosine"),

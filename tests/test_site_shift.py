@@ -289,3 +289,20 @@ def test_pretrained_files_that_are_not_this_networks_tensors_are_refused(tmp_pat
         load_pretrained(EfficientNetLite0(3, 7), str(code))
     with pytest.raises(FedmedError, match=r"CompactCNN has no pretrained weights; they exist for EfficientNetLite0"):
         load_pretrained(CompactCNN(3, 7), _wheel_file())
+
+
+def test_a_site_sends_no_features_of_a_class_it_holds_few_images_of():
+    """One image of a class: its 'mean' would be that image's feature vector. Below ``min_class_images`` the
+    class is left out of the feature statistics (its count too); the label counts stay exact."""
+    site = make_site(1, 50)
+    w = factory().net.state_dict()
+    counts = np.bincount(site.data.train.y.numpy(), minlength=2)
+    rare = int(np.argmin(counts))
+    for k, withheld in ((int(counts.min()), False), (int(counts.min()) + 1, True)):
+        site.settings = TrainingSettings(batch_size=16, seed=5, shares=BOTH, label_prior="federation",
+                                         min_class_images=k)
+        stats = site.statistics(w, True)
+        assert bool(stats["counts"][rare] == 0) is withheld
+        assert bool(not stats["sum"][rare].any() and not stats["outer"][rare].any()) is withheld
+        assert stats["counts"][1 - rare] == counts[1 - rare] and stats["sum"][1 - rare].any()
+        assert site.statistics(None, False)["counts"].tolist() == counts.tolist()

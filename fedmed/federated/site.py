@@ -114,8 +114,9 @@ class SiteClient:
 
     def statistics(self, weights: StateDict | None, features: bool) -> dict[str, Any]:
         """This site's training images per class and, with ``features``, the per-class moments of ``weights``'
-        penultimate features (:func:`~fedmed.federated.statistics.class_statistics`): numbers only, and only
-        what this site's config agreed to share (``PermissionError`` otherwise)."""
+        penultimate features (:func:`~fedmed.federated.statistics.class_statistics`) of the classes with at least
+        ``min_class_images`` images here: numbers only, and only what this site's config agreed to share
+        (``PermissionError`` otherwise)."""
         want = CLASS_FEATURES if features else LABEL_COUNTS
         if want not in self.settings.shares and CLASS_FEATURES not in self.settings.shares:
             raise PermissionError(f"site {self.name} does not share {want.replace('_', ' ')}: its config has no "
@@ -126,6 +127,10 @@ class SiteClient:
                 raise ValueError("feature statistics need the model's weights")
             self.set_weights(self.part.local_weights(weights))
         stats = class_statistics(net, self.data.train, self.module.num_classes, features, self.training.device())
+        if features:  # a class with few images here would give away (nearly) single images' features
+            few = stats["counts"] < self.settings.min_class_images
+            for key in ("counts", "sum", "outer"):
+                stats[key][few] = 0
         return {"site": self.name, **stats}
 
     def public_key(self, round_idx: int) -> tuple[bytes, bytes]:

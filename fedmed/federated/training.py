@@ -38,6 +38,9 @@ class TrainingSettings:
             ``class_features`` (per-class moments of the model's penultimate features).
         label_prior: ``site`` (a logit-adjusted loss uses the site's own label mix) or ``federation``
             (the summed counts the server sends with every round).
+        min_class_images: ``class_features``: a class with fewer training images at the site is left out of
+            what it sends (count, sum and outer products all 0): with one image, its "mean" is that image's
+            feature vector.
     """
 
     batch_size: int = 64
@@ -47,6 +50,7 @@ class TrainingSettings:
     privacy: DPConfig | None = None
     shares: frozenset[str] = frozenset()
     label_prior: str = "site"
+    min_class_images: int = 10
 
 
 @dataclass
