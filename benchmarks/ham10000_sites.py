@@ -120,7 +120,9 @@ def validation_score(cfg, row: dict) -> float:
     taken together, after head calibration where it ran): what a lever is chosen by, never the test split."""
     selected = row["selected"]
     if row["label"] == "centralized" or row["label"].startswith("local:"):
-        epoch = int(selected.split()[1].split("/")[0])
+        if "head calibrated" in selected:
+            return metric_history(cfg, row["run_id"], "calibrated_val_balanced_acc")[-1][1]
+        epoch = int(selected.split()[1].split("/")[0].rstrip(","))
         return dict(metric_history(cfg, row["run_id"], "val_balanced_acc"))[epoch]
     if "head calibrated" in selected:
         return metric_history(cfg, row["run_id"], "calibrated_val_pooled_balanced_acc")[-1][1]

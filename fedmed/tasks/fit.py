@@ -125,6 +125,21 @@ def _baseline(cfg, mode, sites, datas, tracker: Tracker, run_id: str, initial) -
     seconds = time.perf_counter() - t0
     tracker.set_tags(run_id, {"selected_epoch": best_epoch})
     rows = [(f"{mode} model", who, "val", client.evaluate(weights, epochs, log_metrics=False))]
+    chosen = f"epoch {best_epoch}/{epochs}"
+    calibration = build.head_calibration(cfg)
+    if calibration is not None:  # the same re-fit as a federation's, from this run's own training images
+        from fedmed.federated.statistics import class_statistics
+
+        net = client.module.net
+        net.load_state_dict(weights)
+        stats = class_statistics(net, data.train, client.module.num_classes, True, client.training.device())
+        weights = calibration.fit(net, weights, stats)
+        ev = client.evaluate(weights, epochs + 1, log_metrics=False)
+        client.run.log_metrics({f"calibrated_val_{k}": v for k, v in ev.metrics.items()}, step=epochs + 1)
+        log.info("head calibrated on %d virtual features per class: validation balanced accuracy %.4f",
+                 calibration.samples, ev.metrics["balanced_acc"])
+        rows.append(("head calibrated", who, "val", ev))
+        chosen += ", head calibrated"
     dp_records = {who: client.dp.record()} if client.dp is not None else {}
-    return Trained(mode, sites, weights, f"epoch {best_epoch}/{epochs}", seconds, rows,
+    return Trained(mode, sites, weights, chosen, seconds, rows,
                    "bytes sent: 0 (no federation)", [data.train], best_epoch, [], dp_records)
