@@ -57,3 +57,4 @@ def test_each_site_scores_the_final_model_at_home_the_same_in_process_and_over_f
     card = Path(MlflowClient(cfg.logger.tracking_uri).download_artifacts(flower["run_id"], "model_card.md",
                                                                            str(tmp_path / "c"))).read_text()
     assert "| vienna_dias | internal | 64 |" in card and "| vienna_dias | 3" not in card
+    assert "label prior" in card and "re-fitted on class-balanced virtual features" in card

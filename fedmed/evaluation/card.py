@@ -47,7 +47,12 @@ def model_card(config: DictConfig, evaluations: Sequence[tuple[str, Scores]], *,
              f"- Training: {mode}"
              + (f", strategy `{cfg.strategy._target_.rsplit('.', 1)[-1]}`, {fed.rounds} rounds x "
                 f"{fed.local_epochs} local epoch(s)" if mode == "federated" else f", {fed.rounds * fed.local_epochs} "
-                "epochs") + f", selection `{fed.select}` (validation data only), seed {cfg.seed}.",
+                "epochs") + f", selection `{fed.select}` (validation data only), seed {cfg.seed}"
+             + (f"; started from `model.pretrained={cfg.model.pretrained}`" if cfg.model.get("pretrained") else "")
+             + ("; logit-adjusted loss with the federation's label prior"
+                if cfg.model.get("logit_adjust") and cfg.model.get("logit_prior") == "federation" else "")
+             + ("; last layer re-fitted on class-balanced virtual features (`federation.calibrate_head`)"
+                if fed.get("calibrate_head") else "") + ".",
              f"- Privacy: DP-SGD {privacy}; secure aggregation {'on' if cfg.privacy.secure_aggregation else 'off'}; "
              f"update compression `{fed.compression}`.", "",
              "## Preprocessing (augmentation: training only)", "", "```yaml",
