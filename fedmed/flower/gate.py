@@ -184,18 +184,33 @@ class SiteTasks(_Executor):
         self.handle = handle
         self.run_id: int | None = None  # the run this site joined (the first whose hello it answered)
 
-    def serve(self, done: Callable[[], bool], check: Callable[[], None], idle: float = 0.2) -> None:
-        """Answer tasks until ``done()``; ``check()`` runs between them (it raises to stop)."""
+    def serve(self, done: Callable[[], bool], check: Callable[[], None], idle: float = 0.2,
+              watch: Callable[[], None] | None = None) -> None:
+        """Answer tasks until ``done()``; ``check()`` runs between them (it raises to stop). With ``watch``, each
+        task is answered in a worker thread and ``watch()`` runs every second meanwhile (it raises to stop): a
+        task whose message the SuperNode can no longer deliver (the server died mid-message) would otherwise
+        block this site for ever."""
         while not done():
             check()
             got = self.acquire()
             if got is None:
                 time.sleep(idle)
                 continue
-            try:
-                self._answer(*got)
-            except (httpx.HTTPError, OSError, RuntimeError) as exc:  # the SuperNode went away mid-task
-                log.warning("a task could not be answered: %s: %s", type(exc).__name__, exc)
+            if watch is None:
+                self._answer_safely(*got)
+                continue
+            worker = threading.Thread(target=self._answer_safely, args=got, daemon=True, name="fedmed-task")
+            worker.start()
+            while worker.is_alive():
+                worker.join(1.0)
+                if worker.is_alive():
+                    watch()
+
+    def _answer_safely(self, token: str, task: Any) -> None:
+        try:
+            self._answer(token, task)
+        except (httpx.HTTPError, OSError, RuntimeError) as exc:  # the SuperNode went away mid-task
+            log.warning("a task could not be answered: %s: %s", type(exc).__name__, exc)
 
     def _answer(self, token: str, task: Any) -> None:
         client = self.task_client(token, "flwr-clientapp")

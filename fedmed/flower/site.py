@@ -56,7 +56,8 @@ def join_federation(cfg: DictConfig) -> dict[str, Any]:
         log.info("[%s] SuperNode started for %s; waiting for the server (%s)", name, cfg.federation.server,
                  "TLS" + (", authenticated" if key else "") if tls else "no TLS")
         try:
-            tasks.serve(lambda: node.finished is not None or node.refused is not None, keeper.check)
+            tasks.serve(lambda: node.finished is not None or node.refused is not None, keeper.check,
+                        watch=keeper.watch)
             time.sleep(1.5)  # the SuperNode delivers the last answer before it stops
         finally:
             keeper.proc.stop()
@@ -110,6 +111,12 @@ class _Keeper:
         if self.unreachable is None:
             self.unreachable = now
         return now - self.unreachable > self.timeout
+
+    def watch(self) -> None:
+        """While a message is being answered: only whether the server is gone (then the site ends)."""
+        now = time.monotonic()
+        if self._server_gone(now):
+            self._give_up(f"is gone: {self.server} has not answered for {now - (self.unreachable or now):.0f}s")
 
     def check(self) -> None:
         now = time.monotonic()
