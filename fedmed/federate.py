@@ -120,7 +120,7 @@ def federate(cfg: DictConfig, strategy: Strategy, sites: Sequence[SiteTransport]
     chosen = f"round {result.round}/{fed.rounds}"
     calibration = build.head_calibration(cfg)
     if calibration is not None:
-        calibrated = orchestrator.calibrate_head(result.weights, calibration, build.build_module(cfg).net)
+        calibrated = orchestrator.calibrate_head(result.weights, calibration, build.build_net(cfg)[0])
         if calibrated is not None:
             result.weights = calibrated[0]
             chosen += ", head calibrated"

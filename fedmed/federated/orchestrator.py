@@ -209,21 +209,29 @@ class Orchestrator:
         t = self._stray.get(name)
         return t is not None and t.is_alive()
 
-    def gather_label_counts(self) -> list[int]:
-        """Every site's training images per class, checked, summed (``label_prior``); a site that cannot
-        answer stops the federation before any training (the prior would not be the federation's)."""
-        k = self.settings.num_classes
-        assert k is not None
+    def _statistics(self, weights: dict[str, torch.Tensor] | None, dim: int | None
+                    ) -> tuple[list[dict[str, Any]], tuple[str, str] | None]:
+        """Every site's class statistics (with ``weights``: its feature moments of ``dim`` features), each checked
+        against what it declared; (what came, None), or (what came so far, (the first failing site, why))."""
+        k, features = self.settings.num_classes or 0, weights is not None
         got: list[dict[str, Any]] = []
-        for site, (stats, exc) in zip(self.sites, concurrently(lambda c: c.statistics(None, False), self.sites),
+        for site, (stats, exc) in zip(self.sites, concurrently(lambda c: c.statistics(weights, features), self.sites),
                                       strict=True):
             declared = getattr(site, "info", {}).get("num_train")
             problem = (f"{type(exc).__name__}: {exc}" if exc is not None else
-                       check_statistics(stats, k, False, max_count=int(declared) if declared is not None else None))
+                       check_statistics(stats, k, features, dim, int(declared) if declared is not None else None))
             if problem:
-                raise FederationError(f"site {site.name} could not send its label counts for the federation's "
-                                      f"label prior (model.logit_prior=federation): {problem}")
+                return got, (site.name, problem)
             got.append(dict(stats or {}))
+        return got, None
+
+    def gather_label_counts(self) -> list[int]:
+        """Every site's training images per class, checked, summed (``label_prior``); a site that cannot
+        answer stops the federation before any training (the prior would not be the federation's)."""
+        got, problem = self._statistics(None, None)
+        if problem:
+            raise FederationError(f"site {problem[0]} could not send its label counts for the federation's "
+                                  f"label prior (model.logit_prior=federation): {problem[1]}")
         counts = [int(c) for c in summed(got)["counts"]]
         log.info("the federation's label prior, from %d sites: %s images per class", len(got), counts)
         self.run_log.log_metrics({f"label_prior_count_class{i}": c for i, c in enumerate(counts)}, step=0)
@@ -238,22 +246,13 @@ class Orchestrator:
         Returns None, with a warning and a run tag, where a site cannot send usable statistics: the federation's
         model then stays as it is.
         """
-        k = self.settings.num_classes or 0
-        dim = last_linear(net)[1].in_features
-        got: list[dict[str, Any]] = []
-        for site, (stats, exc) in zip(self.sites, concurrently(lambda c: c.statistics(weights, True), self.sites),
-                                      strict=True):
-            declared = getattr(site, "info", {}).get("num_train")
-            problem = (f"{type(exc).__name__}: {exc}" if exc is not None else
-                       check_statistics(stats, k, True, dim, int(declared) if declared is not None else None))
-            if problem:
-                log.warning("head calibration skipped: site %s sent no usable feature statistics: %s", site.name,
-                            problem)
-                if self.run_log.tracker is not None and self.run_log.run_id is not None:
-                    self.run_log.tracker.set_tags(self.run_log.run_id,
-                                                  {"head_calibration": f"skipped: {site.name}: {problem}"[:250]})
-                return None
-            got.append(dict(stats or {}))
+        got, problem = self._statistics(weights, last_linear(net)[1].in_features)
+        if problem:
+            log.warning("head calibration skipped: site %s sent no usable feature statistics: %s", *problem)
+            if self.run_log.tracker is not None and self.run_log.run_id is not None:
+                self.run_log.tracker.set_tags(self.run_log.run_id,
+                                              {"head_calibration": f"skipped: {problem[0]}: {problem[1]}"[:250]})
+            return None
         calibrated = calibration.fit(net, weights, summed(got))
         step = self.settings.rounds + 1
         evals = self._evaluate_round(step, calibrated, explain=False)
