@@ -89,7 +89,7 @@ def _channels(k: int, round_idx: int):
     from fedmed.federated.channel import UpdateChannel
     from fedmed.federated.messages import FitResult
 
-    states = _states(k=k, seed=4, width=50)
+    states = _states(k=k, seed=4, width=500)  # ~4,000 values: noise correlates by |r| < 0.2 always
     chans = {f"site{i}": UpdateChannel(f"site{i}") for i in range(k)}
     peers = {n: c.public_key(round_idx)[0] for n, c in chans.items()}
     plan = {"secagg": {"round": round_idx, "peers": peers, "pooled_bn": True}}
