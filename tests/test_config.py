@@ -198,6 +198,10 @@ def test_a_wrong_value_and_the_composed_config_need_no_torch(isolated):
         out = subprocess.run([sys.executable, "-c", probe, *args, *isolated], capture_output=True, text=True,
                              timeout=120).stdout.strip().splitlines()[-1]
         assert out == f"{rc} False False False", (args, out)
+    # a strategy's own checks run its class, whose module needs torch, never Lightning or MONAI
+    out = subprocess.run([sys.executable, "-c", probe, "fit", "strategy=fedprox", "strategy.mu=-1", *isolated],
+                         capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip().splitlines()[-1] == "1 True False False" and "strategy.mu must be >= 0" in out.stderr
 
 
 def test_medmnist_classes_come_from_medmnist_s_own_table():

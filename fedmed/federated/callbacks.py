@@ -1,4 +1,5 @@
-"""Lightning callbacks of a site's trainer: progress lines and best-on-validation selection."""
+"""Lightning callbacks of a site's trainer: progress lines, best-on-validation selection, SCAFFOLD's gradient
+correction."""
 
 from __future__ import annotations
 
@@ -59,3 +60,15 @@ class BestOnValidation(L.Callback):
         if loss < self.best_loss:
             self.best_loss, self.best_epoch = loss, trainer.current_epoch + 1
             self.best_state = clone_state(pl_module.net.state_dict())
+
+
+class GradientCorrection(L.Callback):
+    """Adds SCAFFOLD's correction (c - c_i) to every gradient before the optimizer step."""
+
+    def __init__(self, correction: dict[str, torch.Tensor]):
+        self.correction = correction
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        for name, p in pl_module.net.named_parameters():
+            if p.grad is not None and name in self.correction:
+                p.grad.add_(self.correction[name].to(p.grad.dtype))

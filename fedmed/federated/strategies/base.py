@@ -10,13 +10,15 @@ round loop and the site never branch on a strategy's name.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any, ClassVar, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
-import lightning as L
 import torch
 from torch import nn
 
 from fedmed.aggregation import fedavg
+
+if TYPE_CHECKING:  # Lightning only where a site trains: the config check imports strategies without it
+    import lightning as L
 
 StateDict = Mapping[str, torch.Tensor]
 

@@ -7,14 +7,16 @@ Site: gradient + (c - c_i) at every step; c_i+ = c_i - c + (x - y_i) / (steps * 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import lightning as L
 import torch
 from torch import nn
 
 from fedmed.aggregation import buffer_keys, fedavg
 from fedmed.federated.strategies.base import SitePart, StateDict, Strategy, Update
+
+if TYPE_CHECKING:
+    import lightning as L
 
 
 def trainable_keys(global_w: StateDict) -> list[str]:
@@ -68,18 +70,6 @@ class Scaffold(Strategy):
         self.c = state.get("c")
 
 
-class GradientCorrection(L.Callback):
-    """Adds SCAFFOLD's correction (c - c_i) to every gradient before the optimizer step."""
-
-    def __init__(self, correction: dict[str, torch.Tensor]):
-        self.correction = correction
-
-    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
-        for name, p in pl_module.net.named_parameters():
-            if p.grad is not None and name in self.correction:
-                p.grad.add_(self.correction[name].to(p.grad.dtype))
-
-
 class ControlVariate(SitePart):
     """The site side of SCAFFOLD: its control variate c_i, plain SGD, and the corrected gradients."""
 
@@ -101,6 +91,8 @@ class ControlVariate(SitePart):
     def callbacks(self) -> list[L.Callback]:
         if self.c_i is None:
             self.c_i = {k: torch.zeros_like(v) for k, v in self.c.items()}
+        from fedmed.federated.callbacks import GradientCorrection  # Lightning: only at a training site
+
         return [GradientCorrection({k: self.c[k] - self.c_i[k] for k in self.c})]
 
     def after_training(self, start, new, steps, lr_factors) -> dict[str, Any]:
