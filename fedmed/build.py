@@ -117,10 +117,9 @@ def check_settings(cfg: DictConfig, mode: str) -> Strategy | None:
     shared = [key for key, on in (("model.logit_prior=federation", label_prior(cfg) == "federation"),
                                   ("federation.calibrate_head=true", bool(cfg.federation.get("calibrate_head"))))
               if on]
-    if shared and (secure or dp_config(cfg) is not None):
-        raise FedmedError(f"{shared[0]} with {'privacy.secure_aggregation' if secure else 'DP-SGD'}: the sites would "
-                          "send their class statistics in the clear, outside "
-                          f"{'the masked sum' if secure else 'the privacy budget'}; choose one")
+    if shared and dp_config(cfg) is not None:  # under secure aggregation they are masked like the updates
+        raise FedmedError(f"{shared[0]} with DP-SGD: the sites would send their class statistics outside the "
+                          "privacy budget; choose one")
     if mode != "federated":
         return None
     strategy = build_strategy(cfg)
@@ -240,7 +239,9 @@ def site_client(cfg: DictConfig, name: str, index: int, data: SiteData, run: Run
                             data.val_masks)
     return SiteClient(name, data, lambda: build_module(cfg), settings, index,
                       part=strategy.site_part() if strategy is not None else None,
-                      channel=UpdateChannel(name, encoder, signer, roster), heatmaps=heatmaps,
+                      channel=UpdateChannel(name, encoder, signer, roster,
+                                            masked_only=federated and bool(cfg.privacy.secure_aggregation)),
+                      heatmaps=heatmaps,
                       attack=Attack(attack, float(fed.attack_scale)) if attack else None, run=run,
                       model_config=OmegaConf.to_container(cfg, resolve=True))
 

@@ -304,3 +304,6 @@ def test_the_privacy_record_says_which_class_statistics_the_sites_sent():
     assert "class statistics sent:    per-class mean and covariance of the model's penultimate features" in text
     assert "training images per class (each site's, in the clear)" in text
     assert "class statistics" not in format_record(privacy_record(mode="federated", **common))
+    masked = format_record(privacy_record(mode="federated", class_statistics={"label_counts"},
+                                          **{**common, "secure_aggregation": True}))
+    assert "training images per class (masked: the server saw only the federation's sum)" in masked

@@ -5,7 +5,10 @@ own :class:`UpdateChannel` as a malicious server would, and recovers nothing of 
 (b) masking keys the server made: a site with a roster refuses keys its peers did not sign;
 (c) the same round asked twice (also what an honest server resumed mid-round does): every masked
     update has a fresh key, a key masks once, and what was revealed cannot be revealed again, even
-    by a site process restarted from what it kept.
+    by a site process restarted from what it kept;
+(d) "send it in the clear this time": a site configured for secure aggregation sends its update only
+    masked, whatever the server's instructions say (its class statistics likewise:
+    ``tests/test_site_shift.py::test_a_site_tells_the_server_only_what_its_config_shares``).
 """
 
 from __future__ import annotations
@@ -39,8 +42,9 @@ def _signers() -> dict[str, Signer]:
     return out
 
 
-def _package(chan: UpdateChannel, state, n: int, plan: dict) -> np.ndarray:
-    return chan.package(FitResult(chan.site, dict(state), n), state, {"secagg": plan}).masked
+def _package(chan: UpdateChannel, state, n: int, plan: dict | None) -> np.ndarray:
+    instructions = {"secagg": plan} if plan is not None else {}
+    return chan.package(FitResult(chan.site, dict(state), n), state, instructions).masked
 
 
 def _round(chans: dict[str, UpdateChannel], r: int) -> dict:
@@ -121,6 +125,17 @@ def test_a_round_asked_twice_gets_fresh_masks_and_one_reveal():
             chan.dropout_correction([], 3, n, SITES, mine)
     assert restarted.secret_state()["round"]["private"] is None  # the key itself is gone
     assert "private" not in str(chans["site1"].state_dict())  # what the server checkpoints holds no key
+
+
+def test_a_site_configured_for_secure_aggregation_never_sends_its_update_in_the_clear():
+    chans = {n: UpdateChannel(n, masked_only=True) for n in SITES}
+    with pytest.raises(ValueError, match="site site0 sends its update only masked .* nothing is sent"):
+        _package(chans["site0"], _state(0), 10, None)
+    plan = _round(chans, 5)  # with the masking keys, as always
+    assert _package(chans["site0"], _state(0), 10, plan).dtype == np.uint64
+    plain = UpdateChannel("site0")  # a site of a federation without secure aggregation sends its weights
+    result = plain.package(FitResult("site0", _state(0), 10), _state(0), {})
+    assert torch.equal(result.weights["w"], _state(0)["w"])
 
 
 def test_a_site_across_machines_needs_its_key_and_the_roster_for_secure_aggregation(isolated, tmp_path, caplog):

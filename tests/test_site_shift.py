@@ -16,6 +16,7 @@ from fedmed.data.preprocessing import Preprocessing
 from fedmed.data.transforms import ShadesOfGrayd
 from fedmed.errors import FederationError, FedmedError
 from fedmed.federated import FederationSettings, InProcessSite, Orchestrator, SiteClient, TrainingSettings
+from fedmed.federated.channel import UpdateChannel
 from fedmed.federated.messages import EvalResult
 from fedmed.federated.orchestrator import site_mean_balanced_acc
 from fedmed.federated.statistics import (
@@ -26,6 +27,8 @@ from fedmed.federated.statistics import (
     class_gaussians,
     class_statistics,
     last_linear,
+    statistics_from_vector,
+    statistics_vector,
     summed,
 )
 from fedmed.flower import grid as fgrid
@@ -36,15 +39,18 @@ from tests.test_orchestrator import factory, synthetic_site
 BOTH = frozenset({LABEL_COUNTS, CLASS_FEATURES})
 
 
-def make_site(k: int, n: int, shares=BOTH, prior: str = "federation", name: str | None = None) -> SiteClient:
+def make_site(k: int, n: int, shares=BOTH, prior: str = "federation", name: str | None = None,
+              secure: bool = False) -> SiteClient:
     def adjusted():
         module = factory()
         module.logit_adjust = 1.0
         return module
 
-    return SiteClient(name or f"s{k}", synthetic_site(k, n, 0.3 + 0.4 * k), adjusted,
+    name = name or f"s{k}"
+    return SiteClient(name, synthetic_site(k, n, 0.3 + 0.4 * k), adjusted,
                       TrainingSettings(batch_size=16, trainer={"accelerator": "cpu"}, seed=5, shares=shares,
-                                       label_prior=prior), site_index=k)
+                                       label_prior=prior), site_index=k,
+                      channel=UpdateChannel(name, masked_only=secure))
 
 
 # -- colour constancy ----------------------------------------------------------------------------
@@ -177,6 +183,10 @@ def test_a_site_tells_the_server_only_what_its_config_shares():
     assert counts_only.statistics(None, False)["counts"].sum() == len(counts_only.data.train)
     with pytest.raises(PermissionError, match="does not share class features"):
         counts_only.statistics(w, True)
+    secure = make_site(0, 40, secure=True)  # under secure aggregation: masked or not at all
+    for features in (False, True):
+        with pytest.raises(ValueError, match="sends its class statistics only masked"):
+            secure.statistics(w, features)
 
 
 def test_a_site_that_overstates_its_counts_stops_the_federation_before_training():
@@ -197,15 +207,18 @@ def test_a_site_that_overstates_its_counts_stops_the_federation_before_training(
 
 
 # -- over Flower ---------------------------------------------------------------------------------
-def test_the_levers_travel_over_flower_with_the_same_result(serverapp):  # noqa: F811
+@pytest.mark.parametrize("secure", [False, True], ids=["clear", "secure_aggregation"])
+def test_the_levers_travel_over_flower_with_the_same_result(serverapp, secure):  # noqa: F811
     """The federation's label prior and head calibration through `query.statistics` messages (Flower's
-    serialization, a site built afresh for every message) give the weights the in-process sites give."""
-    settings = FederationSettings(rounds=2, select="last", label_prior=True, num_classes=2)
+    serialization, a site built afresh for every message) give the weights the in-process sites give; under
+    secure aggregation the statistics travel masked, in both, and give the same weights again."""
+    settings = FederationSettings(rounds=2, select="last", label_prior=True, num_classes=2,
+                                  secure_aggregation=secure)
     torch.manual_seed(0)
     initial = factory().net.state_dict()
     out = []
     for remote in (False, True):
-        makers = [lambda k=k, n=n: make_site(k, n) for k, n in enumerate((40, 90))]
+        makers = [lambda k=k, n=n: make_site(k, n, secure=secure) for k, n in enumerate((40, 90))]
         if remote:
             sites = fgrid.accept(LoopbackGrid({10 + k: m for k, m in enumerate(makers)}), ["s0", "s1"], timeout=30,
                                  hello={})
@@ -223,6 +236,48 @@ def test_the_levers_travel_over_flower_with_the_same_result(serverapp):  # noqa:
     assert not torch.equal(w_a["head.5.weight"], result.weights["head.5.weight"])  # the head did change
     assert all(torch.equal(w_a[k], result.weights[k]) for k in w_a if not k.startswith("head.5."))
     assert {s: e.num_samples for s, e in ev_a.items()} == {s: e.num_samples for s, e in ev_b.items()}
+
+
+def test_under_secure_aggregation_the_server_learns_only_the_sum_of_the_statistics():
+    """Masked statistics: what each site sends is one uint64 vector that tells nothing by itself; the server's
+    label prior is the same as in the clear, and the calibrated head matches the one from clear statistics."""
+    seen: list[dict] = []
+
+    class Watched(InProcessSite):
+        def statistics(self, weights, features, secagg=None):
+            answer = super().statistics(weights, features, secagg)
+            seen.append(answer)
+            return answer
+
+    torch.manual_seed(0)
+    initial = factory().net.state_dict()
+    out = {}
+    for secure in (False, True):
+        sites = [Watched(make_site(k, n, secure=secure)) for k, n in enumerate((40, 90, 60))]
+        orch = Orchestrator(sites, make_strategy("fedavg"),
+                            FederationSettings(rounds=1, select="last", label_prior=True, num_classes=2,
+                                               secure_aggregation=secure))
+        result = orch.run(initial)
+        calibrated, _ = orch.calibrate_head(result.weights, HeadCalibration(samples=300, epochs=3), factory().net)
+        out[secure] = (orch.label_counts, result.weights, calibrated)
+    masked = seen[6:]  # 3 sites x (counts, features) under secure aggregation
+    assert [sorted(a) for a in masked] == [["masked", "site"]] * 6
+    assert all(a["masked"].dtype == np.uint64 and int(a["masked"].max()) > 2**60 for a in masked)
+    assert out[True][0] == out[False][0]  # the label prior: exact
+    for k in initial:  # the same federation, up to the masked sum's fixed point (2^-24)
+        assert torch.allclose(out[True][1][k].float(), out[False][1][k].float(), atol=1e-5), k
+    for k, v in out[False][2].items():
+        assert torch.allclose(out[True][2][k], v, atol=1e-4), k
+
+
+def test_statistics_round_trip_through_their_vector():
+    stats = class_statistics(factory().net, synthetic_site(0, 30, 0.5).train, 2, True)
+    dim = stats["sum"].shape[1]
+    back = statistics_from_vector(statistics_vector(stats, 2, dim), 2, dim)
+    assert np.array_equal(back["counts"], stats["counts"]) and np.array_equal(back["sum"], stats["sum"])
+    assert np.allclose(back["outer"], stats["outer"], rtol=0, atol=1e-12)  # the upper triangle, mirrored
+    assert len(statistics_vector(stats, 2, dim)) == 2 * (1 + dim + dim * (dim + 1) // 2)
+    assert np.array_equal(statistics_from_vector(statistics_vector(stats, 2, None), 2, None)["counts"], stats["counts"])
 
 
 def test_calibration_is_skipped_not_fatal_when_a_site_will_not_share(caplog):

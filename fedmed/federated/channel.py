@@ -3,6 +3,9 @@
 Under secure aggregation (:mod:`fedmed.privacy.secagg`) the site protects itself from the server
 it talks to, whatever the server says:
 
+- configured for secure aggregation (``masked_only``), it sends its update and its class statistics
+  only masked: a server that asks for them without masking instructions gets a refusal, not the
+  values in the clear;
 - a fresh key pair for every masked update (:meth:`UpdateChannel.public_key`), used to mask once
   and forgotten after its masks are revealed: a repeated round index, a second ``package`` or a
   resumed server never gets two updates under the same masks, nor a second reveal;
@@ -38,11 +41,13 @@ class UpdateChannel:
         signer: this site's SuperNode key: it signs the site's masking keys.
         roster: site -> registered public key (DER): the peers' masking keys must carry their
             signatures (None: keys are taken as relayed, for sites in the server's own process).
+        masked_only: this site's config has ``privacy.secure_aggregation``: nothing it sends about its
+            data (update, class statistics) leaves it unmasked, whatever the server asks.
     """
 
     def __init__(self, site: str, encoder: UpdateEncoder | None = None, signer: Signer | None = None,
-                 roster: Mapping[str, bytes] | None = None):
-        self.site, self.encoder = site, encoder
+                 roster: Mapping[str, bytes] | None = None, masked_only: bool = False):
+        self.site, self.encoder, self.masked_only = site, encoder, masked_only
         self.signer, self.roster = signer, (dict(roster) if roster is not None else None)
         self._fresh: tuple[int, secagg.MaskingKey] | None = None  # a key pair handed out, not yet used to mask
         self._round: dict[str, Any] = {}  # the last masked update: round, peers, key, attested, revealed
@@ -60,22 +65,35 @@ class UpdateChannel:
     def package(self, result: FitResult, start: StateDict, instructions: Mapping[str, Any]) -> FitResult:
         """Turn ``result`` into what is sent: with ``instructions["secagg"]`` (peers' public keys) a
         masked contribution, else with an encoder a compressed update, else the weights."""
-        plan = instructions.get("secagg")
+        plan = self.plan(instructions.get("secagg"), "its update")
         if plan is not None:
             bad = [k for k, v in result.weights.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
             if bad:  # the server cannot look inside a masked update: the site checks its own
                 raise ValueError(f"site {self.site}: its update has NaN/Inf in {bad[:3]}; not sent")
-            round_idx, peers = int(plan["round"]), dict(plan["peers"])
-            key = self._checked_key(round_idx, peers, dict(plan.get("signatures") or {}))
             vector = secagg.contribution(result.weights, result.num_samples, plan["pooled_bn"])
-            result.masked = secagg.mask(vector, key, self.site, peers, round_idx)
+            result.masked = self.mask(vector, plan)
             result.weights = {}
-            self._fresh = None  # this key masks nothing else
-            self._round = {"round": round_idx, "peers": peers, "key": key, "attested": None, "revealed": False}
         elif self.encoder is not None:
             result.payload = self.encoder.encode(result.weights, start)
             result.weights = {}
         return result
+
+    def plan(self, plan: Mapping[str, Any] | None, what: str) -> Mapping[str, Any] | None:
+        """The server's masking instructions for sending ``what``; refused where this site sends only masked."""
+        if plan is None and self.masked_only:
+            raise ValueError(f"site {self.site} sends {what} only masked (privacy.secure_aggregation); the server "
+                             "asked for it without masking keys: nothing is sent")
+        return plan
+
+    def mask(self, vector: np.ndarray, plan: Mapping[str, Any]) -> np.ndarray:
+        """``vector`` masked under this round's fresh key and the peers' keys in ``plan``; the key masks nothing
+        else, and the site can attest and reveal for it once."""
+        round_idx, peers = int(plan["round"]), dict(plan["peers"])
+        key = self._checked_key(round_idx, peers, dict(plan.get("signatures") or {}))
+        masked = secagg.mask(vector, key, self.site, peers, round_idx)
+        self._fresh = None  # this key masks nothing else
+        self._round = {"round": round_idx, "peers": peers, "key": key, "attested": None, "revealed": False}
+        return masked
 
     def _checked_key(self, round_idx: int, peers: Mapping[str, bytes], signatures: Mapping[str, bytes]
                      ) -> secagg.MaskingKey:

@@ -21,8 +21,15 @@ from fedmed.errors import BudgetSpent, FederationError, FedmedError
 from fedmed.federated.calls import SiteTimeout, call_with_timeout, concurrently
 from fedmed.federated.checkpoint import CHECKPOINT, save_checkpoint
 from fedmed.federated.messages import EvalResult, FitResult, RoundRecord, clone_state
-from fedmed.federated.secure_round import collect_keys, unmask
-from fedmed.federated.statistics import HeadCalibration, check_statistics, last_linear, summed
+from fedmed.federated.secure_round import collect_keys, unmask, unmask_vectors
+from fedmed.federated.statistics import (
+    HeadCalibration,
+    check_statistics,
+    last_linear,
+    statistics_from_vector,
+    statistics_length,
+    summed,
+)
 from fedmed.federated.strategies.base import Strategy
 from fedmed.federated.transport import SiteTransport
 from fedmed.federated.updates import check_masked, check_update, receive
@@ -212,7 +219,10 @@ class Orchestrator:
     def _statistics(self, weights: dict[str, torch.Tensor] | None, dim: int | None
                     ) -> tuple[list[dict[str, Any]], tuple[str, str] | None]:
         """Every site's class statistics (with ``weights``: its feature moments of ``dim`` features), each checked
-        against what it declared; (what came, None), or (what came so far, (the first failing site, why))."""
+        against what it declared; (what came, None), or (what came so far, (the first failing site, why)).
+        Under secure aggregation only their sum comes (:meth:`_masked_statistics`)."""
+        if self.settings.secure_aggregation:
+            return self._masked_statistics(weights, dim)
         k, features = self.settings.num_classes or 0, weights is not None
         got: list[dict[str, Any]] = []
         for site, (stats, exc) in zip(self.sites, concurrently(lambda c: c.statistics(weights, features), self.sites),
@@ -225,6 +235,42 @@ class Orchestrator:
             got.append(dict(stats or {}))
         return got, None
 
+    def _masked_statistics(self, weights: dict[str, torch.Tensor] | None, dim: int | None
+                           ) -> tuple[list[dict[str, Any]], tuple[str, str] | None]:
+        """Secure aggregation of the sites' statistics, as of their updates: fresh keys, one masked vector per
+        site (:func:`~fedmed.federated.statistics.statistics_vector`), the sum unmasked and checked against the
+        images the sites declared. Key round 0 for the label prior, ``rounds + 1`` for the head calibration."""
+        k, features = self.settings.num_classes or 0, weights is not None
+        dim = dim if features else None
+        r = self.settings.rounds + 1 if features else 0
+        failed: list[tuple[str, str]] = []
+        peers, signatures = collect_keys(self.sites, r, lambda name, why: failed.append((name, why)))
+        if failed:
+            return [], failed[0]
+        plan = {"round": r, "peers": peers, "signatures": signatures}
+        length = statistics_length(k, dim)
+        masked = {}
+        for site, (answer, exc) in zip(self.sites, concurrently(lambda c: c.statistics(weights, features, plan),
+                                                                self.sites), strict=True):
+            m = answer.get("masked") if isinstance(answer, Mapping) else None
+            if exc is not None or not isinstance(m, np.ndarray) or m.dtype != np.uint64 or m.shape != (length,):
+                return [], (site.name, f"{type(exc).__name__}: {exc}" if exc is not None else
+                            f"masked statistics are not a uint64 vector of length {length}")
+            masked[site.name] = m
+        try:
+            total = statistics_from_vector(unmask_vectors(r, masked, peers, self.sites, self.settings.min_sites,
+                                                          length), k, dim)
+        except FederationError as exc:
+            return [], ("(secure aggregation)", str(exc))
+        declared = [getattr(site, "info", {}).get("num_train") for site in self.sites]
+        most = sum(int(d) for d in declared if d is not None) if None not in declared else None
+        problem = check_statistics(total, k, features, dim, most)
+        if problem:
+            return [], ("(the masked sum of " + ", ".join(masked) + ")", problem)
+        log.info("class statistics: the secure sum of %d sites' masked %s", len(masked),
+                 "feature moments" if features else "label counts")
+        return [total], None
+
     def gather_label_counts(self) -> list[int]:
         """Every site's training images per class, checked, summed (``label_prior``); a site that cannot
         answer stops the federation before any training (the prior would not be the federation's)."""
@@ -233,7 +279,7 @@ class Orchestrator:
             raise FederationError(f"site {problem[0]} could not send its label counts for the federation's "
                                   f"label prior (model.logit_prior=federation): {problem[1]}")
         counts = [int(c) for c in summed(got)["counts"]]
-        log.info("the federation's label prior, from %d sites: %s images per class", len(got), counts)
+        log.info("the federation's label prior, from %d sites: %s images per class", len(self.sites), counts)
         self.run_log.log_metrics({f"label_prior_count_class{i}": c for i, c in enumerate(counts)}, step=0)
         return counts
 
@@ -261,7 +307,7 @@ class Orchestrator:
                    **{f"calibrated_val_{k}": v for k, v in weighted_metrics(list(evals.values())).items()}}
         self.run_log.log_metrics(metrics, step=step)
         log.info("head calibrated on %d virtual features per class from %d sites: validation balanced accuracy "
-                 "%.4f (pooled), %.4f (mean of the sites)", calibration.samples, len(got),
+                 "%.4f (pooled), %.4f (mean of the sites)", calibration.samples, len(self.sites),
                  metrics["calibrated_val_pooled_balanced_acc"], metrics["calibrated_val_site_balanced_acc"])
         return calibrated, evals
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 
+import numpy as np
+
 from fedmed.errors import FederationError
 from fedmed.federated.messages import FitResult, StateDict
 from fedmed.privacy.secagg import mean_state, threshold, unmask_sum, vector_length
@@ -28,36 +30,41 @@ def collect_keys(sites: Sequence, round_idx: int, exclude: Callable[[str, str], 
 
 def unmask(r: int, fits: list[FitResult], peers: dict[str, bytes], global_w: StateDict, sites: Sequence,
            pooled_bn: bool, min_sites: int, exclude: Callable[[str, str], None]) -> FitResult:
-    """The sum of the survivors' contributions, as one FitResult of their mean.
+    """The sum of the survivors' contributions (:func:`unmask_vectors`), as one FitResult of their mean."""
+    total = unmask_vectors(r, {f.site: f.masked for f in fits}, peers, sites, min_sites, vector_length(global_w))
+    mean, n = mean_state(total, global_w, pooled_bn)
+    expected = sum(f.num_samples for f in fits)
+    if n != expected:
+        raise FederationError(f"round {r}: secure aggregation sum has n={n}, the sites reported {expected}")
+    return FitResult("secure sum of " + "+".join(f.site for f in fits), mean, n)
 
-    The survivors are the sites whose masked update arrived; sites told to mask that did not
+
+def unmask_vectors(r: int, masked: dict[str, np.ndarray], peers: dict[str, bytes], sites: Sequence,
+                   min_sites: int, length: int) -> np.ndarray:
+    """The sum of the survivors' masked vectors, unmasked.
+
+    The survivors are the sites whose masked vector arrived; sites given keys that did not
     deliver have dropped out. Every survivor attests the survivor set, then reveals its self
     mask and its masks with the dropped sites, which the server subtracts
     (:mod:`fedmed.privacy.secagg`). A survivor that fails in these two steps ends the round: its
     masks cannot be recovered without asking another site to reveal twice.
     """
     by_name = {s.name: s for s in sites}
-    survivors = sorted(f.site for f in fits)
+    survivors = sorted(masked)
     need = max(min_sites, threshold(len(peers)))
     if len(survivors) < need:
         raise FederationError(f"round {r}: only {len(survivors)} of {len(peers)} sites completed secure aggregation; "
                               f"the sites reveal their masks only for at least {need} (a majority, at least 2, and "
                               f"federation.min_sites={min_sites})")
     dropped = sorted(n for n in peers if n not in survivors)
-    length = vector_length(global_w)
     tags = {u: _step(r, u, "attesting the survivors", lambda u=u: by_name[u].attest(r, survivors))
             for u in survivors}
-    revealed = [_step(r, f.site, "revealing its masks", lambda f=f: by_name[f.site].dropout_correction(
-        dropped, r, length, survivors, {u: tags[u][f.site] for u in survivors if u != f.site})) for f in fits]
+    revealed = [_step(r, site, "revealing its masks", lambda site=site: by_name[site].dropout_correction(
+        dropped, r, length, survivors, {u: tags[u][site] for u in survivors if u != site})) for site in masked]
     if dropped:
         log.info("round %d: secure aggregation: removed the masks shared with %s (dropped out)",
                  r, ", ".join(dropped))
-    total = unmask_sum([f.masked for f in fits], revealed)
-    mean, n = mean_state(total, global_w, pooled_bn)
-    expected = sum(f.num_samples for f in fits)
-    if n != expected:
-        raise FederationError(f"round {r}: secure aggregation sum has n={n}, the sites reported {expected}")
-    return FitResult("secure sum of " + "+".join(f.site for f in fits), mean, n)
+    return unmask_sum(list(masked.values()), revealed)
 
 
 def _step(r: int, site: str, what: str, call):

@@ -21,7 +21,14 @@ from fedmed.federated.attack import Attack
 from fedmed.federated.channel import UpdateChannel
 from fedmed.federated.heatmaps import ExplainSettings, SiteHeatmaps
 from fedmed.federated.messages import EvalResult, FitResult, StateDict
-from fedmed.federated.statistics import CLASS_FEATURES, LABEL_COUNTS, check_statistics, class_statistics
+from fedmed.federated.statistics import (
+    CLASS_FEATURES,
+    LABEL_COUNTS,
+    check_statistics,
+    class_statistics,
+    last_linear,
+    statistics_vector,
+)
 from fedmed.federated.strategies.base import SitePart
 from fedmed.federated.training import LocalTraining, TrainingSettings
 from fedmed.models.classifier import Classifier
@@ -112,15 +119,19 @@ class SiteClient:
             raise ValueError(f"the server's label prior: {problem}")
         self.module.set_label_counts(torch.as_tensor(np.asarray(counts)))
 
-    def statistics(self, weights: StateDict | None, features: bool) -> dict[str, Any]:
+    def statistics(self, weights: StateDict | None, features: bool,
+                   secagg: Mapping[str, Any] | None = None) -> dict[str, Any]:
         """This site's training images per class and, with ``features``, the per-class moments of ``weights``'
         penultimate features (:func:`~fedmed.federated.statistics.class_statistics`) of the classes with at least
         ``min_class_images`` images here: numbers only, and only what this site's config agreed to share
-        (``PermissionError`` otherwise)."""
+        (``PermissionError`` otherwise). With ``secagg`` (the peers' masking keys, as for an update) they are
+        sent as one masked vector (``masked``); a site configured for secure aggregation sends them no other way.
+        """
         want = CLASS_FEATURES if features else LABEL_COUNTS
         if want not in self.settings.shares and CLASS_FEATURES not in self.settings.shares:
             raise PermissionError(f"site {self.name} does not share {want.replace('_', ' ')}: its config has no "
                                   "model.logit_prior=federation or federation.calibrate_head=true")
+        plan = self.channel.plan(secagg, "its class statistics")
         net = self.module.net
         if features:
             if weights is None:
@@ -131,6 +142,10 @@ class SiteClient:
             few = stats["counts"] < self.settings.min_class_images
             for key in ("counts", "sum", "outer"):
                 stats[key][few] = 0
+        if plan is not None:
+            dim = last_linear(net)[1].in_features if features else None
+            return {"site": self.name,
+                    "masked": self.channel.mask(statistics_vector(stats, self.module.num_classes, dim), plan)}
         return {"site": self.name, **stats}
 
     def public_key(self, round_idx: int) -> tuple[bytes, bytes]:

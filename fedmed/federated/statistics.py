@@ -14,7 +14,9 @@ Two levers against label and feature shift between sites use them:
   leaves a site, but the per-class moments are about the site's data (docs: Privacy).
 
 A site answers only for what its own config agreed to share (``TrainingSettings.shares``); the server checks what
-comes back (:func:`check_statistics`) before it uses it.
+comes back (:func:`check_statistics`) before it uses it. Under secure aggregation a site sends its statistics as
+one masked vector (:func:`statistics_vector`: the counts, the sums and the upper triangles of the outer products)
+and the server learns only the federation's sum, which it checks the same way.
 """
 
 from __future__ import annotations
@@ -96,6 +98,39 @@ def check_statistics(stats: Any, num_classes: int, features: bool, dim: int | No
     if not np.allclose(outer, outer.transpose(0, 2, 1), rtol=1e-6, atol=1e-6):
         return "outer products are not symmetric"
     return None
+
+
+def statistics_length(num_classes: int, dim: int | None) -> int:
+    """Length of :func:`statistics_vector` for ``num_classes`` classes and ``dim`` features (None: counts only)."""
+    return num_classes if dim is None else num_classes * (1 + dim + dim * (dim + 1) // 2)
+
+
+def statistics_vector(stats: Mapping[str, Any], num_classes: int, dim: int | None) -> np.ndarray:
+    """A site's statistics as one float64 vector to mask: counts, then (with ``dim``) the per-class sums and
+    the upper triangles of the per-class outer products."""
+    parts = [np.asarray(stats["counts"], dtype=np.float64).reshape(num_classes)]
+    if dim is not None:
+        upper = np.triu_indices(dim)
+        parts += [np.asarray(stats["sum"], dtype=np.float64).reshape(-1),
+                  np.stack([np.asarray(o, dtype=np.float64)[upper] for o in stats["outer"]]).reshape(-1)]
+    return np.concatenate(parts)
+
+
+def statistics_from_vector(vector: np.ndarray, num_classes: int, dim: int | None) -> dict[str, np.ndarray]:
+    """The statistics a (summed) :func:`statistics_vector` holds; counts rounded to integers."""
+    length = statistics_length(num_classes, dim)
+    if vector.shape != (length,):
+        raise ValueError(f"a statistics vector of shape {vector.shape}, expected ({length},)")
+    out = {"counts": np.rint(vector[:num_classes]).astype(np.int64)}
+    if dim is not None:
+        out["sum"] = vector[num_classes:num_classes * (1 + dim)].reshape(num_classes, dim)
+        outer = np.zeros((num_classes, dim, dim))
+        upper = np.triu_indices(dim)
+        for c, tri in enumerate(vector[num_classes * (1 + dim):].reshape(num_classes, -1)):
+            outer[c][upper] = tri
+            outer[c] = outer[c] + np.triu(outer[c], 1).T
+        out["outer"] = outer
+    return out
 
 
 def summed(stats: Sequence[Mapping[str, Any]]) -> dict[str, np.ndarray]:

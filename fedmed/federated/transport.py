@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping
 from typing import Any, Protocol, runtime_checkable
 
@@ -35,9 +36,10 @@ class SiteTransport(Protocol):
         """The final model on the site's own test images: numbers only (:meth:`SiteClient.score`)."""
         ...
 
-    def statistics(self, weights: Mapping[str, torch.Tensor] | None, features: bool) -> dict[str, Any]:
-        """The site's training images per class and, with ``features``, per-class feature moments of ``weights``
-        (:meth:`SiteClient.statistics`)."""
+    def statistics(self, weights: Mapping[str, torch.Tensor] | None, features: bool,
+                   secagg: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """The site's training images per class and, with ``features``, per-class feature moments of ``weights``;
+        with ``secagg``, masked (:meth:`SiteClient.statistics`)."""
         ...
 
     def public_key(self, round_idx: int) -> tuple[bytes, bytes]: ...
@@ -97,5 +99,7 @@ class InProcessSite:
     def score(self, weights: Mapping[str, torch.Tensor]) -> dict[str, Any] | None:
         return self.client.score(clone_state(weights))
 
-    def statistics(self, weights: Mapping[str, torch.Tensor] | None, features: bool) -> dict[str, Any]:
-        return self.client.statistics(clone_state(weights) if weights is not None else None, features)
+    def statistics(self, weights: Mapping[str, torch.Tensor] | None, features: bool,
+                   secagg: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        return self.client.statistics(clone_state(weights) if weights is not None else None, features,
+                                      copy.deepcopy(secagg))

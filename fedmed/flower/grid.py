@@ -115,10 +115,13 @@ class GridSite:
         content = self.ask(SCORE, RecordDict({"weights": records.state_record(weights)}), "final")
         return records.get_tree(content, "scores") if records.has_tree(content, "scores") else None
 
-    def statistics(self, weights: Mapping[str, torch.Tensor] | None, features: bool) -> dict[str, Any]:
+    def statistics(self, weights: Mapping[str, torch.Tensor] | None, features: bool,
+                   secagg: Mapping[str, Any] | None = None) -> dict[str, Any]:
         content = RecordDict({"statistics": ConfigRecord({"features": bool(features)})})
         if weights is not None:
             content["weights"] = records.state_record(weights)
+        if secagg is not None:
+            records.put_tree(content, "secagg", dict(secagg))
         stats = records.get_tree(self.ask(STATISTICS, content, "statistics"), "statistics")
         if not isinstance(stats, dict):
             raise RemoteSiteError(self.name, "ValueError", "its statistics are not a mapping")

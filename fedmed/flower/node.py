@@ -140,7 +140,8 @@ def _statistics(client: SiteClient, content: RecordDict) -> RecordDict:
     features = bool(content.config_records["statistics"].get("features", False))
     weights = records.record_state(content.array_records["weights"]) if "weights" in content.array_records else None
     out = RecordDict()
-    records.put_tree(out, "statistics", client.statistics(weights, features))
+    secagg = records.get_tree(content, "secagg") if records.has_tree(content, "secagg") else None
+    records.put_tree(out, "statistics", client.statistics(weights, features, secagg))
     return out
 
 

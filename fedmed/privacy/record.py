@@ -69,7 +69,8 @@ def format_record(rec: Mapping[str, Any]) -> str:
         what = {"label_counts": "training images per class", "class_features": "per-class mean and covariance of the "
                 "model's penultimate features (head calibration)"}
         lines.append("  class statistics sent:    " + "; ".join(what.get(s, s) for s in shared)
-                     + " (each site's, in the clear)")
+                     + (" (masked: the server saw only the federation's sum)" if rec["secure_aggregation"]
+                        else " (each site's, in the clear)"))
     for site, d in rec["dp_per_site"].items():
         lines.append(f"    {site}: epsilon={d['epsilon']:.3f} at delta={d['delta']:g} "
                      f"(noise multiplier {d['noise_multiplier']:.3f}, {d['dp_steps']} private steps)")
