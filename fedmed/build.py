@@ -7,6 +7,7 @@ checks it, and returns objects (a network, a strategy, a site client, settings).
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +35,7 @@ from fedmed.federated.strategies.base import Strategy
 from fedmed.federated.training import TrainingSettings
 from fedmed.models.classifier import Classifier
 from fedmed.models.registry import MODELS, class_names
-from fedmed.privacy.dp import DPConfig, dp_compatible
+from fedmed.privacy.dp import DPConfig, dp_compatible, planned_releases
 from fedmed.privacy.identity import Signer
 from fedmed.tracking import RunLog
 
@@ -117,9 +118,12 @@ def check_settings(cfg: DictConfig, mode: str) -> Strategy | None:
     shared = [key for key, on in (("model.logit_prior=federation", label_prior(cfg) == "federation"),
                                   ("federation.calibrate_head=true", bool(cfg.federation.get("calibrate_head"))))
               if on]
-    if shared and dp_config(cfg) is not None:  # under secure aggregation they are masked like the updates
-        raise FedmedError(f"{shared[0]} with DP-SGD: the sites would send their class statistics outside the "
-                          "privacy budget; choose one")
+    dp = dp_config(cfg)
+    if shared and dp is not None and dp.statistics_noise is None:  # secure aggregation masks them like updates
+        raise FedmedError(f"{shared[0]} with DP-SGD needs privacy.statistics_noise: the class statistics are noised "
+                          "and counted in each site's epsilon (e.g. privacy.statistics_noise=20)")
+    if dp is not None:
+        planned_releases(dp, releases(cfg, mode == "federated"))
     if mode != "federated":
         return None
     strategy = build_strategy(cfg)
@@ -199,6 +203,14 @@ def shares(cfg: DictConfig, federated: bool) -> frozenset[str]:
     return frozenset(out)
 
 
+def releases(cfg: DictConfig, federated: bool) -> tuple[str, ...]:
+    """The class statistics a site's training images go into beyond its updates (each once): the label counts
+    for the federation's prior, the feature moments for head calibration (also of a local or centralized run)."""
+    prior = federated and label_prior(cfg) == "federation"
+    return tuple(r for r, on in ((LABEL_COUNTS, prior), (CLASS_FEATURES, bool(cfg.federation.get("calibrate_head"))))
+                 if on)
+
+
 def training_settings(cfg: DictConfig, federated: bool) -> TrainingSettings:
     """How every site trains; ``federated`` adds the fine-tuning epochs to the planned ones."""
     fed = cfg.federation
@@ -208,6 +220,7 @@ def training_settings(cfg: DictConfig, federated: bool) -> TrainingSettings:
                             seed=cfg.seed, planned_epochs=planned, privacy=dp_config(cfg),
                             shares=shares(cfg, federated),
                             min_class_images=int(fed.get("calibrate_min_images", 10)),
+                            releases=releases(cfg, federated),
                             label_prior=label_prior(cfg) if federated else "site")
 
 
@@ -315,14 +328,21 @@ def resume_state(cfg: DictConfig, mode: str, config: Any) -> dict[str, Any]:
     return state
 
 
-def dp_records_from_history(history: list[RoundRecord]) -> dict[str, dict[str, float]]:
-    """Each site's last DP report (its fit metrics ``dp_*``): what a server learns from remote sites too."""
+def dp_records_from_history(history: list[RoundRecord], later: Mapping[str, Mapping[str, float]] | None = None
+                            ) -> dict[str, dict[str, float]]:
+    """Each site's last DP report (its fit metrics ``dp_*``): what a server learns from remote sites too; a report in
+    ``later`` (a site's accounting after it sent class statistics) replaces it where it spent more."""
     out: dict[str, dict[str, float]] = {}
     for h in history:
         for site, m in h.site_metrics.items():
             if "dp_epsilon" in m:
                 out[site] = {"epsilon": m["dp_epsilon"], "delta": m["dp_delta"],
                              "noise_multiplier": m["dp_noise_multiplier"], "dp_steps": int(m["dp_steps"])}
+    for site, rec in (later or {}).items():
+        if site not in out or rec["epsilon"] >= out[site]["epsilon"]:
+            out[site] = {"epsilon": rec["epsilon"], "delta": rec["delta"],
+                         "noise_multiplier": rec.get("noise_multiplier", 0.0), "dp_steps": int(rec.get("dp_steps", 0)),
+                         "statistics_releases": int(rec.get("statistics_releases", 0))}
     return out
 
 

@@ -140,6 +140,6 @@ def federate(cfg: DictConfig, strategy: Strategy, sites: Sequence[SiteTransport]
             "raw); raw images sent: 0")
     trained = Trained("federated", [s.name for s in sites], result.weights, chosen,
                       seconds, rows, comm, list(members), result.round * fed.local_epochs, result.history,
-                      build.dp_records_from_history(result.history), n_train, scores)
+                      build.dp_records_from_history(result.history, orchestrator.statistics_dp), n_train, scores)
     test, record = finish(cfg, pipeline, trained, tracker, run_id)
     return trained, test, record

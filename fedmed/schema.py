@@ -131,6 +131,7 @@ RULES: dict[str, Rule] = {
     "privacy.epsilon": optional(POSITIVE), "privacy.delta": number(0, 1, lo_open=True, hi_open=True),
     "privacy.noise_multiplier": optional(number(0)), "privacy.max_grad_norm": POSITIVE,
     "privacy.budget": optional(POSITIVE), "privacy.accountant": choice("rdp", "prv", "gdp"),
+    "privacy.statistics_noise": optional(POSITIVE), "privacy.statistics_clip": POSITIVE,
     "privacy.secure_aggregation": boolean, "privacy.audit": choice(*AUDITS), "privacy.audit_n": integer(1),
     "privacy.audit_shadows": integer(4),  # LiRA: every candidate IN for >= 2 and OUT for >= 2 shadow models
     "explain.every_n_rounds": integer(0), "explain.method": choice(*EXPLAIN_METHODS), "explain.n": integer(1),

@@ -77,8 +77,10 @@ def test_a_server_checkpoint_that_would_run_code_is_refused(tmp_path, isolated, 
     ("model.logit_prior=global", "model.logit_prior='global'"),
     ("data.transforms.colour=grey", "data.transforms.colour='grey'"),
     ("model.logit_adjust=1 model.logit_prior=federation privacy.epsilon=8",
-     "model.logit_prior=federation with DP-SGD: the sites would send their class statistics outside the privacy"),
-    ("federation.calibrate_head=true privacy.epsilon=8", "federation.calibrate_head=true with DP-SGD"),
+     "model.logit_prior=federation with DP-SGD needs privacy.statistics_noise"),
+    ("federation.calibrate_head=true privacy.epsilon=8", "federation.calibrate_head=true with DP-SGD needs privacy"),
+    ("federation.calibrate_head=true privacy.epsilon=0.5 privacy.statistics_noise=0.5",
+     "the class statistics alone spend epsilon"),
 ])
 def test_wrong_config_values_are_one_line_before_any_work(tmp_path, isolated, capsys, override, names):
     t0 = time.perf_counter()

@@ -198,6 +198,7 @@ class Orchestrator:
         self.extra_state = dict(extra_state or {})
         self._stray: dict[str, threading.Thread] = {}  # sites still running a timed-out round
         self.label_counts: list[int] | None = None  # label_prior: the federation's training images per class
+        self.statistics_dp: dict[str, dict[str, float]] = {}  # DP: each site's accounting after it sent statistics
 
     def sample(self, round_idx: int) -> list[SiteTransport]:
         s = self.settings
@@ -232,8 +233,15 @@ class Orchestrator:
                        check_statistics(stats, k, features, dim, int(declared) if declared is not None else None))
             if problem:
                 return got, (site.name, problem)
+            self._note_dp(site.name, stats)
             got.append(dict(stats or {}))
         return got, None
+
+    def _note_dp(self, site: str, answer: Any) -> None:
+        """A site's DP accounting after it sent statistics (its epsilon includes them): kept for the record."""
+        dp = answer.get("dp") if isinstance(answer, Mapping) else None
+        if isinstance(dp, Mapping) and all(isinstance(dp.get(k), int | float) for k in ("epsilon", "delta")):
+            self.statistics_dp[site] = {k: float(v) for k, v in dp.items() if isinstance(v, int | float)}
 
     def _masked_statistics(self, weights: dict[str, torch.Tensor] | None, dim: int | None
                            ) -> tuple[list[dict[str, Any]], tuple[str, str] | None]:
@@ -257,6 +265,7 @@ class Orchestrator:
                 return [], (site.name, f"{type(exc).__name__}: {exc}" if exc is not None else
                             f"masked statistics are not a uint64 vector of length {length}")
             masked[site.name] = m
+            self._note_dp(site.name, answer)
         try:
             total = statistics_from_vector(unmask_vectors(r, masked, peers, self.sites, self.settings.min_sites,
                                                           length), k, dim)

@@ -27,6 +27,7 @@ from fedmed.federated.statistics import (
     check_statistics,
     class_statistics,
     last_linear,
+    noisy_statistics,
     statistics_vector,
 )
 from fedmed.federated.strategies.base import SitePart
@@ -132,21 +133,45 @@ class SiteClient:
             raise PermissionError(f"site {self.name} does not share {want.replace('_', ' ')}: its config has no "
                                   "model.logit_prior=federation or federation.calibrate_head=true")
         plan = self.channel.plan(secagg, "its class statistics")
-        net = self.module.net
+        stats = self.own_statistics(weights, features)
+        if plan is not None:
+            dim = last_linear(self.module.net)[1].in_features if features else None
+            vector = statistics_vector(stats, self.module.num_classes, dim)
+            return {"site": self.name, "masked": self.channel.mask(vector, plan), **self._dp_record()}
+        return {"site": self.name, **stats, **self._dp_record()}
+
+    def own_statistics(self, weights: StateDict | None, features: bool,
+                       withhold: bool = True) -> dict[str, np.ndarray]:
+        """The statistics :meth:`statistics` sends, computed here.
+
+        Without DP-SGD a class with fewer than ``min_class_images`` images is left out (unless ``withhold`` is
+        off: a run that re-fits its own head). Under DP-SGD the features are clipped, the Gaussian mechanism
+        noises every class (:func:`~fedmed.federated.statistics.noisy_statistics`) and the release is counted
+        in this site's epsilon, once per kind (:meth:`fedmed.privacy.dp.SitePrivacy.release`).
+        """
+        net, dp = self.module.net, self.training.dp
         if features:
             if weights is None:
                 raise ValueError("feature statistics need the model's weights")
             self.set_weights(self.part.local_weights(weights))
-        stats = class_statistics(net, self.data.train, self.module.num_classes, features, self.training.device())
-        if features:  # a class with few images here would give away (nearly) single images' features
+        clip = dp.cfg.statistics_clip if dp is not None else None
+        noise = dp.release(CLASS_FEATURES if features else LABEL_COUNTS, self.name) if dp is not None else None
+        stats = class_statistics(net, self.data.train, self.module.num_classes, features, self.training.device(),
+                                 clip=clip)
+        if dp is not None:
+            assert noise is not None and clip is not None
+            dim = last_linear(net)[1].in_features if features else None
+            return noisy_statistics(stats, self.module.num_classes, dim, noise, clip, len(self.data.train),
+                                    np.random.default_rng())  # fresh entropy: the noise must not be reproducible
+        if features and withhold:  # a class with few images here would give away single images' features
             few = stats["counts"] < self.settings.min_class_images
             for key in ("counts", "sum", "outer"):
                 stats[key][few] = 0
-        if plan is not None:
-            dim = last_linear(net)[1].in_features if features else None
-            return {"site": self.name,
-                    "masked": self.channel.mask(statistics_vector(stats, self.module.num_classes, dim), plan)}
-        return {"site": self.name, **stats}
+        return stats
+
+    def _dp_record(self) -> dict[str, Any]:
+        """Under DP-SGD, this site's accounting after a release (``dp``): its epsilon must include it."""
+        return {"dp": self.training.dp.record()} if self.training.dp is not None else {}
 
     def public_key(self, round_idx: int) -> tuple[bytes, bytes]:
         """Secure aggregation: a fresh masking key for the round, and this site's signature over it."""

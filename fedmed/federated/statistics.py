@@ -44,9 +44,10 @@ def last_linear(net: nn.Module) -> tuple[str, nn.Linear]:
 
 @torch.no_grad()
 def class_statistics(net: nn.Module, dataset, num_classes: int, features: bool,
-                     device: torch.device | str = "cpu") -> dict[str, np.ndarray]:
+                     device: torch.device | str = "cpu", clip: float | None = None) -> dict[str, np.ndarray]:
     """Per-class count of ``dataset``'s labels and, with ``features``, the per-class sum and sum of
-    outer products of the network's penultimate features (float64), the network in eval mode."""
+    outer products of the network's penultimate features (float64), the network in eval mode; with ``clip``
+    each feature vector is first scaled down to at most that L2 norm (bounded sensitivity for DP)."""
     labels = torch.as_tensor(dataset.y).long().flatten()
     out = {"counts": torch.bincount(labels, minlength=num_classes).numpy().astype(np.int64)}
     if not features:
@@ -63,6 +64,8 @@ def class_statistics(net: nn.Module, dataset, num_classes: int, features: bool,
             seen.clear()
             net(x.to(device))
             f = seen[0].reshape(len(y), -1)
+            if clip is not None:
+                f = f * (clip / f.norm(dim=1, keepdim=True).clamp_min(clip))
             for c in torch.unique(y).tolist():
                 fc = f[torch.as_tensor(y) == c]
                 sums[c] += fc.sum(0).numpy()
@@ -133,6 +136,26 @@ def statistics_from_vector(vector: np.ndarray, num_classes: int, dim: int | None
     return out
 
 
+def noisy_statistics(stats: Mapping[str, Any], num_classes: int, dim: int | None, noise: float, clip: float,
+                     most: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """The Gaussian mechanism on a site's statistics (features clipped to ``clip``): Gaussian noise of std
+    ``noise``, ``noise * clip`` and ``noise * clip^2`` on the counts, the sums and the upper triangles of the outer
+    products (each block has sensitivity 1, ``clip``, ``clip^2`` to one image; accounted by
+    :func:`fedmed.privacy.dp.release_noise`). Counts are then rounded and kept within [0, ``most``] (the site's
+    declared images): post-processing, which costs no privacy."""
+    vector = statistics_vector(stats, num_classes, dim)
+    scale = np.ones_like(vector)
+    if dim is not None:
+        scale[num_classes:num_classes * (1 + dim)] = clip
+        scale[num_classes * (1 + dim):] = clip**2
+    out = statistics_from_vector(vector + rng.normal(0.0, noise, size=vector.shape) * scale, num_classes, dim)
+    counts = np.clip(out["counts"], 0, most)
+    while counts.sum() > most:  # remove from the largest: the total never exceeds what the site declared
+        counts[np.argmax(counts)] -= 1
+    out["counts"] = counts
+    return out
+
+
 def summed(stats: Sequence[Mapping[str, Any]]) -> dict[str, np.ndarray]:
     """The federation's statistics: every site's counts (and moments) added up."""
     keys = set.intersection(*(set(s) for s in stats)) & {"counts", "sum", "outer"}
@@ -146,6 +169,8 @@ def class_gaussians(total: Mapping[str, np.ndarray], ridge: float = 1e-3
 
     The covariance is the unbiased sample covariance plus ``ridge`` times the mean feature variance on
     the diagonal, so that a class with fewer images than feature dimensions still has a proper Gaussian.
+    Moments with noise (DP) can give a covariance with negative eigenvalues: it is replaced by the nearest
+    positive semi-definite matrix (negative eigenvalues set to 0) first.
     """
     out = {}
     for c, n in enumerate(np.asarray(total["counts"]).tolist()):
@@ -154,6 +179,9 @@ def class_gaussians(total: Mapping[str, np.ndarray], ridge: float = 1e-3
         mean = total["sum"][c] / n
         cov = (total["outer"][c] - n * np.outer(mean, mean)) / (n - 1)
         cov = (cov + cov.T) / 2
+        eig, vec = np.linalg.eigh(cov)
+        if eig.min() < -1e-6 * max(abs(float(eig.max())), 1e-12):  # noised (DP) moments: the nearest PSD matrix
+            cov = (vec * np.clip(eig, 0.0, None)) @ vec.T
         cov += np.eye(len(mean)) * (ridge * max(float(np.trace(cov)) / len(mean), 1e-8))
         out[c] = (torch.as_tensor(mean), torch.as_tensor(cov))
     return out

@@ -40,7 +40,9 @@ class TrainingSettings:
             (the summed counts the server sends with every round).
         min_class_images: ``class_features``: a class with fewer training images at the site is left out of
             what it sends (count, sum and outer products all 0): with one image, its "mean" is that image's
-            feature vector.
+            feature vector. Under DP-SGD the noise protects them instead and nothing is left out.
+        releases: the class statistics this run computes from the site's training images (``label_counts``,
+            ``class_features``; each once): under DP-SGD they are noised and counted in its epsilon.
     """
 
     batch_size: int = 64
@@ -51,6 +53,7 @@ class TrainingSettings:
     shares: frozenset[str] = frozenset()
     label_prior: str = "site"
     min_class_images: int = 10
+    releases: tuple[str, ...] = ()
 
 
 @dataclass
@@ -86,7 +89,8 @@ class LocalTraining:
         self.module.set_label_prior(data.train.y)  # for a logit-adjusted loss: this site's own label mix
         self.dp: SitePrivacy | None = None
         if settings.privacy is not None:
-            self.dp = SitePrivacy(settings.privacy, len(data.train), settings.batch_size, settings.planned_epochs)
+            self.dp = SitePrivacy(settings.privacy, len(data.train), settings.batch_size, settings.planned_epochs,
+                                  settings.releases)
             log.info("  [%s] DP-SGD: noise multiplier %.3f, clip %.2f, sample rate %.4f, delta %g", name,
                      self.dp.noise_multiplier, settings.privacy.max_grad_norm, self.dp.sample_rate,
                      settings.privacy.delta)

@@ -7,6 +7,12 @@ into. Before a round the site predicts what the whole run would have spent after
 the round (raising :class:`PrivacyBudgetExhausted`) if that would pass its budget: the budget is
 never exceeded.
 
+Class statistics a site sends beyond its updates (the federation's label prior, head calibration:
+:mod:`fedmed.federated.statistics`) are released with the Gaussian mechanism under the same
+accountant (``privacy.statistics_noise``): each is one entry of the site's history, planned
+before training so that DP-SGD's noise leaves room for it within ``privacy.epsilon``, and each is
+answered once.
+
 Noise is calibrated and budgets are enforced only with accountants that bound epsilon from above:
 ``rdp`` (Renyi DP) and ``prv`` (Gopi et al. 2021, its upper error bound). ``gdp`` (the central-limit
 Gaussian DP approximation of Bu et al. 2020) can under-state epsilon (noise calibrated with it for
@@ -18,7 +24,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -115,13 +121,49 @@ def epsilon_of(history: list, delta: float, kind: str) -> float:
     return float(acc.get_epsilon(delta=delta, **_kwargs(kind)))
 
 
-def calibrate_noise(epsilon: float, delta: float, sample_rate: float, steps: int, kind: str) -> float:
-    """The smallest noise multiplier whose ``steps`` DP-SGD steps at ``sample_rate`` spend at most epsilon."""
+def calibrate_noise(epsilon: float, delta: float, sample_rate: float, steps: int, kind: str,
+                    fixed: Sequence[tuple[float, float, int]] = ()) -> float:
+    """The smallest noise multiplier whose ``steps`` DP-SGD steps at ``sample_rate`` spend at most epsilon,
+    together with the ``fixed`` releases [(noise multiplier, sample rate, steps)] planned beside them."""
     from opacus.accountants.utils import get_noise_multiplier
 
     require_upper_bound(kind, "calibrate the noise to privacy.epsilon")
-    return float(get_noise_multiplier(target_epsilon=epsilon, target_delta=delta, sample_rate=sample_rate,
-                                      steps=steps, accountant=kind, epsilon_tolerance=0.01, **_kwargs(kind)))
+    if not fixed:
+        return float(get_noise_multiplier(target_epsilon=epsilon, target_delta=delta, sample_rate=sample_rate,
+                                          steps=steps, accountant=kind, epsilon_tolerance=0.01, **_kwargs(kind)))
+    def spent(sigma: float) -> float:
+        return epsilon_of([*fixed, (sigma, sample_rate, steps)], delta, kind)
+
+    lo, hi = 0.0, 1.0
+    while spent(hi) > epsilon:
+        lo, hi = hi, hi * 2
+    while hi - lo > 1e-3 * hi:  # eps(hi) <= epsilon throughout: hi is the answer
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if spent(mid) > epsilon else (lo, mid)
+    return hi
+
+
+def planned_releases(cfg: DPConfig, releases: Sequence[str]) -> list[tuple[float, float, int]]:
+    """The accountant's entries for ``releases`` of class statistics (``label_counts``, ``class_features``), refused
+    without ``privacy.statistics_noise`` or where they alone would spend the target epsilon."""
+    if not releases:
+        return []
+    if cfg.statistics_noise is None:
+        raise FedmedError(f"sending {' and '.join(r.replace('_', ' ') for r in releases)} under DP-SGD needs "
+                          "privacy.statistics_noise (their noise; their epsilon counts in the site's budget)")
+    fixed = [(release_noise(float(cfg.statistics_noise), r == "class_features"), 1.0, 1) for r in releases]
+    if cfg.epsilon is not None and (alone := epsilon_of(fixed, cfg.delta, cfg.accountant)) >= cfg.epsilon:
+        raise FedmedError(f"the class statistics alone spend epsilon {alone:.3f} >= privacy.epsilon={cfg.epsilon:g} "
+                          f"at delta={cfg.delta:g}: raise privacy.statistics_noise")
+    return fixed
+
+
+def release_noise(statistics_noise: float, features: bool) -> float:
+    """The noise multiplier of one release of class statistics for the accountant. Each block of the release
+    (counts; sums / C; outer products / C^2, for features clipped to norm C) has L2 sensitivity at most 1 to
+    adding or removing one image, and gets Gaussian noise of std ``statistics_noise``: the release is the
+    Gaussian mechanism with noise ``statistics_noise / sqrt(blocks)`` times its sensitivity sqrt(blocks)."""
+    return statistics_noise / math.sqrt(3 if features else 1)
 
 
 @dataclass
@@ -137,6 +179,9 @@ class DPConfig:
         budget: a site refuses any round that would take its epsilon past this (default: ``epsilon``).
         accountant: ``rdp`` (Renyi DP), ``prv`` (PRV, tighter) or ``gdp`` (an approximation: only
             with ``noise_multiplier`` and no ``budget``, to report).
+        statistics_noise: noise std, per unit of sensitivity, of the class statistics a site sends
+            (None: it sends none under DP).
+        statistics_clip: features are clipped to this L2 norm before their moments are summed.
     """
 
     epsilon: float | None = None
@@ -145,6 +190,8 @@ class DPConfig:
     max_grad_norm: float = 1.0
     budget: float | None = None
     accountant: str = "rdp"
+    statistics_noise: float | None = None
+    statistics_clip: float = 10.0
 
     @classmethod
     def from_config(cls, privacy: Mapping[str, Any] | None) -> DPConfig | None:
@@ -154,7 +201,9 @@ class DPConfig:
         out = cls(epsilon=privacy.get("epsilon"), delta=float(privacy.get("delta", 1e-5)),
                   noise_multiplier=privacy.get("noise_multiplier"),
                   max_grad_norm=float(privacy.get("max_grad_norm", 1.0)), budget=privacy.get("budget"),
-                  accountant=str(privacy.get("accountant", "rdp")))
+                  accountant=str(privacy.get("accountant", "rdp")),
+                  statistics_noise=privacy.get("statistics_noise"),
+                  statistics_clip=float(privacy.get("statistics_clip", 10.0)))
         if out.epsilon is not None and out.noise_multiplier is not None:
             raise FedmedError("set privacy.epsilon (noise calibrated to it) or privacy.noise_multiplier, not both")
         if out.epsilon is not None and out.epsilon <= 0:
@@ -184,9 +233,12 @@ class SitePrivacy:
         batch_size: expected batch size B (Poisson sampling rate q = B / n_k).
         planned_epochs: local epochs this site will train in the whole federation; a target
             epsilon is spread over exactly these.
+        releases: the class statistics it will send (``label_counts``, ``class_features``), each once;
+            a target epsilon leaves room for them.
     """
 
-    def __init__(self, cfg: DPConfig, num_samples: int, batch_size: int, planned_epochs: int):
+    def __init__(self, cfg: DPConfig, num_samples: int, batch_size: int, planned_epochs: int,
+                 releases: Sequence[str] = ()):
         if cfg.delta >= 1 / num_samples:
             raise FedmedError(f"privacy.delta={cfg.delta:g} must be below 1/n = {1 / num_samples:.2g} for a site "
                               f"with {num_samples} training samples")
@@ -195,14 +247,40 @@ class SitePrivacy:
         # as Opacus' DPDataLoader: ceil(n / B) Poisson batches per epoch, each sample in with q = 1 / that
         self.steps_per_epoch = math.ceil(num_samples / batch_size)
         self.sample_rate = 1 / self.steps_per_epoch
+        self.planned = list(releases)
+        fixed = planned_releases(cfg, self.planned)
         if cfg.noise_multiplier is not None:
             self.noise_multiplier = float(cfg.noise_multiplier)
         elif cfg.epsilon is not None:
             self.noise_multiplier = calibrate_noise(cfg.epsilon, cfg.delta, self.sample_rate,
-                                                    planned_epochs * self.steps_per_epoch, cfg.accountant)
+                                                    planned_epochs * self.steps_per_epoch, cfg.accountant, fixed)
         else:
             raise FedmedError("set privacy.epsilon or privacy.noise_multiplier for DP-SGD")
         self.history: list[tuple[float, float, int]] = []  # (noise multiplier, sample rate, steps)
+        self.released: list[tuple[str, int]] = []  # class statistics sent: (what, its entry in history)
+
+    def _release_noise(self, what: str) -> float:
+        assert self.cfg.statistics_noise is not None
+        return release_noise(float(self.cfg.statistics_noise), what == "class_features")
+
+    def release(self, what: str, site: str) -> float:
+        """Account one release of class statistics (``label_counts`` or ``class_features``) and return the noise
+        std per unit of sensitivity to add. Refused (nothing is sent) if it was not planned, was sent before (a
+        second draw would average the noise away) or would pass the budget."""
+        if what not in self.planned:
+            raise PermissionError(f"site {site}: {what.replace('_', ' ')} under DP-SGD were not planned for this run")
+        if what in (w for w, _ in self.released):
+            raise PermissionError(f"site {site} already sent its noisy {what.replace('_', ' ')} once; a second draw "
+                                  "would average the noise away")
+        entry = (self._release_noise(what), 1.0, 1)
+        after = epsilon_of([*self.history, entry], self.cfg.delta, self.cfg.accountant)
+        if self.cfg.budget is not None and after > self.cfg.budget * (1 + 1e-6):
+            raise PrivacyBudgetExhausted(f"site {site}: sending its {what.replace('_', ' ')} would spend epsilon "
+                                         f"{after:.3f} > privacy.budget={self.cfg.budget:g}; not sent")
+        self.history.append(entry)
+        self.released.append((what, len(self.history) - 1))
+        assert self.cfg.statistics_noise is not None
+        return float(self.cfg.statistics_noise)
 
     @property
     def epsilon(self) -> float:
@@ -250,7 +328,9 @@ class SitePrivacy:
         return gsm, dp_loader, wrap
 
     def _record_step(self, _optimizer) -> None:
-        if self.history and self.history[-1][:2] == (self.noise_multiplier, self.sample_rate):
+        last = len(self.history) - 1
+        if (self.history and self.history[-1][:2] == (self.noise_multiplier, self.sample_rate)
+                and all(i != last for _, i in self.released)):  # a release stays an entry of its own
             sigma, q, steps = self.history[-1]
             self.history[-1] = (sigma, q, steps + 1)
         else:
@@ -263,17 +343,19 @@ class SitePrivacy:
 
     def record(self) -> dict[str, float]:
         """What the privacy record shows for this site."""
-        steps = sum(h[2] for h in self.history)
+        steps = sum(h[2] for h in self.history) - len(self.released)
         return {"epsilon": self.epsilon, "delta": self.cfg.delta, "noise_multiplier": self.noise_multiplier,
-                "max_grad_norm": self.cfg.max_grad_norm, "sample_rate": self.sample_rate, "dp_steps": steps}
+                "max_grad_norm": self.cfg.max_grad_norm, "sample_rate": self.sample_rate, "dp_steps": steps,
+                "statistics_releases": len(self.released)}
 
     def state_dict(self) -> dict[str, Any]:
         return {"history": list(self.history), "noise_multiplier": self.noise_multiplier,
-                "sample_rate": self.sample_rate}
+                "sample_rate": self.sample_rate, "released": [list(r) for r in self.released]}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.history = [tuple(h) for h in state["history"]]
         self.noise_multiplier, self.sample_rate = state["noise_multiplier"], state["sample_rate"]
+        self.released = [(str(w), int(i)) for w, i in state.get("released", [])]
 
 
 def describe(cfg: DPConfig | None) -> str:
@@ -281,7 +363,10 @@ def describe(cfg: DPConfig | None) -> str:
         return "off"
     target = f"epsilon={cfg.epsilon:g}" if cfg.epsilon is not None else f"noise_multiplier={cfg.noise_multiplier:g}"
     bound = "" if cfg.accountant in UPPER_BOUNDS else " (an approximation, not an upper bound)"
-    return f"DP-SGD {target}, delta={cfg.delta:g}, C={cfg.max_grad_norm:g}, {cfg.accountant} accountant{bound}"
+    stats = (f"; class statistics: noise {cfg.statistics_noise:g}, features clipped to {cfg.statistics_clip:g}"
+             if cfg.statistics_noise is not None else "")
+    return (f"DP-SGD {target}, delta={cfg.delta:g}, C={cfg.max_grad_norm:g}, {cfg.accountant} accountant{bound}"
+            + stats)
 
 
 __all__ = ["DPConfig", "SitePrivacy", "PrivacyBudgetExhausted", "dp_compatible", "calibrate_noise", "epsilon_of",

@@ -64,18 +64,20 @@ def format_record(rec: Mapping[str, Any]) -> str:
              f"{rec['update_bytes_per_site_round']:,} per site per round (compression: {rec['compression']})",
              f"  secure aggregation:       {'on (the server saw only sums)' if rec['secure_aggregation'] else 'off'}",
              f"  differential privacy:     {rec['differential_privacy']}"]
+    for site, d in rec["dp_per_site"].items():
+        releases = int(d.get("statistics_releases", 0))
+        lines.append(f"    {site}: epsilon={d['epsilon']:.3f} at delta={d['delta']:g} "
+                     f"(noise multiplier {d['noise_multiplier']:.3f}, {d['dp_steps']} private steps"
+                     + (f", {releases} noised release(s) of class statistics" if releases else "") + ")")
+    for site in rec.get("dp_unreported", []):
+        lines.append(f"    {site}: NO DP-SGD accounting reported: its updates are not covered by the setting above")
     shared = rec.get("class_statistics_shared") or []
     if shared:
         what = {"label_counts": "training images per class", "class_features": "per-class mean and covariance of the "
                 "model's penultimate features (head calibration)"}
         lines.append("  class statistics sent:    " + "; ".join(what.get(s, s) for s in shared)
-                     + (" (masked: the server saw only the federation's sum)" if rec["secure_aggregation"]
-                        else " (each site's, in the clear)"))
-    for site, d in rec["dp_per_site"].items():
-        lines.append(f"    {site}: epsilon={d['epsilon']:.3f} at delta={d['delta']:g} "
-                     f"(noise multiplier {d['noise_multiplier']:.3f}, {d['dp_steps']} private steps)")
-    for site in rec.get("dp_unreported", []):
-        lines.append(f"    {site}: NO DP-SGD accounting reported: its updates are not covered by the setting above")
+                     + (" (masked: the server saw only the federation's sum" if rec["secure_aggregation"]
+                        else " (each site's, in the clear") + ("; noised under DP-SGD)" if rec["dp_per_site"] else ")"))
     for a in rec["membership_inference"]:
         lines.append(f"  membership inference ({a['name']}, {a['members']} members vs {a['non_members']} held out): "
                      f"AUC {a['auc']:.3f}, TPR@1%FPR {a['tpr_at_1pct']:.3f}, TPR@0.1%FPR {a['tpr_at_01pct']:.3f}")

@@ -128,11 +128,8 @@ def _baseline(cfg, mode, sites, datas, tracker: Tracker, run_id: str, initial) -
     chosen = f"epoch {best_epoch}/{epochs}"
     calibration = build.head_calibration(cfg)
     if calibration is not None:  # the same re-fit as a federation's, from this run's own training images
-        from fedmed.federated.statistics import class_statistics
-
         net = client.module.net
-        net.load_state_dict(weights)
-        stats = class_statistics(net, data.train, client.module.num_classes, True, client.training.device())
+        stats = client.own_statistics(weights, True, withhold=False)  # under DP-SGD: noised and counted
         weights = calibration.fit(net, weights, stats)
         ev = client.evaluate(weights, epochs + 1, log_metrics=False)
         client.run.log_metrics({f"calibrated_val_{k}": v for k, v in ev.metrics.items()}, step=epochs + 1)
