@@ -10,7 +10,7 @@ from pathlib import Path
 
 import tomllib
 
-from tests.conftest import PNEUMONIA, REPO, needs
+from tests.conftest import DATA_DIR, PNEUMONIA, REPO, needs
 
 
 def test_every_package_folder_is_in_the_wheel_list():
@@ -61,7 +61,7 @@ def test_a_built_wheel_runs_the_smoke_federation_from_another_folder(tmp_path):
     work.mkdir()
     env = {k: v for k, v in os.environ.items()  # nothing leaked from this process (mlflow sets MLFLOW_TRACKING_URI)
            if k not in ("MLFLOW_TRACKING_URI", "FEDMED_OUTPUT_DIR", "FEDMED_CONFIG_DIR")}
-    env.update(PYTHONPATH=str(site), FEDMED_DATA_DIR=os.environ.get("FEDMED_DATA_DIR", ""))
+    env.update(PYTHONPATH=str(site), FEDMED_DATA_DIR=str(DATA_DIR))  # the data the suite reads, set or not
     where = subprocess.run([sys.executable, "-c", "import fedmed; print(fedmed.__file__)"], cwd=work, env=env,
                            capture_output=True, text=True, check=True).stdout.strip()
     assert where.startswith(str(site)), where  # the wheel's copy, not the source checkout
