@@ -11,6 +11,7 @@ import torch
 from scipy.optimize import brentq
 from scipy.stats import norm
 
+from fedmed.build import dp_records_from_history
 from fedmed.data.datamodule import ArrayDataset
 from fedmed.federated import FederationSettings, InProcessSite, Orchestrator, SiteClient, TrainingSettings
 from fedmed.federated.statistics import (
@@ -136,11 +137,13 @@ def test_a_federation_under_dp_calibrates_its_head_from_noisy_statistics_within_
     assert np.abs(np.array(orch.label_counts) - true).max() < 4 * 4 * 2
     calibrated = orch.calibrate_head(result.weights, HeadCalibration(samples=200, epochs=3), module().net)
     assert calibrated is not None
+    record = dp_records_from_history(result.history, orch.statistics_dp)  # what the privacy record prints
     for c in sites:  # every release in the site's accounting, within its target
         rec = orch.statistics_dp[c.name]
         assert rec["statistics_releases"] == 2 and rec["epsilon"] == pytest.approx(c.dp.epsilon)
         assert 7.5 < c.dp.epsilon <= 8.0
         last_fit = result.history[-1].site_metrics[c.name]["dp_epsilon"]
         assert c.dp.epsilon > last_fit  # the head calibration's release came after the last round
+        assert record[c.name]["epsilon"] == pytest.approx(c.dp.epsilon) and record[c.name]["statistics_releases"] == 2
         with pytest.raises(PermissionError, match="already sent"):  # a curious server asking again
             c.statistics(result.weights, True)

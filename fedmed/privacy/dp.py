@@ -131,11 +131,14 @@ def calibrate_noise(epsilon: float, delta: float, sample_rate: float, steps: int
     if not fixed:
         return float(get_noise_multiplier(target_epsilon=epsilon, target_delta=delta, sample_rate=sample_rate,
                                           steps=steps, accountant=kind, epsilon_tolerance=0.01, **_kwargs(kind)))
+
     def spent(sigma: float) -> float:
         return epsilon_of([*fixed, (sigma, sample_rate, steps)], delta, kind)
 
     lo, hi = 0.0, 1.0
     while spent(hi) > epsilon:
+        if hi > 1e6:  # the fixed releases alone spend it (planned_releases refuses that first)
+            raise FedmedError(f"no DP-SGD noise keeps epsilon within {epsilon:g} beside the class statistics")
         lo, hi = hi, hi * 2
     while hi - lo > 1e-3 * hi:  # eps(hi) <= epsilon throughout: hi is the answer
         mid = (lo + hi) / 2
