@@ -44,6 +44,9 @@ ROWS: list[tuple[str, str, str, tuple[str, str] | None, str]] = [
      "experiment=ham10000_site_shift mode=centralized"),
     ("FedAvg + Shades of Gray + head calibration", "ham_combo_fedavg", "fedavg",
      ("ham_combo_centralized", "centralized"), "experiment=ham10000_site_shift"),
+    # each source alone with the same two levers: is the federation above every site on its own?
+    *[(f"{site} alone, Shades of Gray + head calibration", "ham_combo_locals", f"local:{site}", None,
+       f"experiment=ham10000_site_shift site={site}") for site in SITES],
 ]
 #: the reference centralized run (experiment=ham10000 as it is): ham10000_natural_sites.json
 REFERENCE = "centralized"
