@@ -14,6 +14,7 @@ from scipy.stats import norm
 from fedmed.build import dp_records_from_history
 from fedmed.data.datamodule import ArrayDataset
 from fedmed.federated import FederationSettings, InProcessSite, Orchestrator, SiteClient, TrainingSettings
+from fedmed.federated.checkpoint import CHECKPOINT, load_checkpoint
 from fedmed.federated.statistics import (
     CLASS_FEATURES,
     LABEL_COUNTS,
@@ -114,7 +115,7 @@ def test_dp_sgd_leaves_room_for_the_planned_releases_and_each_is_sent_once():
         again.release(LABEL_COUNTS, "h")
 
 
-def test_a_federation_under_dp_calibrates_its_head_from_noisy_statistics_within_each_budget():
+def test_a_federation_under_dp_calibrates_its_head_from_noisy_statistics_within_each_budget(tmp_path):
     dp = DPConfig.from_config({"epsilon": 8.0, "delta": 1e-3, "statistics_noise": 4.0, "statistics_clip": 5.0})
 
     def module():
@@ -129,7 +130,8 @@ def test_a_federation_under_dp_calibrates_its_head_from_noisy_statistics_within_
                                          releases=BOTH), site_index=k)
              for k, n in enumerate((80, 120))]
     orch = Orchestrator([InProcessSite(c) for c in sites], make_strategy("fedavg"),
-                        FederationSettings(rounds=2, select="last", label_prior=True, num_classes=2))
+                        FederationSettings(rounds=2, select="last", label_prior=True, num_classes=2),
+                        checkpoint_dir=tmp_path)
     torch.manual_seed(0)
     result = orch.run(module().net.state_dict())
     true = np.bincount(np.concatenate([c.data.train.y.numpy() for c in sites]), minlength=2)
@@ -147,3 +149,8 @@ def test_a_federation_under_dp_calibrates_its_head_from_noisy_statistics_within_
         assert record[c.name]["epsilon"] == pytest.approx(c.dp.epsilon) and record[c.name]["statistics_releases"] == 2
         with pytest.raises(PermissionError, match="already sent"):  # a curious server asking again
             c.statistics(result.weights, True)
+    # a resumed federation keeps the prior it trained with and does not ask the sites for a second draw
+    again = Orchestrator([InProcessSite(c) for c in sites], make_strategy("fedavg"),
+                         FederationSettings(rounds=2, select="last", label_prior=True, num_classes=2))
+    again.run(module().net.state_dict(), load_checkpoint(tmp_path / CHECKPOINT))
+    assert again.label_counts == orch.label_counts

@@ -433,6 +433,7 @@ class Orchestrator:
             "round": r, "global": global_w, "best": best, "history": history,
             "strategy": self.strategy.state_dict(),
             "sites": {s.name: s.state_dict() for s in self.sites},
+            "label_counts": self.label_counts,
             "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
             **self.extra_state,
         }
@@ -457,8 +458,9 @@ class Orchestrator:
         history: list[RoundRecord] = []
         if resume is not None:
             first, global_w, best, history = self._restore(resume)
-        if s.label_prior:
-            self.label_counts = self.gather_label_counts()
+        if s.label_prior:  # asked once per federation: a resumed one keeps the prior it trained with
+            kept = resume.get("label_counts") if resume is not None else None
+            self.label_counts = [int(c) for c in kept] if kept is not None else self.gather_label_counts()
         for r in range(first, s.rounds + 1):
             t0 = time.perf_counter()
             chosen = self.sample(r)
