@@ -32,7 +32,7 @@ from fedmed.federated.statistics import (
 )
 from fedmed.federated.strategies.base import Strategy
 from fedmed.federated.transport import SiteTransport
-from fedmed.federated.updates import check_masked, check_update, receive
+from fedmed.federated.updates import check_masked, check_masked_vector, check_update, receive
 from fedmed.models.metrics import balanced_accuracy
 from fedmed.privacy.dp import PrivacyBudgetExhausted
 from fedmed.privacy.secagg import vector_length
@@ -261,9 +261,11 @@ class Orchestrator:
         for site, (answer, exc) in zip(self.sites, concurrently(lambda c: c.statistics(weights, features, plan),
                                                                 self.sites), strict=True):
             m = answer.get("masked") if isinstance(answer, Mapping) else None
-            if exc is not None or not isinstance(m, np.ndarray) or m.dtype != np.uint64 or m.shape != (length,):
-                return [], (site.name, f"{type(exc).__name__}: {exc}" if exc is not None else
-                            f"masked statistics are not a uint64 vector of length {length}")
+            problem = (f"{type(exc).__name__}: {exc}" if exc is not None else
+                       check_masked_vector(length, m, "masked statistics"))
+            if problem:
+                return [], (site.name, problem)
+            assert isinstance(m, np.ndarray)
             masked[site.name] = m
             self._note_dp(site.name, answer)
         try:

@@ -31,9 +31,13 @@ def check_masked(length: int, result: object) -> str | None:
     """Why a masked update is unusable (the server cannot look inside one: only its form)."""
     if not isinstance(result, FitResult):
         return f"returned {type(result).__name__}, not a FitResult"
-    m = result.masked
+    return check_masked_vector(length, result.masked, "masked update")
+
+
+def check_masked_vector(length: int, m: object, what: str) -> str | None:
+    """Why a masked vector (an update's, or class statistics') is not one the server can add up."""
     if not isinstance(m, np.ndarray) or m.dtype != np.uint64 or m.shape != (length,):
-        return f"masked update is not a uint64 vector of length {length}"
+        return f"{what} is not a uint64 vector of length {length}"
     return None
 
 

@@ -154,11 +154,19 @@ def planned_releases(cfg: DPConfig, releases: Sequence[str]) -> list[tuple[float
     if cfg.statistics_noise is None:
         raise FedmedError(f"sending {' and '.join(r.replace('_', ' ') for r in releases)} under DP-SGD needs "
                           "privacy.statistics_noise (their noise; their epsilon counts in the site's budget)")
-    fixed = [(release_noise(float(cfg.statistics_noise), r == "class_features"), 1.0, 1) for r in releases]
+    fixed = [release_entry(cfg, r) for r in releases]
     if cfg.epsilon is not None and (alone := epsilon_of(fixed, cfg.delta, cfg.accountant)) >= cfg.epsilon:
         raise FedmedError(f"the class statistics alone spend epsilon {alone:.3f} >= privacy.epsilon={cfg.epsilon:g} "
                           f"at delta={cfg.delta:g}: raise privacy.statistics_noise")
     return fixed
+
+
+def release_entry(cfg: DPConfig, what: str) -> tuple[float, float, int]:
+    """The accountant's entry for one release of ``what`` (``label_counts``, ``class_features``): one Gaussian
+    mechanism on the whole data (sample rate 1, one step)."""
+    if cfg.statistics_noise is None:
+        raise FedmedError(f"{what.replace('_', ' ')} under DP-SGD need privacy.statistics_noise")
+    return release_noise(float(cfg.statistics_noise), what == "class_features"), 1.0, 1
 
 
 def release_noise(statistics_noise: float, features: bool) -> float:
@@ -262,10 +270,6 @@ class SitePrivacy:
         self.history: list[tuple[float, float, int]] = []  # (noise multiplier, sample rate, steps)
         self.released: list[tuple[str, int]] = []  # class statistics sent: (what, its entry in history)
 
-    def _release_noise(self, what: str) -> float:
-        assert self.cfg.statistics_noise is not None
-        return release_noise(float(self.cfg.statistics_noise), what == "class_features")
-
     def release(self, what: str, site: str) -> float:
         """Account one release of class statistics (``label_counts`` or ``class_features``) and return the noise
         std per unit of sensitivity to add. Refused (nothing is sent) if it was not planned, was sent before (a
@@ -275,15 +279,14 @@ class SitePrivacy:
         if what in (w for w, _ in self.released):
             raise PermissionError(f"site {site} already sent its noisy {what.replace('_', ' ')} once; a second draw "
                                   "would average the noise away")
-        entry = (self._release_noise(what), 1.0, 1)
+        entry = release_entry(self.cfg, what)
         after = epsilon_of([*self.history, entry], self.cfg.delta, self.cfg.accountant)
         if self.cfg.budget is not None and after > self.cfg.budget * (1 + 1e-6):
             raise PrivacyBudgetExhausted(f"site {site}: sending its {what.replace('_', ' ')} would spend epsilon "
                                          f"{after:.3f} > privacy.budget={self.cfg.budget:g}; not sent")
         self.history.append(entry)
         self.released.append((what, len(self.history) - 1))
-        assert self.cfg.statistics_noise is not None
-        return float(self.cfg.statistics_noise)
+        return float(self.cfg.statistics_noise or 0.0)  # set: release_entry refuses a release without it
 
     @property
     def epsilon(self) -> float:
