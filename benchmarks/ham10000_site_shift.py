@@ -22,6 +22,7 @@ from results import ms
 
 SITES = ["rosendahl", "vidir_modern", "vidir_molemax", "vienna_dias"]
 
+NO_POOLED = ("-", "-")  # a federated row without a pooled run on equal terms: no gap is given
 #: (row name, bench_out file, run label in it, the pooled row it is compared with: (file, label) or None for the
 #: reference centralized run of ham10000_natural_sites.json, overrides)
 ROWS: list[tuple[str, str, str, tuple[str, str] | None, str]] = [
@@ -47,6 +48,13 @@ ROWS: list[tuple[str, str, str, tuple[str, str] | None, str]] = [
     # each source alone with the same two levers: is the federation above every site on its own?
     *[(f"{site} alone, Shades of Gray + head calibration", "ham_combo_locals", f"local:{site}", None,
        f"experiment=ham10000_site_shift site={site}") for site in SITES],
+    # the same recipe at 128 px (the 4-block CNN with a stride-2 stem): 24 rounds, then 72 (the preset)
+    ("FedAvg + both levers, 128 px, 24 rounds", "ham128_fedavg", "fedavg", NO_POOLED,
+     "experiment=ham10000_site_shift data.transforms.size=128"),
+    ("centralized + both levers, 128 px, 72 rounds", "ham128r72", "centralized", None,
+     "experiment=ham10000_site_shift_128 mode=centralized"),
+    ("FedAvg + both levers, 128 px, 72 rounds", "ham128r72", "fedavg", ("ham128r72", "centralized"),
+     "experiment=ham10000_site_shift_128"),
 ]
 #: the reference centralized run (experiment=ham10000 as it is): ham10000_natural_sites.json
 REFERENCE = "centralized"
@@ -55,7 +63,7 @@ REFERENCE_BAL_ACC = 0.511  # its pooled test balanced accuracy, seeds 42-44
 
 def compared_with(label: str, pooled: tuple[str, str] | None) -> str:
     """The name of the pooled row a federated row's gap is taken against."""
-    if label != "fedavg":
+    if label != "fedavg" or pooled == NO_POOLED:
         return "-"
     return next((n for n, f, lab, _, _ in ROWS if pooled and (f, lab) == pooled), "centralized (reference)")
 
