@@ -55,6 +55,8 @@ ROWS: list[tuple[str, str, str, tuple[str, str] | None, str]] = [
      "experiment=ham10000_site_shift_128 mode=centralized"),
     ("FedAvg + both levers, 128 px, 72 rounds", "ham128r72", "fedavg", ("ham128r72", "centralized"),
      "experiment=ham10000_site_shift_128"),
+    *[(f"{site} alone, both levers, 128 px, 72 rounds", "ham128_locals", f"local:{site}", None,
+       f"experiment=ham10000_site_shift_128 site={site}") for site in SITES],
 ]
 #: the reference centralized run (experiment=ham10000 as it is): ham10000_natural_sites.json
 REFERENCE = "centralized"
