@@ -60,7 +60,7 @@ def head_score(weights: dict[str, torch.Tensor], name: str, feats: torch.Tensor,
     return float(balanced_accuracy_score(labels, logits.argmax(1).numpy()))
 
 
-def one_checkpoint(path: Path, noises: list[float], draws: int) -> dict:
+def one_checkpoint(path: Path, noises: list[float], draws: int, clip: float) -> dict:
     ckpt = torch.load(path, map_location="cpu", weights_only=False)
     cfg = build.checked_config(ckpt["config"], str(path))
     if not cfg.federation.get("calibrate_head"):
@@ -71,10 +71,9 @@ def one_checkpoint(path: Path, noises: list[float], draws: int) -> dict:
     name, layer = last_linear(net)
     pipeline = Pipeline.from_config(cfg.data)
     _, datas = build.load_sites(cfg, pipeline.source, list(cfg.federation.sites))
-    clip, most_few = 10.0, int(cfg.federation.get("calibrate_min_images", 10))
+    most_few = int(cfg.federation.get("calibrate_min_images", 10))
     C = cfg.data.num_classes
-    clear, clipped = [], []
-    norms = []
+    clear, clipped, val = [], [], [penultimate(net, d.val) for d in datas.values()]
     for data in datas.values():  # what each site computes: the same (augmented) training set as in the federation
         s = class_statistics(net, data.train, C, True)
         few = s["counts"] < most_few  # the federation withholds small classes in the clear
@@ -82,9 +81,7 @@ def one_checkpoint(path: Path, noises: list[float], draws: int) -> dict:
             s[key][few] = 0
         clear.append(s)
         clipped.append(class_statistics(net, data.train, C, True, clip=clip))
-        norms.append(penultimate(net, data.val)[0].norm(dim=1))
-    val_x = torch.cat([penultimate(net, d.val)[0] for d in datas.values()])
-    val_y = np.concatenate([np.asarray(d.val.y).reshape(-1) for d in datas.values()])
+    val_x, val_y = torch.cat([f for f, _ in val]), np.concatenate([y for _, y in val])
     test_x, test_y = penultimate(net, pipeline.dataset("test"))
     calibration = build.head_calibration(cfg)
     assert calibration is not None
@@ -105,7 +102,7 @@ def one_checkpoint(path: Path, noises: list[float], draws: int) -> dict:
             noisy = [noisy_statistics(s, C, dim, noise, clip, int(s["counts"].sum()), rng) for s in clipped]
             add(f"clipped to {clip:g}, noise {noise:g}", noise, draw, summed(noisy))
     sizes = {s: len(d.train) for s, d in datas.items()}
-    feature_norm = torch.cat(norms)
+    feature_norm = val_x.norm(dim=1)
     return {"checkpoint": str(path), "run_id": ckpt.get("run_id"), "seed": int(cfg.seed), "best_round": best_round,
             "image_size": int(cfg.data.image_size), "train_images": sizes,
             "feature_norm_median": float(feature_norm.median()), "feature_norm_p95": float(feature_norm.quantile(0.95)),
@@ -118,13 +115,14 @@ def main() -> None:
     ap.add_argument("--noise", type=float, nargs="+", default=[0.5, 1.0, 2.0, 4.0, 8.0],
                     help="privacy.statistics_noise values")
     ap.add_argument("--draws", type=int, default=3, help="independent noise draws per level")
+    ap.add_argument("--clip", type=float, default=10.0, help="privacy.statistics_clip (default 10, the config's)")
     ap.add_argument("--delta", type=float, default=1e-5)
     ap.add_argument("--name", default="statistics_noise_cost", help="JSON name in bench_out/")
     ap.add_argument("--results", type=Path, default=None, help="also write the table into this results JSON file")
     args = ap.parse_args()
     setup_logging()
     t0 = time.perf_counter()
-    runs = [one_checkpoint(p, args.noise, args.draws) for p in args.checkpoints]
+    runs = [one_checkpoint(p, args.noise, args.draws, args.clip) for p in args.checkpoints]
     labels = list(dict.fromkeys(r["statistics"] for r in runs[0]["rows"]))
     columns = ["head fitted on", "privacy.statistics_noise", "epsilon per release (PRV / RDP)",
                "val bal. ACC", "test bal. ACC", "draws"]
