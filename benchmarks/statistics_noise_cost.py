@@ -33,25 +33,16 @@ from results import ms, save_json
 from sklearn.metrics import balanced_accuracy_score
 
 from fedmed import build
-from fedmed.data.datamodule import Pipeline, make_loader
-from fedmed.federated.statistics import class_statistics, last_linear, noisy_statistics, summed
+from fedmed.data.datamodule import Pipeline
+from fedmed.federated.statistics import class_statistics, feature_batches, last_linear, noisy_statistics, summed
 from fedmed.logs import setup_logging
 from fedmed.privacy.dp import epsilon_of, release_noise
 
 
-@torch.no_grad()
 def penultimate(net: torch.nn.Module, dataset) -> tuple[torch.Tensor, np.ndarray]:
     """The input of the classifier layer for every image of ``dataset`` (eval mode), and the labels."""
-    _, head = last_linear(net)
-    seen: list[torch.Tensor] = []
-    handle = head.register_forward_pre_hook(lambda _m, args: seen.append(args[0].detach().reshape(len(args[0]), -1)))
-    net.eval()
-    try:
-        for x, _ in make_loader(dataset, 256, shuffle=False):
-            net(x)
-    finally:
-        handle.remove()
-    return torch.cat(seen), np.asarray(dataset.y).reshape(-1)
+    batches = list(feature_batches(net, dataset))
+    return torch.cat([f for f, _ in batches]).float(), torch.cat([y for _, y in batches]).numpy().reshape(-1)
 
 
 def head_score(weights: dict[str, torch.Tensor], name: str, feats: torch.Tensor, labels: np.ndarray) -> float:

@@ -21,7 +21,7 @@ and the server learns only the federation's sum, which it checks the same way.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,6 +43,26 @@ def last_linear(net: nn.Module) -> tuple[str, nn.Linear]:
 
 
 @torch.no_grad()
+def feature_batches(net: nn.Module, dataset, device: torch.device | str = "cpu"
+                    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """The network's penultimate features (the input of its last linear layer, float64, flattened) and the
+    labels of ``dataset``, batch by batch, the network in eval mode (its mode and device are restored after)."""
+    _, head = last_linear(net)
+    seen: list[torch.Tensor] = []
+    handle = head.register_forward_pre_hook(lambda _m, args: seen.append(args[0].detach().double().cpu()))
+    was_training = net.training
+    net.eval().to(device)
+    try:
+        for x, y in make_loader(dataset, 256, shuffle=False):
+            seen.clear()
+            net(x.to(device))
+            yield seen[0].reshape(len(y), -1), torch.as_tensor(y)
+    finally:
+        handle.remove()
+        net.train(was_training)
+        net.cpu()
+
+
 def class_statistics(net: nn.Module, dataset, num_classes: int, features: bool,
                      device: torch.device | str = "cpu", clip: float | None = None) -> dict[str, np.ndarray]:
     """Per-class count of ``dataset``'s labels and, with ``features``, the per-class sum and sum of
@@ -52,28 +72,15 @@ def class_statistics(net: nn.Module, dataset, num_classes: int, features: bool,
     out = {"counts": torch.bincount(labels, minlength=num_classes).numpy().astype(np.int64)}
     if not features:
         return out
-    _, head = last_linear(net)
-    seen: list[torch.Tensor] = []
-    handle = head.register_forward_pre_hook(lambda _m, args: seen.append(args[0].detach().double().cpu()))
-    was_training = net.training
-    net.eval().to(device)
-    dim = head.in_features
+    dim = last_linear(net)[1].in_features
     sums, outer = np.zeros((num_classes, dim)), np.zeros((num_classes, dim, dim))
-    try:
-        for x, y in make_loader(dataset, 256, shuffle=False):
-            seen.clear()
-            net(x.to(device))
-            f = seen[0].reshape(len(y), -1)
-            if clip is not None:
-                f = f * (clip / f.norm(dim=1, keepdim=True).clamp_min(clip))
-            for c in torch.unique(y).tolist():
-                fc = f[torch.as_tensor(y) == c]
-                sums[c] += fc.sum(0).numpy()
-                outer[c] += (fc.T @ fc).numpy()
-    finally:
-        handle.remove()
-        net.train(was_training)
-        net.cpu()
+    for f, y in feature_batches(net, dataset, device):
+        if clip is not None:
+            f = f * (clip / f.norm(dim=1, keepdim=True).clamp_min(clip))
+        for c in torch.unique(y).tolist():
+            fc = f[y == c]
+            sums[c] += fc.sum(0).numpy()
+            outer[c] += (fc.T @ fc).numpy()
     return {**out, "sum": sums, "outer": outer}
 
 
