@@ -57,6 +57,15 @@ ROWS: list[tuple[str, str, str, tuple[str, str] | None, str]] = [
      "experiment=ham10000_site_shift_128"),
     *[(f"{site} alone, both levers, 128 px, 72 rounds", "ham128_locals", f"local:{site}", None,
        f"experiment=ham10000_site_shift_128 site={site}") for site in SITES],
+    # the same 18 passes over each site's data split into fewer, longer rounds or more, shorter ones
+    *[row for rounds, part, tag in ((36, 0.5, "ham128r36h"), (144, 0.125, "ham128r144e")) for row in (
+        (f"centralized + both levers, 128 px, {rounds} rounds of {part} epoch", f"{tag}_centralized", "centralized",
+         None,
+         f"experiment=ham10000_site_shift_128 mode=centralized federation.rounds={rounds} "
+         f"trainer.limit_train_batches={part}"),
+        (f"FedAvg + both levers, 128 px, {rounds} rounds of {part} epoch", f"{tag}_fedavg", "fedavg",
+         (f"{tag}_centralized", "centralized"),
+         f"experiment=ham10000_site_shift_128 federation.rounds={rounds} trainer.limit_train_batches={part}"))],
 ]
 #: the reference centralized run (experiment=ham10000 as it is): ham10000_natural_sites.json
 REFERENCE = "centralized"
