@@ -34,7 +34,14 @@ from sklearn.metrics import balanced_accuracy_score
 
 from fedmed import build
 from fedmed.data.datamodule import Pipeline
-from fedmed.federated.statistics import class_statistics, feature_batches, last_linear, noisy_statistics, summed
+from fedmed.federated.statistics import (
+    class_statistics,
+    feature_batches,
+    last_linear,
+    noisy_statistics,
+    summed,
+    withhold_small_classes,
+)
 from fedmed.logs import setup_logging
 from fedmed.privacy.dp import epsilon_of, release_noise
 
@@ -66,11 +73,7 @@ def one_checkpoint(path: Path, noises: list[float], draws: int, clip: float) -> 
     C = cfg.data.num_classes
     clear, clipped, val = [], [], [penultimate(net, d.val) for d in datas.values()]
     for data in datas.values():  # what each site computes: the same (augmented) training set as in the federation
-        s = class_statistics(net, data.train, C, True)
-        few = s["counts"] < most_few  # the federation withholds small classes in the clear
-        for key in ("counts", "sum", "outer"):
-            s[key][few] = 0
-        clear.append(s)
+        clear.append(withhold_small_classes(class_statistics(net, data.train, C, True), most_few))  # as sites do
         clipped.append(class_statistics(net, data.train, C, True, clip=clip))
     val_x, val_y = torch.cat([f for f, _ in val]), np.concatenate([y for _, y in val])
     test_x, test_y = penultimate(net, pipeline.dataset("test"))

@@ -29,6 +29,7 @@ from fedmed.federated.statistics import (
     last_linear,
     noisy_statistics,
     statistics_vector,
+    withhold_small_classes,
 )
 from fedmed.federated.strategies.base import SitePart
 from fedmed.federated.training import LocalTraining, TrainingSettings
@@ -163,10 +164,8 @@ class SiteClient:
             dim = last_linear(net)[1].in_features if features else None
             return noisy_statistics(stats, self.module.num_classes, dim, noise, clip, len(self.data.train),
                                     np.random.default_rng())  # fresh entropy: the noise must not be reproducible
-        if features and withhold:  # a class with few images here would give away single images' features
-            few = stats["counts"] < self.settings.min_class_images
-            for key in ("counts", "sum", "outer"):
-                stats[key][few] = 0
+        if features and withhold:
+            withhold_small_classes(stats, self.settings.min_class_images)
         return stats
 
     def _dp_record(self) -> dict[str, Any]:

@@ -84,6 +84,15 @@ def class_statistics(net: nn.Module, dataset, num_classes: int, features: bool,
     return {**out, "sum": sums, "outer": outer}
 
 
+def withhold_small_classes(stats: dict[str, np.ndarray], min_images: int) -> dict[str, np.ndarray]:
+    """Zero, in place, the count and feature moments of every class with fewer than ``min_images`` images (a
+    class that small would give away single images' features); returns ``stats``."""
+    few = stats["counts"] < min_images
+    for key in ("counts", "sum", "outer"):
+        stats[key][few] = 0
+    return stats
+
+
 def check_statistics(stats: Any, num_classes: int, features: bool, dim: int | None = None,
                      max_count: int | None = None) -> str | None:
     """What is wrong with a site's statistics (None: usable). Counts: ``num_classes`` non-negative integers,
