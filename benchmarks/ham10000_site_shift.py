@@ -66,6 +66,17 @@ ROWS: list[tuple[str, str, str, tuple[str, str] | None, str]] = [
         (f"FedAvg + both levers, 128 px, {rounds} rounds of {part} epoch", f"{tag}_fedavg", "fedavg",
          (f"{tag}_centralized", "centralized"),
          f"experiment=ham10000_site_shift_128 federation.rounds={rounds} trainer.limit_train_batches={part}"))],
+    # two local quarter epochs per round (36 passes over each site's data), against the preset's pooled run
+    ("FedAvg + both levers, 128 px, 72 rounds of two quarter epochs", "ham128le2_fedavg", "fedavg",
+     ("ham128r72", "centralized"), "experiment=ham10000_site_shift_128 federation.local_epochs=2"),
+    # ImageNet-pretrained EfficientNet-Lite0 with both levers at 128 px, the 24 rounds of the 64 px recipe
+    ("centralized, EfficientNet-Lite0 from ImageNet + both levers, 128 px, 24 rounds", "eff128_centralized",
+     "centralized", None,
+     "experiment=ham10000_site_shift mode=centralized data.transforms.size=128 model=efficientnet_lite0 "
+     "model.pretrained=<weights>"),
+    ("FedAvg, EfficientNet-Lite0 from ImageNet + both levers, 128 px, 24 rounds", "eff128_fedavg", "fedavg",
+     ("eff128_centralized", "centralized"),
+     "experiment=ham10000_site_shift data.transforms.size=128 model=efficientnet_lite0 model.pretrained=<weights>"),
 ]
 #: the reference centralized run (experiment=ham10000 as it is): ham10000_natural_sites.json
 REFERENCE = "centralized"
