@@ -86,9 +86,14 @@ REFERENCE = "centralized"
 REFERENCE_BAL_ACC = 0.511  # its pooled test balanced accuracy, seeds 42-44
 
 
+def federated(label: str) -> bool:
+    """Whether a run label is a federation (not pooled training, not one source alone)."""
+    return label != "centralized" and not label.startswith("local:")
+
+
 def compared_with(label: str, pooled: tuple[str, str] | None) -> str:
     """The name of the pooled row a federated row's gap is taken against."""
-    if label == "centralized" or label.startswith("local:") or pooled == NO_POOLED:
+    if not federated(label) or pooled == NO_POOLED:
         return "-"
     return next((n for n, f, lab, _, _ in ROWS if pooled and (f, lab) == pooled), "centralized (reference)")
 
@@ -135,7 +140,7 @@ def main() -> None:
             seeds_here = {r["seed"] for r in rs}  # the gap is taken at the federated row's own seeds
             prs = [r for r in load(args.bench_out, *pooled) if r["seed"] in seeds_here]
             pooled_bal = mean([r["test_sites"]["pooled"]["balanced_acc"] for r in prs]) if prs else None
-        elif label == "fedavg":  # the reference centralized run: same network and inputs
+        elif federated(label):  # the reference centralized run: same network and inputs
             pooled_bal = REFERENCE_BAL_ACC
         bal = [r["test_sites"]["pooled"]["balanced_acc"] for r in rs]
         gap = f"{100 * (mean(bal) - pooled_bal):+.1f}" if pooled_bal is not None else "-"
