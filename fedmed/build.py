@@ -272,7 +272,8 @@ def federation_settings(cfg: DictConfig) -> FederationSettings:
             seed=cfg.seed, select=fed.select, explain_rounds=frozenset(explain_rounds(fed.rounds,
                                                                                        cfg.explain.every_n_rounds)),
             site_timeout=fed.site_timeout, secure_aggregation=bool(cfg.privacy.secure_aggregation),
-            label_prior=label_prior(cfg) == "federation", num_classes=int(cfg.data.num_classes))
+            label_prior=label_prior(cfg) == "federation", num_classes=int(cfg.data.num_classes),
+            average_from=fed.get("average_from"))
     except ValueError as exc:
         raise FedmedError(str(exc)) from None
 

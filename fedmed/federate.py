@@ -118,6 +118,8 @@ def federate(cfg: DictConfig, strategy: Strategy, sites: Sequence[SiteTransport]
     result = orchestrator.run(initial, resume)
     rows = [("global model", s, "val", e) for s, e in result.site_eval.items()]
     chosen = f"round {result.round}/{fed.rounds}"
+    if fed.get("average_from") is not None and result.round >= fed.average_from:
+        chosen += f", mean of rounds {fed.average_from}-{result.round}"
     calibration = build.head_calibration(cfg)
     if calibration is not None:
         calibrated = orchestrator.calibrate_head(result.weights, calibration, build.build_net(cfg)[0])

@@ -99,6 +99,7 @@ RULES: dict[str, Rule] = {
     "federation.fraction": number(0, 1, lo_open=True), "federation.min_sites": integer(1),
     "federation.site_timeout": optional(POSITIVE), "federation.select": choice(*SELECTIONS),
     "federation.finetune_epochs": integer(0), "federation.compression": choice(*CODECS),
+    "federation.average_from": optional(integer(1)),
     "federation.topk_fraction": number(0, 1, lo_open=True), "federation.error_feedback": boolean,
     "federation.parallel": integer(0), "federation.server": optional(text), "federation.connect_timeout": POSITIVE,
     "federation.attack_scale": number(), "federation.checkpoint_dir": text,

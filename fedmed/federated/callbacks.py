@@ -10,7 +10,8 @@ from collections.abc import Callable
 import lightning as L
 import torch
 
-from fedmed.federated.messages import clone_state
+from fedmed.federated.messages import StateDict, clone_state
+from fedmed.federated.tail_average import TailAverage
 
 log = logging.getLogger("fedmed")
 
@@ -44,22 +45,41 @@ class EpochProgress(L.Callback):
 class BestOnValidation(L.Callback):
     """Keeps (in memory) the weights of the epoch with the lowest validation loss, or with the
     highest validation balanced accuracy (``select="best_val_balanced_acc"``, and
-    ``best_val_site_balanced_acc``: with one site's data it is the same)."""
+    ``best_val_site_balanced_acc``: with one site's data it is the same).
 
-    def __init__(self, select: str = "best_val_loss") -> None:
+    With ``average_from``, from that epoch on the candidate is the mean of the epochs' models since then
+    (:mod:`fedmed.federated.tail_average`), scored by ``score`` (weights -> ``loss``, ``balanced_acc``).
+    """
+
+    def __init__(self, select: str = "best_val_loss", average_from: int | None = None,
+                 score: Callable[[StateDict], dict[str, float]] | None = None) -> None:
         # one site's data: the mean of the sites' balanced accuracies is its own
         by_acc = select in ("best_val_balanced_acc", "best_val_site_balanced_acc")
         self.key, self.sign = ("val_balanced_acc", -1.0) if by_acc else ("val_loss", 1.0)
         self.best_loss, self.best_epoch = float("inf"), 0
         self.best_state: dict[str, torch.Tensor] | None = None
+        if average_from is not None and score is None:
+            raise ValueError("averaging the epochs' models needs a score for the mean")
+        self.tail = TailAverage(average_from) if average_from is not None else None
+        self.score = score
 
     def on_train_epoch_end(self, trainer, pl_module):  # after the epoch's validation, with its metrics reduced
-        if self.key not in trainer.callback_metrics:
+        epoch = trainer.current_epoch + 1
+        averaged = self.tail.update(epoch, pl_module.net.state_dict()) if self.tail is not None else None
+        if averaged is not None:
+            assert self.score is not None
+            m = self.score(averaged)
+            log.info("  mean of the models of epochs %d-%d: val_loss=%.4f val_bal_acc=%.4f", self.tail.start,
+                     epoch, m["loss"], m["balanced_acc"])
+            value, state = m[self.key.removeprefix("val_")], averaged
+        elif self.key in trainer.callback_metrics:
+            value, state = float(trainer.callback_metrics[self.key]), None
+        else:
             return
-        loss = self.sign * float(trainer.callback_metrics[self.key])  # lower is better
+        loss = self.sign * float(value)  # lower is better
         if loss < self.best_loss:
-            self.best_loss, self.best_epoch = loss, trainer.current_epoch + 1
-            self.best_state = clone_state(pl_module.net.state_dict())
+            self.best_loss, self.best_epoch = loss, epoch
+            self.best_state = state if state is not None else clone_state(pl_module.net.state_dict())
 
 
 class GradientCorrection(L.Callback):

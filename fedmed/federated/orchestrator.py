@@ -31,6 +31,7 @@ from fedmed.federated.statistics import (
     summed,
 )
 from fedmed.federated.strategies.base import Strategy
+from fedmed.federated.tail_average import TailAverage
 from fedmed.federated.transport import SiteTransport
 from fedmed.federated.updates import check_masked, check_masked_vector, check_update, receive
 from fedmed.models.metrics import balanced_accuracy
@@ -98,6 +99,9 @@ class FederationSettings:
         label_prior: before the first round every site sends its training images per class; their sum
             goes to every site with every round (``model.logit_prior=federation``).
         num_classes: the model's classes (checks what the sites send).
+        average_from: from this round on, the model the sites evaluate, that selection may keep and that
+            the run returns is the mean of the global models since this round
+            (:mod:`fedmed.federated.tail_average`); training goes on from the plain global model. None: off.
     """
 
     rounds: int
@@ -111,6 +115,7 @@ class FederationSettings:
     secure_aggregation: bool = False
     label_prior: bool = False
     num_classes: int | None = None
+    average_from: int | None = None
 
     def __post_init__(self) -> None:
         if self.rounds < 1 or self.local_epochs < 1:
@@ -121,6 +126,9 @@ class FederationSettings:
             raise ValueError("label_prior needs num_classes")
         if self.select not in SELECTIONS:
             raise ValueError(f"federation.select must be one of {SELECTIONS}, got {self.select!r}")
+        if self.average_from is not None and not 1 <= self.average_from <= self.rounds:
+            raise ValueError(f"federation.average_from must be a round from 1 to federation.rounds={self.rounds} "
+                             f"(or null), got {self.average_from}")
 
 
 @dataclass
@@ -199,6 +207,7 @@ class Orchestrator:
         self._stray: dict[str, threading.Thread] = {}  # sites still running a timed-out round
         self.label_counts: list[int] | None = None  # label_prior: the federation's training images per class
         self.statistics_dp: dict[str, dict[str, float]] = {}  # DP: each site's accounting after it sent statistics
+        self.tail = TailAverage(settings.average_from) if settings.average_from is not None else None
 
     def sample(self, round_idx: int) -> list[SiteTransport]:
         s = self.settings
@@ -436,6 +445,7 @@ class Orchestrator:
             "strategy": self.strategy.state_dict(),
             "sites": {s.name: s.state_dict() for s in self.sites},
             "label_counts": self.label_counts,
+            "tail_average": self.tail.state_dict() if self.tail is not None else None,
             "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
             **self.extra_state,
         }
@@ -446,6 +456,13 @@ class Orchestrator:
         for s in self.sites:
             if s.name in resume.get("sites", {}):
                 s.load_state_dict(resume["sites"][s.name])
+        if self.tail is not None:
+            kept = resume.get("tail_average")
+            if kept is None or int(kept["start"]) != self.tail.start:
+                raise FederationError(f"resume: the checkpoint was not averaging the global models from round "
+                                      f"{self.tail.start} (federation.average_from); resume with the setting "
+                                      "it was trained with")
+            self.tail.load_state_dict(kept)
         torch.set_rng_state(resume["rng"]["torch"])
         np.random.set_state(resume["rng"]["numpy"])
         random.setstate(resume["rng"]["python"])
@@ -482,11 +499,16 @@ class Orchestrator:
             bytes_up = sum(f.wire_bytes for f in fits)
             fits_in = [self._unmask(r, fits, peers, global_w)] if s.secure_aggregation else fits
             global_w = self.strategy.aggregate_fit(global_w, fits_in)
-            record, evals = self._evaluate(r, global_w, fits, len(chosen), bytes_up, bytes_down, t0)
+            averaged = self.tail.update(r, global_w) if self.tail is not None else None
+            if averaged is not None:
+                log.info("round %d/%d: the sites evaluate the mean of the global models of rounds %d-%d",
+                         r, s.rounds, self.tail.start, r)  # type: ignore[union-attr]
+            candidate = averaged if averaged is not None else global_w
+            record, evals = self._evaluate(r, candidate, fits, len(chosen), bytes_up, bytes_down, t0)
             history.append(record)
             score = selection_score(s.select, record.metrics)
             if best is None or s.select == "last" or score < best[0]:
-                best = (score, r, clone_state(global_w), evals)
+                best = (score, r, clone_state(candidate), evals)
             if self.checkpoint:
                 save_checkpoint(self.checkpoint, self.state(r, global_w, best, history))
         assert best is not None

@@ -241,9 +241,12 @@ class SiteClient:
                                             int(instructions.get("trained_epochs", 0)) + epochs)
         return ev
 
-    def train_alone(self, epochs: int, select: str = "best_val_loss") -> tuple[dict[str, torch.Tensor], int]:
-        """Train continuously with validation after each epoch (local and centralized baselines)."""
-        return self.training.fit_alone(epochs, select, on_epoch=lambda e, m: self.run.log_metrics(m, step=e))
+    def train_alone(self, epochs: int, select: str = "best_val_loss",
+                    average_from: int | None = None) -> tuple[dict[str, torch.Tensor], int]:
+        """Train continuously with validation after each epoch (local and centralized baselines); with
+        ``average_from``, candidates from that epoch on are the mean of the epochs' models since then."""
+        return self.training.fit_alone(epochs, select, on_epoch=lambda e, m: self.run.log_metrics(m, step=e),
+                                       average_from=average_from)
 
     def state_dict(self) -> dict[str, Any]:
         """What this site must keep to resume a federation: its strategy part, heatmap history,

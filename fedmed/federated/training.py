@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
 from collections.abc import Mapping, Sequence
@@ -17,6 +18,7 @@ from fedmed.federated.callbacks import BestOnValidation, EpochProgress
 from fedmed.federated.messages import StateDict, clone_state
 from fedmed.federated.strategies.base import SitePart
 from fedmed.models.classifier import Classifier
+from fedmed.models.metrics import evaluate
 from fedmed.privacy.dp import DPConfig, SitePrivacy
 
 log = logging.getLogger("fedmed")
@@ -128,9 +130,12 @@ class LocalTraining:
         extras = part.after_training(start, new, int(trainer.global_step), factors)
         return RoundOutput(start, new, metrics, extras)
 
-    def fit_alone(self, epochs: int, select: str = "best_val_loss",
-                  on_epoch=None) -> tuple[dict[str, torch.Tensor], int]:
+    def fit_alone(self, epochs: int, select: str = "best_val_loss", on_epoch=None,
+                  average_from: int | None = None) -> tuple[dict[str, torch.Tensor], int]:
         """Train continuously for ``epochs`` with validation after each (local and centralized baselines).
+
+        With ``average_from``, from that epoch on the candidate of each epoch is the mean of the epochs'
+        models since then (as a federation's ``federation.average_from``).
 
         Returns:
             (weights, epoch): the weights of the epoch with the best validation loss (or the best
@@ -139,14 +144,23 @@ class LocalTraining:
         """
         seed = self.settings.seed
         L.seed_everything(site_seed(seed, 0, self.site_index), verbose=False)
-        best = BestOnValidation(select)
+        best = BestOnValidation(select, average_from, self.score_on_validation)
         self.module.schedule = (0, epochs)
         trainer = self._trainer(epochs, [EpochProgress(self.name, "training", on_epoch), best], validate=True)
         loader = make_loader(self.data.train, self.settings.batch_size, shuffle=True, seed=seed)
         self._fit(trainer, loader, epochs, seed, None, validate=True)
+        if select == "last" and best.tail is not None and best.tail.mean is not None:
+            return clone_state(best.tail.mean), epochs
         if select == "last" or best.best_state is None:
             return self.weights(), epochs
         return best.best_state, best.best_epoch
+
+    def score_on_validation(self, weights: StateDict) -> dict[str, float]:
+        """``weights`` scored on the site's validation data (a copy of the network; training is not touched)."""
+        net = copy.deepcopy(self.module.net)
+        net.load_state_dict(weights, strict=True)
+        metrics, _ = evaluate(net, make_loader(self.data.val, 256, shuffle=False), self.module.num_classes)
+        return metrics
 
     def _fit(self, trainer: L.Trainer, loader, epochs: int, seed: int, part: SitePart | None,
              validate: bool = False) -> None:
