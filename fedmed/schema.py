@@ -166,6 +166,11 @@ def validate(cfg: DictConfig, verb: str = "fit", strategy: bool = True) -> None:
         problem = rule(plain)
         if problem:
             raise FedmedError(f"{key}={plain!r}: expected {problem}")
+    fed = cfg.get("federation")
+    average = fed.get("average_from") if fed is not None else None
+    if average is not None and average > fed.get("rounds", average):
+        raise FedmedError(f"federation.average_from={fed.average_from}: expected a round from 1 to "
+                          f"federation.rounds={fed.rounds} (or null)")
     if verb == "data_check" and cfg.get("splits") is not None:
         bad = [s for s in cfg.splits if s not in SPLITS]
         if bad:

@@ -284,6 +284,27 @@ def test_sites_end_failed_when_the_server_is_gone(tmp_path):
     runs = client.search_runs(exp.experiment_id, "tags.role = 'site'")
     assert sorted(r.data.tags["site"] for r in runs) == sites and all(r.info.status == "FAILED" for r in runs)
     assert not free_port_taken(port)  # the SuperLink went with the server
+    # and so did the ServerApp process it started, though the killed server is not reaped (a zombie) yet
+    deadline = time.monotonic() + 20
+    while serverapps_of(procs["server"].pid) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not serverapps_of(procs["server"].pid)
+    procs["server"].wait(5)
+
+
+def serverapps_of(pid: int) -> list[str]:
+    """Command lines of the running flwr-serverapp processes started by process ``pid`` (Linux /proc)."""
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            args = cmdline.read_bytes().decode(errors="replace").split("\0")
+            state = (cmdline.parent / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if (state != "Z" and any(a.endswith("flwr-serverapp") for a in args[:2]) and "--parent-pid" in args
+                and args[args.index("--parent-pid") + 1] == str(pid)):
+            found.append(" ".join(args))
+    return found
 
 
 def free_port_taken(port: int) -> bool:

@@ -44,7 +44,7 @@ from flwr.supercore.runtime import RuntimeHttpClient
 from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, push_task_output
 
 from fedmed.flower.protocol import HELLO, error_reply
-from fedmed.flower.runtime import APP_COMPONENTS, BIN
+from fedmed.flower.runtime import APP_COMPONENTS, BIN, own_group_ending_with_us
 
 log = logging.getLogger("fedmed")
 
@@ -139,9 +139,11 @@ class ServerGate(_Executor):
             cmd = [str(BIN / "flwr-serverapp"), "--runtime-api-address", self.address, "--token", token,
                    "--parent-pid", str(os.getpid())]
             cmd += ["--root-certificates", str(self.ca_cert)] if self.ca_cert is not None else ["--insecure"]
+            # --parent-pid alone lets the ServerApp outlive a killed fedmed serve that its parent has not reaped
+            # yet (a zombie's pid still exists): the kernel ends it with us (PR_SET_PDEATHSIG)
             with open(self.log or os.devnull, "ab") as out:
                 self.process = subprocess.Popen(cmd, env={**os.environ, "FLWR_TELEMETRY_ENABLED": "0"}, stdout=out,
-                                                stderr=subprocess.STDOUT)
+                                                stderr=subprocess.STDOUT, preexec_fn=own_group_ending_with_us)
             return
         self.refused.append(int(task.run_id))
         log.warning("refused the ServerApp of Flower run %s: this SuperLink runs only the federation's run %s "

@@ -56,7 +56,7 @@ local-data = ""
 """
 
 
-def _own_group_ending_with_us() -> None:
+def own_group_ending_with_us() -> None:
     """In the child, before exec: its own process group (stopped as one), and on Linux a SIGTERM when
     the fedmed process that started it dies, even by SIGKILL, so no SuperLink or SuperNode outlives it."""
     os.setsid()
@@ -92,7 +92,7 @@ class Process:
         try:
             self.proc = subprocess.Popen([str(BIN / cmd[0]), *cmd[1:]], stdout=out, stderr=subprocess.STDOUT,
                                          env={**os.environ, "FLWR_TELEMETRY_ENABLED": "0", **(env or {})},
-                                         cwd=cwd, preexec_fn=_own_group_ending_with_us)
+                                         cwd=cwd, preexec_fn=own_group_ending_with_us)
         finally:
             if out is not None:
                 out.close()
