@@ -6,9 +6,13 @@ the runs' ``bench_out/<name>.json`` files into one table: pooled test balanced a
 each site's own test lesions, the validation balanced accuracy the levers are compared by (never the
 test split), and the gap to centralized training with the same network and inputs.
 
+A row whose runs are not in ``--bench-out`` (run on another machine or earlier) keeps the figures it has in
+the results files, so new rows can be added to the table without running every other row again.
+
 Usage:
     python benchmarks/ham10000_site_shift.py [--bench-out bench_out] \
-        [--results benchmarks/results/ham10000_site_shift.json]
+        [--results benchmarks/results/ham10000_site_shift.json] \
+        [--results-per-site benchmarks/results/ham10000_site_shift_per_site.json]
 """
 
 from __future__ import annotations
@@ -105,6 +109,15 @@ def load(folder: Path, name: str, label: str) -> list[dict]:
     return sorted((r for r in json.loads(path.read_text()) if r["label"] == label), key=lambda r: r["seed"])
 
 
+def earlier(path: Path | None) -> dict[str, list[list[str]]]:
+    """The rows a results file already holds, by their run name (first cell)."""
+    out: dict[str, list[list[str]]] = {}
+    if path is not None and path.exists():
+        for row in json.loads(path.read_text())["rows"]:
+            out.setdefault(row[0], []).append(row)
+    return out
+
+
 def mean(values: list[float]) -> float:
     return statistics.mean(values) if values else float("nan")
 
@@ -128,9 +141,13 @@ def main() -> None:
                  cells["selected"], "-", cells["test bal. ACC"], cells["test macro-F1"], cells["test AUROC"],
                  *[cells[f"bal. ACC @ {s}"] for s in SITES], "-", "-", cells["wall time (s)"]])
     per_site = []
+    kept = earlier(args.results)
+    kept_per_site = earlier(args.results_per_site)
     for name, file, label, pooled, options in ROWS:
         rs = load(args.bench_out, file, label)
-        if not rs:
+        if not rs:  # not run here: the figures the results files hold, if any
+            body += kept.get(name, [])
+            per_site += kept_per_site.get(name, [])
             continue
         for where in ("pooled", *SITES):
             per_site.append([name, " ".join(str(r["seed"]) for r in rs), where, str(rs[0]["test_sites"][where]["n"]),

@@ -52,7 +52,7 @@ class BestOnValidation(L.Callback):
     """
 
     def __init__(self, select: str = "best_val_loss", average_from: int | None = None,
-                 score: Callable[[StateDict], dict[str, float]] | None = None) -> None:
+                 score: Callable[[StateDict], dict[str, float]] | None = None, site: str = "") -> None:
         # one site's data: the mean of the sites' balanced accuracies is its own
         by_acc = select in ("best_val_balanced_acc", "best_val_site_balanced_acc")
         self.key, self.sign = ("val_balanced_acc", -1.0) if by_acc else ("val_loss", 1.0)
@@ -61,7 +61,7 @@ class BestOnValidation(L.Callback):
         if average_from is not None and score is None:
             raise ValueError("averaging the epochs' models needs a score for the mean")
         self.tail = TailAverage(average_from) if average_from is not None else None
-        self.score = score
+        self.score, self.site = score, site
 
     def on_train_epoch_end(self, trainer, pl_module):  # after the epoch's validation, with its metrics reduced
         epoch = trainer.current_epoch + 1
@@ -69,8 +69,8 @@ class BestOnValidation(L.Callback):
         if averaged is not None:
             assert self.score is not None
             m = self.score(averaged)
-            log.info("  mean of the models of epochs %d-%d: val_loss=%.4f val_bal_acc=%.4f", self.tail.start,
-                     epoch, m["loss"], m["balanced_acc"])
+            log.info("  [%s] mean of the models of epochs %d-%d: val_loss=%.4f val_bal_acc=%.4f", self.site,
+                     self.tail.start, epoch, m["loss"], m["balanced_acc"])
             value, state = m[self.key.removeprefix("val_")], averaged
         elif self.key in trainer.callback_metrics:
             value, state = float(trainer.callback_metrics[self.key]), None
