@@ -76,6 +76,16 @@ ROWS: list[tuple[str, str, str, tuple[str, str] | None, str]] = [
     # server momentum (FedAvgM, beta 0.5) on the preset, against the preset's pooled run
     ("FedAvgM (server momentum 0.5) + both levers, 128 px, 72 rounds", "ham128m5_fedavgm", "fedavgm",
      ("ham128r72", "centralized"), "experiment=ham10000_site_shift_128 strategy=fedavgm strategy.server_momentum=0.5"),
+    # weight averaging of the models of rounds (epochs) 55-72, pooled training averaged the same way: the mean
+    # selectable by validation with the earlier rounds' models, or the final mean taken as it is
+    *[row for select, tag, how in (("", "swa55", "selected by validation"),
+                                   (" federation.select=last", "swa55last", "the final mean")) for row in (
+        (f"centralized + both levers, 128 px, 72 rounds, mean of epochs 55-72 ({how})", f"{tag}_centralized",
+         "centralized", None,
+         f"experiment=ham10000_site_shift_128 mode=centralized federation.average_from=55{select}"),
+        (f"FedAvg + both levers, 128 px, 72 rounds, mean of rounds 55-72 ({how})", f"{tag}_fedavg", "fedavg",
+         (f"{tag}_centralized", "centralized"),
+         f"experiment=ham10000_site_shift_128 federation.average_from=55{select}"))],
     # ImageNet-pretrained EfficientNet-Lite0 with both levers at 128 px, the 24 rounds of the 64 px recipe
     ("centralized, EfficientNet-Lite0 from ImageNet + both levers, 128 px, 24 rounds", "eff128_centralized",
      "centralized", None,
