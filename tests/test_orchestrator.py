@@ -20,11 +20,12 @@ from fedmed.models import CompactCNN
 from fedmed.models.classifier import Classifier
 
 
-def synthetic_site(seed: int, n: int, bias: float) -> SiteData:
+def synthetic_site(seed: int, n: int, bias: float, noise: float = 0.2, shift: float = 1.0) -> SiteData:
+    """Class 1 (share ``bias``) is brighter in the upper half by ``shift``; pixel noise ``noise``."""
     g = torch.Generator().manual_seed(seed)
     y = (torch.rand(n, generator=g) < bias).long()
-    x = torch.randn(n, 1, 12, 12, generator=g) * 0.2
-    x[y == 1, :, :6] += 1.0
+    x = torch.randn(n, 1, 12, 12, generator=g) * noise
+    x[y == 1, :, :6] += shift
     return SiteData(ArrayDataset(x, y), ArrayDataset(x[: n // 4], y[: n // 4]))
 
 
@@ -32,8 +33,8 @@ def factory():
     return Classifier(CompactCNN(in_channels=1, num_classes=2, hidden=16), 2, lr=1e-2)
 
 
-def clients(sizes=(40, 90)):
-    return [SiteClient(f"s{k}", synthetic_site(k, n, 0.3 + 0.4 * k), factory,
+def clients(sizes=(40, 90), **site):
+    return [SiteClient(f"s{k}", synthetic_site(k, n, 0.3 + 0.4 * k, **site), factory,
                        TrainingSettings(batch_size=16, trainer={"accelerator": "cpu"}, seed=5), site_index=k)
             for k, n in enumerate(sizes)]
 

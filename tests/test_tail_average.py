@@ -8,7 +8,6 @@ import torch
 from torch.optim.swa_utils import AveragedModel
 
 from fedmed.cli import main
-from fedmed.data.datamodule import ArrayDataset, SiteData
 from fedmed.errors import FederationError
 from fedmed.federated import (
     FederationSettings,
@@ -23,22 +22,13 @@ from fedmed.federated.tail_average import TailAverage
 from fedmed.models import CompactCNN
 from fedmed.models.classifier import Classifier
 from fedmed.models.metrics import evaluate
+from tests.test_orchestrator import clients as two_sites
 from tests.test_orchestrator import factory, synthetic_site
 
 
-def noisy_site(seed: int, n: int, bias: float) -> SiteData:
+def clients():
     """Two classes that overlap: the validation loss stays well above 0 and moves from round to round."""
-    g = torch.Generator().manual_seed(seed)
-    y = (torch.rand(n, generator=g) < bias).long()
-    x = torch.randn(n, 1, 12, 12, generator=g)
-    x[y == 1, :, :6] += 0.3
-    return SiteData(ArrayDataset(x, y), ArrayDataset(x[: n // 3], y[: n // 3]))
-
-
-def clients(sizes=(40, 90)):
-    return [SiteClient(f"s{k}", noisy_site(k, n, 0.3 + 0.4 * k), factory,
-                       TrainingSettings(batch_size=16, trainer={"accelerator": "cpu"}, seed=5), site_index=k)
-            for k, n in enumerate(sizes)]
+    return two_sites(noise=1.0, shift=0.3)
 
 
 def test_running_mean_matches_torch_averaged_model():
