@@ -118,6 +118,14 @@ def test_resumed_federation_keeps_averaging(tmp_path):
         with pytest.raises(FederationError, match="average_from"):
             Orchestrator([InProcessSite(c) for c in clients()], Strategy(), settings).run(
                 initial, resume={**after3, "tail_average": kept})
+    mean = after3["tail_average"]["mean"]
+    for bad in ({**after3["tail_average"], "count": "2"},  # a checkpoint from elsewhere is checked, not trusted
+                {**after3["tail_average"], "mean": {k: v for k, v in mean.items() if "head" not in k}},
+                {**after3["tail_average"], "mean": {k: v.double() for k, v in mean.items()}},
+                {**after3["tail_average"], "mean": None}):
+        with pytest.raises(FederationError, match="unusable"):
+            Orchestrator([InProcessSite(c) for c in clients()], Strategy(), settings).run(
+                initial, resume={**after3, "tail_average": bad})
 
 
 def test_baseline_returns_the_mean_of_its_last_epochs():

@@ -458,11 +458,15 @@ class Orchestrator:
                 s.load_state_dict(resume["sites"][s.name])
         if self.tail is not None:
             kept = resume.get("tail_average")
-            if kept is None or int(kept["start"]) != self.tail.start:
+            if not isinstance(kept, Mapping) or kept.get("start") != self.tail.start:
                 raise FederationError(f"resume: the checkpoint was not averaging the global models from round "
                                       f"{self.tail.start} (federation.average_from); resume with the setting "
                                       "it was trained with")
-            self.tail.load_state_dict(kept)
+            try:
+                self.tail.load_state_dict(kept, like=resume["global"])
+            except (KeyError, TypeError, ValueError) as exc:
+                raise FederationError(f"resume: the checkpoint's mean of the global models is unusable: "
+                                      f"{exc}") from None
         torch.set_rng_state(resume["rng"]["torch"])
         np.random.set_state(resume["rng"]["numpy"])
         random.setstate(resume["rng"]["python"])

@@ -51,6 +51,19 @@ class TailAverage:
     def state_dict(self) -> dict[str, Any]:
         return {"start": self.start, "count": self.count, "mean": self.mean}
 
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self.start, self.count = int(state["start"]), int(state["count"])
-        self.mean = clone_state(state["mean"]) if state["mean"] is not None else None
+    def load_state_dict(self, state: Mapping[str, Any], like: StateDict | None = None) -> None:
+        """Continue from :meth:`state_dict`'s output; with ``like``, its mean must hold the same tensors (names,
+        shapes, dtypes) as ``like`` (ValueError otherwise: a checkpoint is not trusted blindly)."""
+        start, count, mean = state["start"], state["count"], state["mean"]
+        if not (isinstance(start, int) and isinstance(count, int) and start >= 1 and count >= 0):
+            raise ValueError(f"start {start!r} and count {count!r} must be integers >= 1 and >= 0")
+        if (mean is None) != (count == 0):
+            raise ValueError(f"a mean of {count} models must {'not ' if count == 0 else ''}be given")
+        if mean is not None:
+            if not isinstance(mean, Mapping) or not all(isinstance(v, torch.Tensor) for v in mean.values()):
+                raise ValueError("the mean must map names to tensors")
+            if like is not None and {k: (v.shape, v.dtype) for k, v in mean.items()} != {
+                    k: (v.shape, v.dtype) for k, v in like.items()}:
+                raise ValueError("the mean does not hold the model's tensors")
+        self.start, self.count = start, count
+        self.mean = clone_state(mean) if mean is not None else None
