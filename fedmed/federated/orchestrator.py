@@ -503,16 +503,16 @@ class Orchestrator:
             bytes_up = sum(f.wire_bytes for f in fits)
             fits_in = [self._unmask(r, fits, peers, global_w)] if s.secure_aggregation else fits
             global_w = self.strategy.aggregate_fit(global_w, fits_in)
-            averaged = self.tail.update(r, global_w) if self.tail is not None else None
+            averaged = self.tail.update(r, global_w) if self.tail is not None else None  # a fresh copy
             if averaged is not None:
-                log.info("round %d/%d: the sites evaluate the mean of the global models of rounds %d-%d",
-                         r, s.rounds, self.tail.start, r)  # type: ignore[union-attr]
-            candidate = averaged if averaged is not None else global_w
-            record, evals = self._evaluate(r, candidate, fits, len(chosen), bytes_up, bytes_down, t0)
+                log.info("round %d/%d: the sites evaluate the mean of the global models since round %d",
+                         r, s.rounds, s.average_from)
+            record, evals = self._evaluate(r, averaged if averaged is not None else global_w, fits, len(chosen),
+                                           bytes_up, bytes_down, t0)
             history.append(record)
             score = selection_score(s.select, record.metrics)
             if best is None or s.select == "last" or score < best[0]:
-                best = (score, r, clone_state(candidate), evals)
+                best = (score, r, averaged if averaged is not None else clone_state(global_w), evals)
             if self.checkpoint:
                 save_checkpoint(self.checkpoint, self.state(r, global_w, best, history))
         assert best is not None
