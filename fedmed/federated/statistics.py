@@ -30,16 +30,9 @@ import torch
 from torch import nn
 
 from fedmed.data.datamodule import make_loader
+from fedmed.models.decorrelation import last_linear, penultimate
 
 LABEL_COUNTS, CLASS_FEATURES = "label_counts", "class_features"
-
-
-def last_linear(net: nn.Module) -> tuple[str, nn.Linear]:
-    """The network's classifier layer: its last ``nn.Linear`` in module order, with its name."""
-    found = [(name, m) for name, m in net.named_modules() if isinstance(m, nn.Linear)]
-    if not found:
-        raise ValueError(f"{type(net).__name__} has no linear layer to calibrate")
-    return found[-1]
 
 
 @torch.no_grad()
@@ -47,18 +40,15 @@ def feature_batches(net: nn.Module, dataset, device: torch.device | str = "cpu"
                     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """The network's penultimate features (the input of its last linear layer, float64, flattened) and the
     labels of ``dataset``, batch by batch, the network in eval mode (its mode and device are restored after)."""
-    _, head = last_linear(net)
-    seen: list[torch.Tensor] = []
-    handle = head.register_forward_pre_hook(lambda _m, args: seen.append(args[0].detach().double().cpu()))
     was_training = net.training
     net.eval().to(device)
     try:
-        for x, y in make_loader(dataset, 256, shuffle=False):
-            seen.clear()
-            net(x.to(device))
-            yield seen[0].reshape(len(y), -1), torch.as_tensor(y)
+        with penultimate(net) as seen:
+            for x, y in make_loader(dataset, 256, shuffle=False):
+                seen.clear()
+                net(x.to(device))
+                yield seen[0].detach().double().cpu().reshape(len(y), -1), torch.as_tensor(y)
     finally:
-        handle.remove()
         net.train(was_training)
         net.cpu()
 

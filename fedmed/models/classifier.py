@@ -10,6 +10,7 @@ import lightning as L
 import torch
 from torch import nn
 
+from fedmed.models.decorrelation import decorrelation_penalty, penultimate
 from fedmed.models.metrics import compute_metrics, make_metrics
 
 LR_SCHEDULES = ("constant", "cosine")
@@ -49,6 +50,10 @@ class Classifier(L.LightningModule):
             the round (a resumed run is unchanged).
         min_lr_ratio: the cosine schedule's final rate, as a share of ``lr``.
         optimizer: ``adam`` or ``sgd`` (with ``momentum``).
+        decorrelation: weight of the feature decorrelation penalty
+            (:func:`fedmed.models.decorrelation.decorrelation_penalty`) on the input of the network's last
+            linear layer, each training batch (Shi et al., ICLR 2023, use 0.1). It couples the images of a
+            batch, so it cannot go with DP-SGD's per-image gradients. 0 is off.
         keep_state: each fit resumes the optimizer state (moments, step counts) that the last fit
             ended with, kept in :attr:`optimizer_state`; the learning rate still comes from the
             schedule. A federated site's Adam then goes on across rounds instead of restarting with
@@ -69,6 +74,7 @@ class Classifier(L.LightningModule):
         optimizer: str = "adam",
         momentum: float = 0.9,
         keep_state: bool = False,
+        decorrelation: float = 0.0,
     ):
         super().__init__()
         self.net = net
@@ -85,6 +91,7 @@ class Classifier(L.LightningModule):
             raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
         self.optimizer_name, self.momentum = optimizer, float(momentum)
         self.keep_state = bool(keep_state)
+        self.decorrelation = float(decorrelation)
         self.optimizer_state: dict | None = None  # keep_state: the moments at the end of the last fit
         self.schedule: tuple[int, int] = (0, 1)  # (first epoch of this fit, epochs of the whole run)
         self.val_metrics = make_metrics(num_classes)
@@ -116,11 +123,19 @@ class Classifier(L.LightningModule):
 
     def training_step(self, batch, batch_idx):
         x, y = batch
-        logits = self.net(x)
+        if self.decorrelation:
+            with penultimate(self.net) as seen:
+                logits = self.net(x)
+            penalty = self.decorrelation * decorrelation_penalty(seen[0])
+            self.log("train_decorrelation", penalty, on_step=False, on_epoch=True, batch_size=len(y))
+        else:
+            logits, penalty = self.net(x), None
         if self.logit_adjust:
             logits = logits + self.logit_adjust * self.log_prior.to(logits.device)
         loss = self.loss_fn(logits, y)
         self.log("train_loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(y))
+        if penalty is not None:
+            loss = loss + penalty
         extra = self.hook.extra_loss(self.net) if self.hook is not None else None
         if extra is not None:
             loss = loss + extra
