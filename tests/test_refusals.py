@@ -79,6 +79,8 @@ def test_a_server_checkpoint_that_would_run_code_is_refused(tmp_path, isolated, 
     ("model.logit_adjust=1 model.logit_prior=federation privacy.epsilon=8",
      "model.logit_prior=federation with DP-SGD needs privacy.statistics_noise"),
     ("federation.calibrate_head=true privacy.epsilon=8", "federation.calibrate_head=true with DP-SGD needs privacy"),
+    ("model.decorrelation=-0.1", "model.decorrelation=-0.1: expected a number >= 0"),
+    ("model.decorrelation=0.1 privacy.noise_multiplier=1", "model.decorrelation=0.1: expected 0 with DP-SGD on"),
     ("federation.calibrate_head=true privacy.epsilon=0.5 privacy.statistics_noise=0.5",
      "the class statistics alone spend epsilon"),
 ])
