@@ -322,6 +322,7 @@ MEANINGS = {
     "logger.log_model": "log the selected model as an MLflow pyfunc (raw images in, class probabilities out)",
     "logger.tracking_uri": "the MLflow store (a SQLite file, or a tracking server's URL)",
     "model.logit_adjust": "logit adjustment by the site's label prior (0: plain cross-entropy)",
+    "model.decorrelation": "weight of the penalty on correlated penultimate features (0: off; not with DP-SGD)",
     "model.name": "the network's name (MLflow tags and run names)",
     "model.net.block_config": "dense layers in each DenseNet block",
     "model.net.dropout": "dropout before the classifier",
