@@ -77,7 +77,8 @@ def build_module(cfg: DictConfig) -> Classifier:
                       logit_adjust=cfg.model.get("logit_adjust", 0.0), lr_schedule=opt.get("schedule", "constant"),
                       min_lr_ratio=opt.get("min_lr_ratio", 0.05), optimizer=opt.get("name", "adam"),
                       momentum=opt.get("momentum", 0.9),
-                      keep_state=opt.get("keep_state", False), decorrelation=cfg.model.get("decorrelation", 0.0))
+                      keep_state=opt.get("keep_state", False), decorrelation=cfg.model.get("decorrelation", 0.0),
+                      freeze_head=cfg.model.get("freeze_head", False))
 
 
 def initial_weights(cfg: DictConfig) -> dict[str, torch.Tensor]:

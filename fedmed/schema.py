@@ -117,7 +117,7 @@ RULES: dict[str, Rule] = {
     "data.transforms.augment.cutout_prob": PROB, "data.transforms.augment.cutout_holes": integer(0),
     "data.transforms.augment.cutout_size": integer(1),
     "model.logit_adjust": number(0), "model.logit_prior": choice("site", "federation"),
-    "model.decorrelation": number(0),
+    "model.decorrelation": number(0), "model.freeze_head": boolean,
     "model.pretrained": optional(pretrained_source),
     "federation.calibrate_head": boolean, "federation.calibrate_samples": integer(10),
     "federation.calibrate_epochs": integer(1), "federation.calibrate_lr": POSITIVE,

@@ -10,7 +10,7 @@ import lightning as L
 import torch
 from torch import nn
 
-from fedmed.models.decorrelation import decorrelation_penalty, penultimate
+from fedmed.models.decorrelation import decorrelation_penalty, last_linear, penultimate
 from fedmed.models.metrics import compute_metrics, make_metrics
 
 LR_SCHEDULES = ("constant", "cosine")
@@ -54,6 +54,9 @@ class Classifier(L.LightningModule):
             (:func:`fedmed.models.decorrelation.decorrelation_penalty`) on the input of the network's last
             linear layer, each training batch (Shi et al., ICLR 2023, use 0.1). It couples the images of a
             batch, so it cannot go with DP-SGD's per-image gradients. 0 is off.
+        freeze_head: the network's last linear layer keeps its initial weights (its parameters do not require
+            gradients): only the body learns, so a skewed site cannot turn the classifier towards its own
+            classes (FedBABU, Oh et al., ICLR 2022). Head calibration re-fits it after the federation.
         keep_state: each fit resumes the optimizer state (moments, step counts) that the last fit
             ended with, kept in :attr:`optimizer_state`; the learning rate still comes from the
             schedule. A federated site's Adam then goes on across rounds instead of restarting with
@@ -75,6 +78,7 @@ class Classifier(L.LightningModule):
         momentum: float = 0.9,
         keep_state: bool = False,
         decorrelation: float = 0.0,
+        freeze_head: bool = False,
     ):
         super().__init__()
         self.net = net
@@ -92,6 +96,9 @@ class Classifier(L.LightningModule):
         self.optimizer_name, self.momentum = optimizer, float(momentum)
         self.keep_state = bool(keep_state)
         self.decorrelation = float(decorrelation)
+        self.freeze_head = bool(freeze_head)
+        if self.freeze_head:
+            last_linear(net)[1].requires_grad_(False)
         self.optimizer_state: dict | None = None  # keep_state: the moments at the end of the last fit
         self.schedule: tuple[int, int] = (0, 1)  # (first epoch of this fit, epochs of the whole run)
         self.val_metrics = make_metrics(num_classes)
