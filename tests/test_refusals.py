@@ -81,6 +81,7 @@ def test_a_server_checkpoint_that_would_run_code_is_refused(tmp_path, isolated, 
     ("federation.calibrate_head=true privacy.epsilon=8", "federation.calibrate_head=true with DP-SGD needs privacy"),
     ("model.decorrelation=-0.1", "model.decorrelation=-0.1: expected a number >= 0"),
     ("model.decorrelation=0.1 privacy.noise_multiplier=1", "model.decorrelation=0.1: expected 0 with DP-SGD on"),
+    ("model.freeze_head=maybe", "model.freeze_head='maybe': expected true or false"),
     ("federation.calibrate_head=true privacy.epsilon=0.5 privacy.statistics_noise=0.5",
      "the class statistics alone spend epsilon"),
 ])

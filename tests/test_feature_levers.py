@@ -1,5 +1,6 @@
-"""model.decorrelation: the feature decorrelation penalty, checked against numpy's correlations, in training,
-and as a term sites must agree on."""
+"""Levers on what the network's body learns: model.decorrelation (the feature decorrelation penalty, checked
+against numpy's correlations and in training) and model.freeze_head (the classifier layer kept at its initial
+weights); both are terms every site must agree on."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from fedmed.config import compose
 from fedmed.contract import first_difference, terms
 from fedmed.models import CompactCNN
 from fedmed.models.classifier import Classifier
-from fedmed.models.decorrelation import decorrelation_penalty, penultimate
+from fedmed.models.decorrelation import decorrelation_penalty, last_linear, penultimate
 
 
 def numpy_penalty(z: np.ndarray) -> float:
@@ -51,18 +52,32 @@ def test_a_dead_dimension_or_a_single_image_gives_a_finite_penalty_and_gradient(
     assert decorrelation_penalty(torch.randn(1, 4)).item() == 0.0
 
 
-def trained_penalty(weight: float) -> float:
-    """Train a compact CNN on small two-class images with ``weight`` and return the penalty of its
-    penultimate features (in eval mode) on the training images."""
+def train_small(**module_args) -> tuple[CompactCNN, dict[str, torch.Tensor], torch.Tensor, list[float]]:
+    """Train a compact CNN on small two-class images with ``module_args`` for :class:`Classifier`; returns the
+    network, its initial weights, the training images and the training loss of each epoch."""
     gen = torch.Generator().manual_seed(0)
     y = torch.arange(128) % 2
     x = torch.randn(128, 1, 16, 16, generator=gen) * 0.5 + y.view(-1, 1, 1, 1).float()
     L.seed_everything(0, verbose=False)
     net = CompactCNN(in_channels=1, num_classes=2, channels=(8, 16), hidden=32, dropout=0.0)
-    module = Classifier(net, 2, lr=3e-3, decorrelation=weight)
+    initial = {k: v.clone() for k, v in net.state_dict().items()}
+    module = Classifier(net, 2, lr=3e-3, **module_args)
+    losses: list[float] = []
+
+    class Losses(L.Callback):
+        def on_train_epoch_end(self, trainer, pl_module):
+            losses.append(float(trainer.callback_metrics["train_loss"]))
+
     trainer = L.Trainer(max_epochs=8, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, accelerator="cpu", deterministic=True)
+                        enable_model_summary=False, accelerator="cpu", deterministic=True, callbacks=[Losses()])
     trainer.fit(module, DataLoader(TensorDataset(x, y), batch_size=32, shuffle=True, generator=gen))
+    return net, initial, x, losses
+
+
+def trained_penalty(weight: float) -> float:
+    """The penalty of the penultimate features (in eval mode) on the training images after training with
+    ``weight``."""
+    net, _, x, _ = train_small(decorrelation=weight)
     net.eval()
     with torch.no_grad(), penultimate(net) as seen:
         net(x)
@@ -74,8 +89,23 @@ def test_training_with_the_penalty_spreads_the_features_over_more_directions():
     assert decorrelated < 0.5 * plain, (plain, decorrelated)
 
 
-def test_the_penalty_is_a_term_of_the_federation_that_a_site_must_share():
-    cfg, other = (compose("fit", ["experiment=smoke", *extra]) for extra in ([], ["model.decorrelation=0.1"]))
+def test_a_frozen_head_keeps_its_initial_weights_while_the_body_learns():
+    net, initial, _, losses = train_small(freeze_head=True)
+    name, _ = last_linear(net)
+    after = net.state_dict()
+    for key in (f"{name}.weight", f"{name}.bias"):
+        assert torch.equal(after[key], initial[key]), key
+    body = [k for k in initial if not k.startswith(name) and after[k].is_floating_point()]
+    assert body and all(not torch.equal(after[k], initial[k]) for k in body if "running" not in k)
+    assert losses[-1] < 0.5 * losses[0], losses  # the body alone still learns the task
+    net, initial, _, _ = train_small()  # and without it the head moves
+    assert not torch.equal(net.state_dict()[f"{name}.weight"], initial[f"{name}.weight"])
+
+
+@pytest.mark.parametrize("override,term", [("model.decorrelation=0.1", "decorrelation=0.1"),
+                                           ("model.freeze_head=true", "freeze_head=True")])
+def test_each_lever_is_a_term_of_the_federation_that_a_site_must_share(override, term):
+    cfg, other = (compose("fit", ["experiment=smoke", *extra]) for extra in ([], [override]))
     weights = CompactCNN(in_channels=1, num_classes=2).state_dict()
     why = first_difference(terms(cfg, weights), terms(other, weights))
-    assert why is not None and "model.loss" in why and "decorrelation=0.1" in why, why
+    assert why is not None and "model.loss" in why and term in why, why
