@@ -94,6 +94,16 @@ ROWS: list[tuple[str, str, str, tuple[str, str] | None, str]] = [
     ("FedAvg, EfficientNet-Lite0 from ImageNet + both levers, 128 px, 24 rounds", "eff128_fedavg", "fedavg",
      ("eff128_centralized", "centralized"),
      "experiment=ham10000_site_shift data.transforms.size=128 model=efficientnet_lite0 model.pretrained=<weights>"),
+    # levers on the body at 128 px (seed 42): the preset's pooled run again with the same install, then the
+    # feature decorrelation penalty (federation only) and the frozen classifier layer (federation and pooled)
+    ("centralized + both levers, 128 px, 72 rounds (run again with the install of the rows below)",
+     "preset128_centralized", "centralized", None, "experiment=ham10000_site_shift_128 mode=centralized"),
+    ("FedAvg + both levers + feature decorrelation (0.1), 128 px, 72 rounds", "dc01_fedavg", "fedavg",
+     ("preset128_centralized", "centralized"), "experiment=ham10000_site_shift_128 model.decorrelation=0.1"),
+    ("centralized + both levers, frozen classifier layer, 128 px, 72 rounds", "fh_centralized", "centralized", None,
+     "experiment=ham10000_site_shift_128 mode=centralized model.freeze_head=true"),
+    ("FedAvg + both levers, frozen classifier layer, 128 px, 72 rounds", "fh_fedavg", "fedavg",
+     ("fh_centralized", "centralized"), "experiment=ham10000_site_shift_128 model.freeze_head=true"),
 ]
 #: the reference centralized run (experiment=ham10000 as it is): ham10000_natural_sites.json
 REFERENCE = "centralized"
