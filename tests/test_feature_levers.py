@@ -14,7 +14,8 @@ from fedmed.config import compose
 from fedmed.contract import first_difference, terms
 from fedmed.models import CompactCNN
 from fedmed.models.classifier import Classifier
-from fedmed.models.decorrelation import decorrelation_penalty, last_linear, penultimate
+from fedmed.models.decorrelation import decorrelation_penalty
+from fedmed.models.head import last_linear, penultimate
 
 
 def numpy_penalty(z: np.ndarray) -> float:

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from fedmed.data.datamodule import make_loader
-from fedmed.models.decorrelation import last_linear, penultimate
+from fedmed.models.head import last_linear, penultimate
 
 LABEL_COUNTS, CLASS_FEATURES = "label_counts", "class_features"
 

@@ -10,7 +10,8 @@ import lightning as L
 import torch
 from torch import nn
 
-from fedmed.models.decorrelation import decorrelation_penalty, last_linear, penultimate
+from fedmed.models.decorrelation import decorrelation_penalty
+from fedmed.models.head import last_linear, penultimate
 from fedmed.models.metrics import compute_metrics, make_metrics
 
 LR_SCHEDULES = ("constant", "cosine")
