@@ -123,6 +123,10 @@ def check_settings(cfg: DictConfig, mode: str) -> Strategy | None:
     if shared and dp is not None and dp.statistics_noise is None:  # secure aggregation masks them like updates
         raise FedmedError(f"{shared[0]} with DP-SGD needs privacy.statistics_noise: the class statistics are noised "
                           "and counted in each site's epsilon (e.g. privacy.statistics_noise=20)")
+    if dp is not None and cfg.model.get("decorrelation"):
+        raise FedmedError(f"model.decorrelation={cfg.model.decorrelation}: expected 0 with DP-SGD on (privacy.epsilon "
+                          "or privacy.noise_multiplier): the penalty couples a batch's images, DP-SGD clips each "
+                          "image's gradient alone")
     if dp is not None:
         planned_releases(dp, releases(cfg, mode == "federated"))
     if mode != "federated":

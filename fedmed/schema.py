@@ -172,12 +172,6 @@ def validate(cfg: DictConfig, verb: str = "fit", strategy: bool = True) -> None:
     if average is not None and average > fed.get("rounds", average):
         raise FedmedError(f"federation.average_from={fed.average_from}: expected a round from 1 to "
                           f"federation.rounds={fed.rounds} (or null)")
-    model, privacy = cfg.get("model"), cfg.get("privacy")
-    dp_on = privacy is not None and (privacy.get("epsilon") is not None or privacy.get("noise_multiplier") is not None)
-    if dp_on and model is not None and model.get("decorrelation"):
-        raise FedmedError(f"model.decorrelation={model.decorrelation}: expected 0 with DP-SGD on (privacy.epsilon or "
-                          "privacy.noise_multiplier): the penalty couples a batch's images, DP-SGD clips each "
-                          "image's gradient alone")
     if verb == "data_check" and cfg.get("splits") is not None:
         bad = [s for s in cfg.splits if s not in SPLITS]
         if bad:
