@@ -127,6 +127,14 @@ def check_settings(cfg: DictConfig, mode: str) -> Strategy | None:
         raise FedmedError(f"model.decorrelation={cfg.model.decorrelation}: expected 0 with DP-SGD on (privacy.epsilon "
                           "or privacy.noise_multiplier): the penalty couples a batch's images, DP-SGD clips each "
                           "image's gradient alone")
+    every_round = cfg.federation.get("calibrate_from")
+    if every_round is not None and not cfg.federation.get("calibrate_head"):
+        raise FedmedError(f"federation.calibrate_from={every_round}: needs federation.calibrate_head=true (it "
+                          "calibrates the head of every round's model from that round on)")
+    if every_round is not None and dp is not None:
+        raise FedmedError(f"federation.calibrate_from={every_round}: expected null with DP-SGD on (privacy.epsilon or "
+                          "privacy.noise_multiplier): a site sends its noisy feature statistics once, and this asks "
+                          "for them every round")
     if dp is not None:
         planned_releases(dp, releases(cfg, mode == "federated"))
     if mode != "federated":
@@ -278,7 +286,7 @@ def federation_settings(cfg: DictConfig) -> FederationSettings:
                                                                                        cfg.explain.every_n_rounds)),
             site_timeout=fed.site_timeout, secure_aggregation=bool(cfg.privacy.secure_aggregation),
             label_prior=label_prior(cfg) == "federation", num_classes=int(cfg.data.num_classes),
-            average_from=fed.get("average_from"))
+            average_from=fed.get("average_from"), calibrate_from=fed.get("calibrate_from"))
     except ValueError as exc:
         raise FedmedError(str(exc)) from None
 

@@ -44,7 +44,8 @@ def terms(cfg: DictConfig, weights: Mapping[str, Any]) -> dict[str, str]:
                       f"decorrelation={cfg.model.get('decorrelation', 0.0)} "
                       f"freeze_head={bool(cfg.model.get('freeze_head', False))}",
         "federation.calibrate_head": f"{bool(fed.get('calibrate_head'))} "
-                                     f"min_images={fed.get('calibrate_min_images', 10)}",
+                                     f"min_images={fed.get('calibrate_min_images', 10)} "
+                                     f"every_round_from={fed.get('calibrate_from')}",
         "strategy": _plain(cfg.strategy),
         "privacy.secure_aggregation": str(bool(cfg.privacy.secure_aggregation)),
         "federation.compression": f"{fed.compression} topk_fraction={fed.topk_fraction} "

@@ -111,18 +111,26 @@ def federate(cfg: DictConfig, strategy: Strategy, sites: Sequence[SiteTransport]
     """
     fed = cfg.federation
     t0 = time.perf_counter()
+    calibration = build.head_calibration(cfg)
+    head = (calibration, build.build_net(cfg)[0]) if calibration is not None else None
     orchestrator = Orchestrator(list(sites), strategy, build.federation_settings(cfg), RunLog(tracker, run_id),
                                 Path(fed.checkpoint_dir) / run_id,
                                 {"run_id": run_id, "site_runs": dict(site_runs or {}),
-                                 "config": OmegaConf.to_container(cfg, resolve=True)})
+                                 "config": OmegaConf.to_container(cfg, resolve=True)},
+                                head if fed.get("calibrate_from") is not None else None)
     result = orchestrator.run(initial, resume)
-    rows = [("global model", s, "val", e) for s, e in result.site_eval.items()]
+    selected = next((h for h in result.history if h.round == result.round), None)
+    calibrated_in_round = selected is not None and bool(selected.metrics.get("head_calibrated"))
+    rows = [("head calibrated" if calibrated_in_round else "global model", s, "val", e)
+            for s, e in result.site_eval.items()]
     chosen = f"round {result.round}/{fed.rounds}"
     if fed.get("average_from") is not None and result.round >= fed.average_from:
         chosen += f", mean of rounds {fed.average_from}-{result.round}"
-    calibration = build.head_calibration(cfg)
-    if calibration is not None:
-        calibrated = orchestrator.calibrate_head(result.weights, calibration, build.build_net(cfg)[0])
+    if calibrated_in_round:  # federation.calibrate_from: selected among calibrated models
+        chosen += ", head calibrated"
+    elif head is not None:
+        calibration, net = head
+        calibrated = orchestrator.calibrate_head(result.weights, calibration, net)
         if calibrated is not None:
             result.weights = calibrated[0]
             chosen += ", head calibrated"

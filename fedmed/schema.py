@@ -100,6 +100,7 @@ RULES: dict[str, Rule] = {
     "federation.site_timeout": optional(POSITIVE), "federation.select": choice(*SELECTIONS),
     "federation.finetune_epochs": integer(0), "federation.compression": choice(*CODECS),
     "federation.average_from": optional(integer(1)),
+    "federation.calibrate_from": optional(integer(1)),
     "federation.topk_fraction": number(0, 1, lo_open=True), "federation.error_feedback": boolean,
     "federation.parallel": integer(0), "federation.server": optional(text), "federation.connect_timeout": POSITIVE,
     "federation.attack_scale": number(), "federation.checkpoint_dir": text,
@@ -168,10 +169,11 @@ def validate(cfg: DictConfig, verb: str = "fit", strategy: bool = True) -> None:
         if problem:
             raise FedmedError(f"{key}={plain!r}: expected {problem}")
     fed = cfg.get("federation")
-    average = fed.get("average_from") if fed is not None else None
-    if average is not None and average > fed.get("rounds", average):
-        raise FedmedError(f"federation.average_from={fed.average_from}: expected a round from 1 to "
-                          f"federation.rounds={fed.rounds} (or null)")
+    for key in ("average_from", "calibrate_from"):
+        first = fed.get(key) if fed is not None else None
+        if first is not None and first > fed.get("rounds", first):
+            raise FedmedError(f"federation.{key}={first}: expected a round from 1 to federation.rounds={fed.rounds} "
+                              "(or null)")
     if verb == "data_check" and cfg.get("splits") is not None:
         bad = [s for s in cfg.splits if s not in SPLITS]
         if bad:

@@ -48,30 +48,42 @@ class BestOnValidation(L.Callback):
     ``best_val_site_balanced_acc``: with one site's data it is the same).
 
     With ``average_from``, from that epoch on the candidate is the mean of the epochs' models since then
-    (:mod:`fedmed.federated.tail_average`), scored by ``score`` (weights -> ``loss``, ``balanced_acc``).
+    (:mod:`fedmed.federated.tail_average`); with ``calibrate_from``, from that epoch on it is the candidate
+    passed through ``calibrate`` (a re-fitted head); either is scored by ``score`` (weights -> ``loss``,
+    ``balanced_acc``) and kept as ``last_candidate``.
     """
 
     def __init__(self, select: str = "best_val_loss", average_from: int | None = None,
-                 score: Callable[[StateDict], dict[str, float]] | None = None, site: str = "") -> None:
+                 score: Callable[[StateDict], dict[str, float]] | None = None, site: str = "",
+                 calibrate: Callable[[StateDict], StateDict] | None = None, calibrate_from: int | None = None) -> None:
         # one site's data: the mean of the sites' balanced accuracies is its own
         by_acc = select in ("best_val_balanced_acc", "best_val_site_balanced_acc")
         self.key, self.sign = ("val_balanced_acc", -1.0) if by_acc else ("val_loss", 1.0)
         self.best_loss, self.best_epoch = float("inf"), 0
         self.best_state: dict[str, torch.Tensor] | None = None
-        if average_from is not None and score is None:
-            raise ValueError("averaging the epochs' models needs a score for the mean")
+        self.last_candidate: dict[str, torch.Tensor] | None = None
+        if (average_from is not None or calibrate_from is not None) and score is None:
+            raise ValueError("averaging or calibrating the epochs' models needs a score for the candidate")
+        if calibrate_from is not None and calibrate is None:
+            raise ValueError("calibrate_from needs calibrate")
         self.tail = TailAverage(average_from) if average_from is not None else None
         self.score, self.site = score, site
+        self.calibrate, self.calibrate_from = calibrate, calibrate_from
 
     def on_train_epoch_end(self, trainer, pl_module):  # after the epoch's validation, with its metrics reduced
         epoch = trainer.current_epoch + 1
-        averaged = self.tail.update(epoch, pl_module.net.state_dict()) if self.tail is not None else None
-        if averaged is not None:
+        candidate = self.tail.update(epoch, pl_module.net.state_dict()) if self.tail is not None else None
+        what = f"mean of the models of epochs {self.tail.start}-{epoch}" if candidate is not None else ""
+        if self.calibrate_from is not None and epoch >= self.calibrate_from:
+            assert self.calibrate is not None
+            candidate = self.calibrate(candidate if candidate is not None else clone_state(pl_module.net.state_dict()))
+            what = (what + ", head calibrated") if what else f"model of epoch {epoch}, head calibrated"
+        if candidate is not None:
             assert self.score is not None
-            m = self.score(averaged)
-            log.info("  [%s] mean of the models of epochs %d-%d: val_loss=%.4f val_bal_acc=%.4f", self.site,
-                     self.tail.start, epoch, m["loss"], m["balanced_acc"])
-            value, state = m[self.key.removeprefix("val_")], averaged
+            m = self.score(candidate)
+            log.info("  [%s] %s: val_loss=%.4f val_bal_acc=%.4f", self.site, what, m["loss"], m["balanced_acc"])
+            value, state = m[self.key.removeprefix("val_")], candidate
+            self.last_candidate = candidate
         elif self.key in trainer.callback_metrics:
             value, state = float(trainer.callback_metrics[self.key]), None
         else:

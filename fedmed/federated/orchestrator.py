@@ -102,6 +102,9 @@ class FederationSettings:
         average_from: from this round on, the model the sites evaluate, that selection may keep and that
             the run returns is the mean of the global models since this round
             (:mod:`fedmed.federated.tail_average`); training goes on from the plain global model. None: off.
+        calibrate_from: from this round on, that model is head-calibrated every round before the sites evaluate
+            it (the Orchestrator's ``head``), so selection chooses among calibrated models; training goes on
+            from the plain global model. None: off (the selected model may be calibrated once, afterwards).
     """
 
     rounds: int
@@ -116,6 +119,7 @@ class FederationSettings:
     label_prior: bool = False
     num_classes: int | None = None
     average_from: int | None = None
+    calibrate_from: int | None = None
 
     def __post_init__(self) -> None:
         if self.rounds < 1 or self.local_epochs < 1:
@@ -129,6 +133,9 @@ class FederationSettings:
         if self.average_from is not None and not 1 <= self.average_from <= self.rounds:
             raise ValueError(f"federation.average_from must be a round from 1 to federation.rounds={self.rounds} "
                              f"(or null), got {self.average_from}")
+        if self.calibrate_from is not None and not 1 <= self.calibrate_from <= self.rounds:
+            raise ValueError(f"federation.calibrate_from must be a round from 1 to federation.rounds={self.rounds} "
+                             f"(or null), got {self.calibrate_from}")
 
 
 @dataclass
@@ -188,11 +195,14 @@ class Orchestrator:
         run: the federation's MLflow run (per-round metrics, exclusion tags).
         checkpoint_dir: where the server checkpoints after every round (None: nowhere).
         extra_state: saved with every checkpoint (e.g. the MLflow run ids and the config).
+        head: how to re-fit the classifier layer and a network of the model's architecture, for
+            ``settings.calibrate_from``.
     """
 
     def __init__(self, sites: Sequence[SiteTransport], strategy: Strategy, settings: FederationSettings,
                  run: RunLog | None = None, checkpoint_dir: str | Path | None = None,
-                 extra_state: Mapping[str, Any] | None = None):
+                 extra_state: Mapping[str, Any] | None = None,
+                 head: tuple[HeadCalibration, torch.nn.Module] | None = None):
         if settings.secure_aggregation and not strategy.summable:
             raise FedmedError(f"privacy.secure_aggregation with strategy={strategy.name}: secure aggregation shows "
                               "the server only the sum of the updates, and this strategy needs each one")
@@ -200,6 +210,9 @@ class Orchestrator:
             raise FedmedError("privacy.secure_aggregation needs at least 2 sites (a sum of one update is the update)")
         if settings.min_sites > len(sites):
             raise ValueError(f"federation.min_sites={settings.min_sites} but only {len(sites)} sites")
+        if settings.calibrate_from is not None and head is None:
+            raise ValueError("federation.calibrate_from needs the head calibration (federation.calibrate_head=true)")
+        self.head = head
         self.sites, self.strategy, self.settings = list(sites), strategy, settings
         self.run_log = run or RunLog()
         self.checkpoint = Path(checkpoint_dir) / CHECKPOINT if checkpoint_dir else None
@@ -226,13 +239,13 @@ class Orchestrator:
         t = self._stray.get(name)
         return t is not None and t.is_alive()
 
-    def _statistics(self, weights: dict[str, torch.Tensor] | None, dim: int | None
+    def _statistics(self, weights: dict[str, torch.Tensor] | None, dim: int | None, key_round: int = 0
                     ) -> tuple[list[dict[str, Any]], tuple[str, str] | None]:
         """Every site's class statistics (with ``weights``: its feature moments of ``dim`` features), each checked
         against what it declared; (what came, None), or (what came so far, (the first failing site, why)).
-        Under secure aggregation only their sum comes (:meth:`_masked_statistics`)."""
+        Under secure aggregation only their sum comes (:meth:`_masked_statistics`, with ``key_round``)."""
         if self.settings.secure_aggregation:
-            return self._masked_statistics(weights, dim)
+            return self._masked_statistics(weights, dim, key_round)
         k, features = self.settings.num_classes or 0, weights is not None
         got: list[dict[str, Any]] = []
         for site, (stats, exc) in zip(self.sites, concurrently(lambda c: c.statistics(weights, features), self.sites),
@@ -252,14 +265,14 @@ class Orchestrator:
         if isinstance(dp, Mapping) and all(isinstance(dp.get(k), int | float) for k in ("epsilon", "delta")):
             self.statistics_dp[site] = {k: float(v) for k, v in dp.items() if isinstance(v, int | float)}
 
-    def _masked_statistics(self, weights: dict[str, torch.Tensor] | None, dim: int | None
+    def _masked_statistics(self, weights: dict[str, torch.Tensor] | None, dim: int | None, r: int
                            ) -> tuple[list[dict[str, Any]], tuple[str, str] | None]:
         """Secure aggregation of the sites' statistics, as of their updates: fresh keys, one masked vector per
         site (:func:`~fedmed.federated.statistics.statistics_vector`), the sum unmasked and checked against the
-        images the sites declared. Key round 0 for the label prior, ``rounds + 1`` for the head calibration."""
+        images the sites declared. Key round ``r``: 0 for the label prior, ``rounds + 1`` for the head calibration
+        after the federation, ``rounds + 1 + t`` for that of round ``t`` (no two releases share a round's keys)."""
         k, features = self.settings.num_classes or 0, weights is not None
         dim = dim if features else None
-        r = self.settings.rounds + 1 if features else 0
         failed: list[tuple[str, str]] = []
         peers, signatures = collect_keys(self.sites, r, lambda name, why: failed.append((name, why)))
         if failed:
@@ -303,6 +316,20 @@ class Orchestrator:
         self.run_log.log_metrics({f"label_prior_count_class{i}": c for i, c in enumerate(counts)}, step=0)
         return counts
 
+    def _fit_head(self, weights: dict[str, torch.Tensor], calibration: HeadCalibration, net: torch.nn.Module,
+                  key_round: int) -> tuple[dict[str, torch.Tensor] | None, tuple[str, str] | None]:
+        """``weights`` with the last layer re-fitted on virtual features from the sites' statistics of them; (None,
+        (the first failing site, why)) where a site cannot send usable ones."""
+        got, problem = self._statistics(weights, last_linear(net)[1].in_features, key_round)
+        if problem:
+            return None, problem
+        return calibration.fit(net, weights, summed(got)), None
+
+    def _skipped(self, problem: tuple[str, str], tag: str, what: str) -> None:
+        log.warning("%s skipped: site %s sent no usable feature statistics: %s", what, *problem)
+        if self.run_log.tracker is not None and self.run_log.run_id is not None:
+            self.run_log.tracker.set_tags(self.run_log.run_id, {tag: f"skipped: {problem[0]}: {problem[1]}"[:250]})
+
     def calibrate_head(self, weights: dict[str, torch.Tensor], calibration: HeadCalibration, net: torch.nn.Module
                        ) -> tuple[dict[str, torch.Tensor], dict[str, EvalResult]] | None:
         """Classifier calibration with virtual features (:mod:`fedmed.federated.statistics`): every site sends
@@ -312,15 +339,12 @@ class Orchestrator:
         Returns None, with a warning and a run tag, where a site cannot send usable statistics: the federation's
         model then stays as it is.
         """
-        got, problem = self._statistics(weights, last_linear(net)[1].in_features)
-        if problem:
-            log.warning("head calibration skipped: site %s sent no usable feature statistics: %s", *problem)
-            if self.run_log.tracker is not None and self.run_log.run_id is not None:
-                self.run_log.tracker.set_tags(self.run_log.run_id,
-                                              {"head_calibration": f"skipped: {problem[0]}: {problem[1]}"[:250]})
-            return None
-        calibrated = calibration.fit(net, weights, summed(got))
         step = self.settings.rounds + 1
+        calibrated, problem = self._fit_head(weights, calibration, net, step)
+        if problem:
+            self._skipped(problem, "head_calibration", "head calibration")
+            return None
+        assert calibrated is not None
         evals = self._evaluate_round(step, calibrated, explain=False)
         metrics = {"calibrated_val_pooled_balanced_acc": pooled_balanced_acc(list(evals.values())),
                    "calibrated_val_site_balanced_acc": site_mean_balanced_acc(list(evals.values())),
@@ -330,6 +354,19 @@ class Orchestrator:
                  "%.4f (pooled), %.4f (mean of the sites)", calibration.samples, len(self.sites),
                  metrics["calibrated_val_pooled_balanced_acc"], metrics["calibrated_val_site_balanced_acc"])
         return calibrated, evals
+
+    def _round_calibrated(self, r: int, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
+        """``federation.calibrate_from``: round ``r``'s candidate, head-calibrated (None, with a warning and a
+        run tag, where a site cannot send usable statistics: the round's candidate stays as it is)."""
+        assert self.head is not None
+        calibrated, problem = self._fit_head(weights, *self.head, self.settings.rounds + 1 + r)
+        if problem:
+            self._skipped(problem, f"head_calibration.round_{r:03d}", f"round {r}/{self.settings.rounds}: head "
+                          "calibration")
+            return None
+        log.info("round %d/%d: the sites evaluate the model with its head calibrated on %d virtual features per "
+                 "class", r, self.settings.rounds, self.head[0].samples)
+        return calibrated
 
     def instructions(self, global_w) -> dict[str, Any]:
         """The strategy's instructions for a round, and the federation's label prior where it is used."""
@@ -405,14 +442,17 @@ class Orchestrator:
         return evals
 
     def _evaluate(self, r: int, global_w, fits: list[FitResult], sampled: int, bytes_up: int, bytes_down: int,
-                  t0: float) -> tuple[RoundRecord, dict[str, EvalResult]]:
-        """Evaluate the new global model at every site; log and return the round's record."""
+                  t0: float, calibrated: bool = False) -> tuple[RoundRecord, dict[str, EvalResult]]:
+        """Evaluate the new global model at every site; log and return the round's record (its metric
+        ``head_calibrated`` is 1 where the model evaluated had its head calibrated, ``federation.calibrate_from``)."""
         rounds = self.settings.rounds
         explain = r in self.settings.explain_rounds
         evals = self._evaluate_round(r, global_w, explain)
         metrics = {f"val_{k}": v for k, v in weighted_metrics(list(evals.values())).items()}
         metrics["val_pooled_balanced_acc"] = pooled_balanced_acc(list(evals.values()))
         metrics["val_site_balanced_acc"] = site_mean_balanced_acc(list(evals.values()))
+        if self.settings.calibrate_from is not None:
+            metrics["head_calibrated"] = float(calibrated)
         if explain:
             metrics["xai_site_consistency"] = site_consistency(list(evals.values()))
         n_train = sum(f.num_samples for f in fits)
@@ -507,12 +547,17 @@ class Orchestrator:
             if averaged is not None:
                 log.info("round %d/%d: the sites evaluate the mean of the global models since round %d",
                          r, s.rounds, s.average_from)
-            record, evals = self._evaluate(r, averaged if averaged is not None else global_w, fits, len(chosen),
-                                           bytes_up, bytes_down, t0)
+            candidate = averaged  # None: the plain global model
+            calibrated = None
+            if s.calibrate_from is not None and r >= s.calibrate_from:
+                calibrated = self._round_calibrated(r, averaged if averaged is not None else global_w)
+                candidate = calibrated if calibrated is not None else candidate
+            record, evals = self._evaluate(r, candidate if candidate is not None else global_w, fits, len(chosen),
+                                           bytes_up, bytes_down, t0, calibrated is not None)
             history.append(record)
             score = selection_score(s.select, record.metrics)
             if best is None or s.select == "last" or score < best[0]:
-                best = (score, r, averaged if averaged is not None else clone_state(global_w), evals)
+                best = (score, r, candidate if candidate is not None else clone_state(global_w), evals)
             if self.checkpoint:
                 save_checkpoint(self.checkpoint, self.state(r, global_w, best, history))
         assert best is not None

@@ -10,6 +10,7 @@ trainer, with the strategy's :class:`~.strategies.base.SitePart`), the
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -24,6 +25,7 @@ from fedmed.federated.messages import EvalResult, FitResult, StateDict
 from fedmed.federated.statistics import (
     CLASS_FEATURES,
     LABEL_COUNTS,
+    HeadCalibration,
     check_statistics,
     class_statistics,
     last_linear,
@@ -151,10 +153,11 @@ class SiteClient:
         in this site's epsilon, once per kind (:meth:`fedmed.privacy.dp.SitePrivacy.release`).
         """
         net, dp = self.module.net, self.training.dp
-        if features:
+        if features:  # on a copy of the network: a baseline asks between two of its training epochs
             if weights is None:
                 raise ValueError("feature statistics need the model's weights")
-            self.set_weights(self.part.local_weights(weights))
+            net = copy.deepcopy(net)
+            net.load_state_dict(self.part.local_weights(weights), strict=True)
         clip = dp.cfg.statistics_clip if dp is not None else None
         noise = dp.release(CLASS_FEATURES if features else LABEL_COUNTS, self.name) if dp is not None else None
         stats = class_statistics(net, self.data.train, self.module.num_classes, features, self.training.device(),
@@ -241,12 +244,20 @@ class SiteClient:
                                             int(instructions.get("trained_epochs", 0)) + epochs)
         return ev
 
-    def train_alone(self, epochs: int, select: str = "best_val_loss",
-                    average_from: int | None = None) -> tuple[dict[str, torch.Tensor], int]:
+    def train_alone(self, epochs: int, select: str = "best_val_loss", average_from: int | None = None,
+                    calibrate: HeadCalibration | None = None, calibrate_from: int | None = None
+                    ) -> tuple[dict[str, torch.Tensor], int]:
         """Train continuously with validation after each epoch (local and centralized baselines); with
-        ``average_from``, candidates from that epoch on are the mean of the epochs' models since then."""
+        ``average_from``, candidates from that epoch on are the mean of the epochs' models since then; with
+        ``calibrate_from``, from that epoch on they have their head re-fitted by ``calibrate`` on this site's
+        own feature statistics."""
+        refit = None
+        if calibrate_from is not None:
+            if calibrate is None:
+                raise ValueError("calibrate_from needs a head calibration")
+            refit = lambda w: calibrate.fit(self.module.net, w, self.own_statistics(w, True, withhold=False))  # noqa: E731
         return self.training.fit_alone(epochs, select, on_epoch=lambda e, m: self.run.log_metrics(m, step=e),
-                                       average_from=average_from)
+                                       average_from=average_from, calibrate=refit, calibrate_from=calibrate_from)
 
     def state_dict(self) -> dict[str, Any]:
         """What this site must keep to resume a federation: its strategy part, heatmap history,

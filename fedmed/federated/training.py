@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -131,11 +131,13 @@ class LocalTraining:
         return RoundOutput(start, new, metrics, extras)
 
     def fit_alone(self, epochs: int, select: str = "best_val_loss", on_epoch=None,
-                  average_from: int | None = None) -> tuple[dict[str, torch.Tensor], int]:
+                  average_from: int | None = None, calibrate: Callable[[StateDict], StateDict] | None = None,
+                  calibrate_from: int | None = None) -> tuple[dict[str, torch.Tensor], int]:
         """Train continuously for ``epochs`` with validation after each (local and centralized baselines).
 
         With ``average_from``, from that epoch on the candidate of each epoch is the mean of the epochs'
-        models since then (as a federation's ``federation.average_from``).
+        models since then (as a federation's ``federation.average_from``); with ``calibrate_from``, from that
+        epoch on it is that candidate passed through ``calibrate`` (as ``federation.calibrate_from``).
 
         Returns:
             (weights, epoch): the weights of the epoch with the best validation loss (or the best
@@ -144,13 +146,13 @@ class LocalTraining:
         """
         seed = self.settings.seed
         L.seed_everything(site_seed(seed, 0, self.site_index), verbose=False)
-        best = BestOnValidation(select, average_from, self.score_on_validation, self.name)
+        best = BestOnValidation(select, average_from, self.score_on_validation, self.name, calibrate, calibrate_from)
         self.module.schedule = (0, epochs)
         trainer = self._trainer(epochs, [EpochProgress(self.name, "training", on_epoch), best], validate=True)
         loader = make_loader(self.data.train, self.settings.batch_size, shuffle=True, seed=seed)
         self._fit(trainer, loader, epochs, seed, None, validate=True)
-        if select == "last" and best.tail is not None and best.tail.mean is not None:
-            return clone_state(best.tail.mean), epochs
+        if select == "last" and best.last_candidate is not None:  # the last epoch's mean, or calibrated model
+            return best.last_candidate, epochs
         if select == "last" or best.best_state is None:
             return self.weights(), epochs
         return best.best_state, best.best_epoch

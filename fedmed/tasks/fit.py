@@ -121,16 +121,24 @@ def _baseline(cfg, mode, sites, datas, tracker: Tracker, run_id: str, initial) -
     client = build.site_client(cfg, who, 0, data, RunLog(tracker, run_id))
     if cfg.model.get("pretrained"):
         client.set_weights(initial)
-    average = cfg.federation.get("average_from")  # a round: its first epoch on equal terms with a federation
-    average_from = (int(average) - 1) * cfg.federation.local_epochs + 1 if average is not None else None
-    weights, best_epoch = client.train_alone(epochs, cfg.federation.select, average_from)
+
+    def first_epoch(key: str) -> int | None:  # a round's first epoch: on equal terms with a federation
+        at = cfg.federation.get(key)
+        return (int(at) - 1) * cfg.federation.local_epochs + 1 if at is not None else None
+
+    average_from, calibrate_from = first_epoch("average_from"), first_epoch("calibrate_from")
+    calibration = build.head_calibration(cfg)
+    weights, best_epoch = client.train_alone(epochs, cfg.federation.select, average_from, calibration, calibrate_from)
     seconds = time.perf_counter() - t0
     tracker.set_tags(run_id, {"selected_epoch": best_epoch})
-    rows = [(f"{mode} model", who, "val", client.evaluate(weights, epochs, log_metrics=False))]
+    calibrated = calibrate_from is not None and best_epoch >= calibrate_from
+    rows = [("head calibrated" if calibrated else f"{mode} model", who, "val",
+             client.evaluate(weights, epochs, log_metrics=False))]
     chosen = f"epoch {best_epoch}/{epochs}" + (f", mean of epochs {average_from}-{best_epoch}"
                                                if average_from is not None and best_epoch >= average_from else "")
-    calibration = build.head_calibration(cfg)
-    if calibration is not None:  # the same re-fit as a federation's, from this run's own training images
+    if calibrated:  # federation.calibrate_from: selected among calibrated models
+        chosen += ", head calibrated"
+    elif calibration is not None:  # the same re-fit as a federation's, from this run's own training images
         net = client.module.net
         stats = client.own_statistics(weights, True, withhold=False)  # under DP-SGD: noised and counted
         weights = calibration.fit(net, weights, stats)
