@@ -71,7 +71,10 @@ class BestOnValidation(L.Callback):
         self.calibrate, self.calibrate_from = calibrate, calibrate_from
 
     def on_train_epoch_end(self, trainer, pl_module):  # after the epoch's validation, with its metrics reduced
-        epoch = trainer.current_epoch + 1
+        with torch.random.fork_rng(devices=[]):  # scoring and calibrating draw nothing from training's RNG stream
+            self._consider(trainer.current_epoch + 1, trainer, pl_module)
+
+    def _consider(self, epoch: int, trainer, pl_module) -> None:
         candidate = self.tail.update(epoch, pl_module.net.state_dict()) if self.tail is not None else None
         what = f"mean of the models of epochs {self.tail.start}-{epoch}" if candidate is not None else ""
         if self.calibrate_from is not None and epoch >= self.calibrate_from:
