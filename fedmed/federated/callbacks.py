@@ -75,11 +75,14 @@ class BestOnValidation(L.Callback):
             self._consider(trainer.current_epoch + 1, trainer, pl_module)
 
     def _consider(self, epoch: int, trainer, pl_module) -> None:
-        candidate = self.tail.update(epoch, pl_module.net.state_dict()) if self.tail is not None else None
-        what = f"mean of the models of epochs {self.tail.start}-{epoch}" if candidate is not None else ""
+        candidate, what = None, ""
+        if self.tail is not None:
+            candidate = self.tail.update(epoch, pl_module.net.state_dict())
+            what = f"mean of the models of epochs {self.tail.start}-{epoch}" if candidate is not None else ""
         if self.calibrate_from is not None and epoch >= self.calibrate_from:
             assert self.calibrate is not None
-            candidate = self.calibrate(candidate if candidate is not None else clone_state(pl_module.net.state_dict()))
+            candidate = dict(self.calibrate(candidate if candidate is not None
+                                            else clone_state(pl_module.net.state_dict())))
             what = (what + ", head calibrated") if what else f"model of epoch {epoch}, head calibrated"
         if candidate is not None:
             assert self.score is not None
