@@ -156,7 +156,8 @@ def finish(cfg: DictConfig, pipeline: Pipeline, trained: Trained, tracker: Track
         secure_aggregation=bool(cfg.privacy.secure_aggregation), dp=t.dp_records, dp_setting=describe(dp_config(cfg)),
         audit=attack_rows(attacks),
         num_train=t.num_train if t.num_train is not None else sum(len(d) for d in t.trained_on),
-        class_statistics=shares(cfg, t.mode == "federated"))
+        class_statistics=shares(cfg, t.mode == "federated"),
+        features_from_round=cfg.federation.get("calibrate_from"))
     tracker.log_dict(run_id, record, "privacy/record.json")
     eps = {"dp_epsilon_max": max(d["epsilon"] for d in t.dp_records.values())} if t.dp_records else {}
     tracker.log_metrics(run_id, {**mlflow_attack_metrics(attacks),

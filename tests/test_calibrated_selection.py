@@ -116,6 +116,7 @@ def test_a_federation_calibrated_every_round_is_not_calibrated_again(isolated):
                                   "federation.calibrate_head=true", "federation.calibrate_from=1",
                                   "federation.select=last", "federation.calibrate_min_images=1"]))
     assert res["selected"] == "round 1/1, head calibrated"
+    assert res["privacy"]["class_features_from_round"] == 1
     cfg = compose("fit", isolated)
     run = MlflowClient(cfg.logger.tracking_uri).get_run(res["run_id"])
     assert run.data.metrics["head_calibrated"] == 1.0

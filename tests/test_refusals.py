@@ -82,6 +82,12 @@ def test_a_server_checkpoint_that_would_run_code_is_refused(tmp_path, isolated, 
     ("model.decorrelation=-0.1", "model.decorrelation=-0.1: expected a number >= 0"),
     ("model.decorrelation=0.1 privacy.noise_multiplier=1", "model.decorrelation=0.1: expected 0 with DP-SGD on"),
     ("model.freeze_head=maybe", "model.freeze_head='maybe': expected true or false"),
+    ("federation.calibrate_from=2", "federation.calibrate_from=2: needs federation.calibrate_head=true"),
+    ("federation.calibrate_head=true federation.calibrate_from=11",
+     "federation.calibrate_from=11: expected a round from 1 to federation.rounds=10"),
+    ("federation.calibrate_head=true federation.calibrate_from=0", "federation.calibrate_from=0: expected"),
+    ("federation.calibrate_head=true federation.calibrate_from=2 privacy.noise_multiplier=1 "
+     "privacy.statistics_noise=20", "federation.calibrate_from=2: expected null with DP-SGD on"),
     ("federation.calibrate_head=true privacy.epsilon=0.5 privacy.statistics_noise=0.5",
      "the class statistics alone spend epsilon"),
 ])

@@ -20,6 +20,7 @@ def privacy_record(
     audit: Sequence[Mapping[str, Any]],
     num_train: int,
     class_statistics: Collection[str] = (),
+    features_from_round: int | None = None,
 ) -> dict[str, Any]:
     """Everything the run shared and what an attacker could learn from the model.
 
@@ -30,6 +31,8 @@ def privacy_record(
         num_train: training images over all sites (none of them left its site in a federation).
         class_statistics: what each site sent beyond its updates (``label_counts``, ``class_features``:
             :mod:`fedmed.federated.statistics`), in the clear.
+        features_from_round: the feature moments went out every round from this one on
+            (``federation.calibrate_from``), not once after the last round.
     """
     shared_images = num_train if mode == "centralized" else 0
     return {
@@ -44,6 +47,8 @@ def privacy_record(
         "compression": compression,
         "secure_aggregation": bool(secure_aggregation),
         "class_statistics_shared": sorted(class_statistics) if mode == "federated" else [],
+        "class_features_from_round": (features_from_round if mode == "federated" and "class_features" in
+                                      class_statistics else None),
         "differential_privacy": dp_setting,
         "dp_per_site": {s: dict(v) for s, v in (dp or {}).items()},
         # every site is named: one that trained without reporting DP-SGD accounting is not covered by it
@@ -73,8 +78,10 @@ def format_record(rec: Mapping[str, Any]) -> str:
         lines.append(f"    {site}: NO DP-SGD accounting reported: its updates are not covered by the setting above")
     shared = rec.get("class_statistics_shared") or []
     if shared:
+        every = rec.get("class_features_from_round")
         what = {"label_counts": "training images per class", "class_features": "per-class mean and covariance of the "
-                "model's penultimate features (head calibration)"}
+                "model's penultimate features (head calibration, "
+                + (f"every round from round {every})" if every is not None else "once, after the last round)")}
         lines.append("  class statistics sent:    " + "; ".join(what.get(s, s) for s in shared)
                      + (" (masked: the server saw only the federation's sum" if rec["secure_aggregation"]
                         else " (each site's, in the clear") + ("; noised under DP-SGD)" if rec["dp_per_site"] else ")"))
