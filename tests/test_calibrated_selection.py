@@ -131,3 +131,18 @@ def test_calibrating_every_round_is_a_term_of_the_federation():
     weights = CompactCNN(in_channels=1, num_classes=2).state_dict()
     why = first_difference(terms(once, weights), terms(every, weights))
     assert why is not None and "federation.calibrate_head" in why and "every_round_from=1" in why, why
+
+
+def test_a_baseline_reports_each_candidates_validation_scores():
+    """The candidates a baseline selects among are scored on its validation data and reported per epoch (MLflow
+    metrics ``candidate_val_*`` of the run), the returned one with the score it was reported with."""
+    torch.manual_seed(0)
+    site = make_site(0, 60, prior="site")
+    seen: dict[int, dict[str, float]] = {}
+    weights, epoch = site.training.fit_alone(3, "last", on_epoch=lambda e, m: seen.setdefault(e, {}).update(m),
+                                             calibrate=lambda w: refit_by_hand(w, [site.data.train]), calibrate_from=2)
+    assert "candidate_val_balanced_acc" not in seen[1]
+    assert all({"candidate_val_loss", "candidate_val_balanced_acc", "val_loss"} <= set(seen[e]) for e in (2, 3))
+    scored = site.training.score_on_validation(weights)
+    assert seen[3]["candidate_val_balanced_acc"] == pytest.approx(scored["balanced_acc"])
+    assert seen[3]["candidate_val_loss"] == pytest.approx(scored["loss"])

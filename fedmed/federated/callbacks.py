@@ -50,12 +50,14 @@ class BestOnValidation(L.Callback):
     With ``average_from``, from that epoch on the candidate is the mean of the epochs' models since then
     (:mod:`fedmed.federated.tail_average`); with ``calibrate_from``, from that epoch on it is the candidate
     passed through ``calibrate`` (a re-fitted head); either is scored by ``score`` (weights -> ``loss``,
-    ``balanced_acc``) and kept as ``last_candidate``.
+    ``balanced_acc``), kept as ``last_candidate`` and reported (``candidate_val_loss``,
+    ``candidate_val_balanced_acc``) to ``report``.
     """
 
     def __init__(self, select: str = "best_val_loss", average_from: int | None = None,
                  score: Callable[[StateDict], dict[str, float]] | None = None, site: str = "",
-                 calibrate: Callable[[StateDict], StateDict] | None = None, calibrate_from: int | None = None) -> None:
+                 calibrate: Callable[[StateDict], StateDict] | None = None, calibrate_from: int | None = None,
+                 report: Callable[[int, dict[str, float]], None] | None = None) -> None:
         # one site's data: the mean of the sites' balanced accuracies is its own
         by_acc = select in ("best_val_balanced_acc", "best_val_site_balanced_acc")
         self.key, self.sign = ("val_balanced_acc", -1.0) if by_acc else ("val_loss", 1.0)
@@ -68,7 +70,7 @@ class BestOnValidation(L.Callback):
             raise ValueError("calibrate_from needs calibrate")
         self.tail = TailAverage(average_from) if average_from is not None else None
         self.score, self.site = score, site
-        self.calibrate, self.calibrate_from = calibrate, calibrate_from
+        self.calibrate, self.calibrate_from, self.report = calibrate, calibrate_from, report
 
     def on_train_epoch_end(self, trainer, pl_module):  # after the epoch's validation, with its metrics reduced
         with torch.random.fork_rng(devices=[]):  # scoring and calibrating draw nothing from training's RNG stream
@@ -88,6 +90,8 @@ class BestOnValidation(L.Callback):
             assert self.score is not None
             m = self.score(candidate)
             log.info("  [%s] %s: val_loss=%.4f val_bal_acc=%.4f", self.site, what, m["loss"], m["balanced_acc"])
+            if self.report is not None:
+                self.report(epoch, {"candidate_val_loss": m["loss"], "candidate_val_balanced_acc": m["balanced_acc"]})
             value, state = m[self.key.removeprefix("val_")], candidate
             self.last_candidate = candidate
         elif self.key in trainer.callback_metrics:

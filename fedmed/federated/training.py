@@ -146,7 +146,8 @@ class LocalTraining:
         """
         seed = self.settings.seed
         L.seed_everything(site_seed(seed, 0, self.site_index), verbose=False)
-        best = BestOnValidation(select, average_from, self.score_on_validation, self.name, calibrate, calibrate_from)
+        best = BestOnValidation(select, average_from, self.score_on_validation, self.name, calibrate, calibrate_from,
+                                on_epoch)
         self.module.schedule = (0, epochs)
         trainer = self._trainer(epochs, [EpochProgress(self.name, "training", on_epoch), best], validate=True)
         loader = make_loader(self.data.train, self.settings.batch_size, shuffle=True, seed=seed)
