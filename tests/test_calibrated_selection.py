@@ -12,10 +12,12 @@ from fedmed.config import compose
 from fedmed.contract import first_difference, terms
 from fedmed.federated import FederationSettings, InProcessSite, Orchestrator
 from fedmed.federated.statistics import LABEL_COUNTS, HeadCalibration, class_statistics, summed
+from fedmed.flower import grid as fgrid
 from fedmed.models.cnn import CompactCNN
 from fedmed.tasks import fit
 from tests.conftest import PNEUMONIA, needs
 from tests.helpers import strategy as make_strategy
+from tests.test_flower_app import LoopbackGrid, serverapp  # noqa: F401 - the fixture
 from tests.test_orchestrator import factory
 from tests.test_site_shift import make_site
 
@@ -34,12 +36,16 @@ def refit_by_hand(weights: dict[str, torch.Tensor], datasets) -> dict[str, torch
 
 
 def federation(rounds: int, calibrate_from: int | None, select: str = "last", secure: bool = False,
-               sizes=SIZES, shares=None):
+               sizes=SIZES, shares=None, flower: bool = False):
     torch.manual_seed(0)
     initial = factory().net.state_dict()
-    sites = [make_site(k, n, prior="site", secure=secure, **({"shares": shares} if shares and k == 1 else {}))
-             for k, n in enumerate(sizes)]
-    orch = Orchestrator([InProcessSite(s) for s in sites], make_strategy("fedavg"),
+    makers = [lambda k=k, n=n: make_site(k, n, prior="site", secure=secure,
+                                         **({"shares": shares} if shares and k == 1 else {}))
+              for k, n in enumerate(sizes)]
+    sites = [m() for m in makers]
+    transports = (fgrid.accept(LoopbackGrid({10 + k: m for k, m in enumerate(makers)}), [s.name for s in sites],
+                               timeout=30, hello={}) if flower else [InProcessSite(s) for s in sites])
+    orch = Orchestrator(transports, make_strategy("fedavg"),
                         FederationSettings(rounds=rounds, select=select, calibrate_from=calibrate_from,
                                            num_classes=2, secure_aggregation=secure),
                         head=(CALIBRATION, factory().net) if calibrate_from is not None else None)
@@ -83,6 +89,14 @@ def test_under_secure_aggregation_every_rounds_statistics_travel_masked_with_the
     assert [h.metrics["head_calibrated"] for h in masked.history] == [1.0, 1.0]
     for k, v in clear.weights.items():  # up to the masked sum's fixed point
         assert torch.allclose(masked.weights[k].float(), v.float(), atol=1e-4), k
+
+
+def test_over_flower_every_rounds_statistics_give_the_same_model(serverapp):  # noqa: F811
+    here, _ = federation(2, calibrate_from=1, secure=True, sizes=(40, 90, 60))
+    remote, _ = federation(2, calibrate_from=1, secure=True, sizes=(40, 90, 60), flower=True)
+    assert [h.metrics["head_calibrated"] for h in remote.history] == [1.0, 1.0]
+    for k, v in here.weights.items():
+        assert torch.allclose(remote.weights[k], v, atol=1e-6), k
 
 
 def test_a_round_whose_statistics_do_not_come_keeps_its_plain_model(caplog):
