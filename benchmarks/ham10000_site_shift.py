@@ -104,6 +104,12 @@ ROWS: list[tuple[str, str, str, tuple[str, str] | None, str]] = [
      "experiment=ham10000_site_shift_128 mode=centralized model.freeze_head=true"),
     ("FedAvg + both levers, frozen classifier layer, 128 px, 72 rounds", "fh_fedavg", "fedavg",
      ("fh_centralized", "centralized"), "experiment=ham10000_site_shift_128 model.freeze_head=true"),
+    # selection among head-calibrated models: every round's (epoch's) model from round 55 on is calibrated
+    # before it is scored on validation
+    ("centralized + both levers, 128 px, 72 rounds, selected among calibrated epochs 55-72", "cf55_centralized",
+     "centralized", None, "experiment=ham10000_site_shift_128 mode=centralized federation.calibrate_from=55"),
+    ("FedAvg + both levers, 128 px, 72 rounds, selected among calibrated rounds 55-72", "cf55_fedavg", "fedavg",
+     ("cf55_centralized", "centralized"), "experiment=ham10000_site_shift_128 federation.calibrate_from=55"),
 ]
 #: the reference centralized run (experiment=ham10000 as it is): ham10000_natural_sites.json
 REFERENCE = "centralized"

@@ -92,9 +92,9 @@ def test_under_secure_aggregation_every_rounds_statistics_travel_masked_with_the
 
 
 def test_over_flower_every_rounds_statistics_give_the_same_model(serverapp):  # noqa: F811
-    here, _ = federation(2, calibrate_from=1, secure=True, sizes=(40, 90, 60))
-    remote, _ = federation(2, calibrate_from=1, secure=True, sizes=(40, 90, 60), flower=True)
-    assert [h.metrics["head_calibrated"] for h in remote.history] == [1.0, 1.0]
+    here, _ = federation(1, calibrate_from=1, secure=True, sizes=(40, 90, 60))
+    remote, _ = federation(1, calibrate_from=1, secure=True, sizes=(40, 90, 60), flower=True)
+    assert [h.metrics["head_calibrated"] for h in remote.history] == [1.0]
     for k, v in here.weights.items():
         assert torch.allclose(remote.weights[k], v, atol=1e-6), k
 
