@@ -117,17 +117,23 @@ def metric_history(cfg, run_id: str, key: str) -> list[tuple[int, float]]:
 
 def validation_score(cfg, row: dict) -> float:
     """The validation balanced accuracy of the model a run selected (federated: the sites' validation images
-    taken together, after head calibration where it ran): what a lever is chosen by, never the test split."""
-    selected = row["selected"]
+    taken together, after head calibration where it ran): what a lever is chosen by, never the test split.
+
+    A round's metrics are those of the model the sites evaluated (the mean of the rounds' models, or the model
+    with its head calibrated, where `federation.average_from` / `federation.calibrate_from` made it so); a
+    baseline's averaged or calibrated candidates are its `candidate_val_*` metrics."""
+    selected, run_id = row["selected"], row["run_id"]
+    step = int(selected.split()[1].split("/")[0].rstrip(","))
     if row["label"] == "centralized" or row["label"].startswith("local:"):
+        candidates = dict(metric_history(cfg, run_id, "candidate_val_balanced_acc"))
+        if step in candidates:
+            return candidates[step]
         if "head calibrated" in selected:
-            return metric_history(cfg, row["run_id"], "calibrated_val_balanced_acc")[-1][1]
-        epoch = int(selected.split()[1].split("/")[0].rstrip(","))
-        return dict(metric_history(cfg, row["run_id"], "val_balanced_acc"))[epoch]
-    if "head calibrated" in selected:
-        return metric_history(cfg, row["run_id"], "calibrated_val_pooled_balanced_acc")[-1][1]
-    rnd = int(selected.split()[1].split("/")[0].rstrip(","))
-    return dict(metric_history(cfg, row["run_id"], "val_pooled_balanced_acc"))[rnd]
+            return metric_history(cfg, run_id, "calibrated_val_balanced_acc")[-1][1]
+        return dict(metric_history(cfg, run_id, "val_balanced_acc"))[step]
+    if "head calibrated" in selected and not dict(metric_history(cfg, run_id, "head_calibrated")).get(step):
+        return metric_history(cfg, run_id, "calibrated_val_pooled_balanced_acc")[-1][1]
+    return dict(metric_history(cfg, run_id, "val_pooled_balanced_acc"))[step]
 
 
 def table(rows: dict[str, list[dict]], sites: list[str]) -> str:
