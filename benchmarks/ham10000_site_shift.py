@@ -178,15 +178,20 @@ def main() -> None:
         for where in ("pooled", *SITES):
             per_site.append([name, " ".join(str(r["seed"]) for r in rs), where, str(rs[0]["test_sites"][where]["n"]),
                              *[ms([r["test_sites"][where][k] for r in rs]) for k in ("balanced_acc", "f1", "auroc")]])
-        pooled_bal = None
+        pooled_bal, paired = None, rs
         if pooled is not None:
-            seeds_here = {r["seed"] for r in rs}  # the gap is taken at the federated row's own seeds
+            seeds_here = {r["seed"] for r in rs}  # the gap is taken at the seeds both rows have
             prs = [r for r in load(args.bench_out, *pooled) if r["seed"] in seeds_here]
             pooled_bal = mean([r["test_sites"]["pooled"]["balanced_acc"] for r in prs]) if prs else None
+            paired = [r for r in rs if r["seed"] in {p["seed"] for p in prs}]
         elif federated(label):  # the reference centralized run: same network and inputs
             pooled_bal = REFERENCE_BAL_ACC
         bal = [r["test_sites"]["pooled"]["balanced_acc"] for r in rs]
-        gap = f"{100 * (mean(bal) - pooled_bal):+.1f}" if pooled_bal is not None else "-"
+        gap = "-"
+        if pooled_bal is not None:
+            gap = f"{100 * (mean([r['test_sites']['pooled']['balanced_acc'] for r in paired]) - pooled_bal):+.1f}"
+            if len(paired) < len(rs):
+                gap += f" (seeds {' '.join(str(r['seed']) for r in paired)})"
         vals = [r["val_balanced_acc"] for r in rs if "val_balanced_acc" in r]
         seeds, selected = " ".join(str(r["seed"]) for r in rs), "; ".join(r["selected"] for r in rs)
         body.append([name, f"`{options}`" if options != "-" else "-", seeds, selected,
