@@ -228,8 +228,8 @@ class HeadCalibration:
             raise ValueError("no class has 2 or more training images in all: nothing to calibrate on")
         x, y = torch.cat(xs), torch.cat(ys)
         w, b = weights[f"{name}.weight"].clone().float(), weights[f"{name}.bias"].clone().float()
-        layer = torch.nn.utils.skip_init(nn.Linear, w.shape[1], w.shape[0])  # no draw from the global RNG:
-        layer.load_state_dict({"weight": w, "bias": b})  # a baseline calibrates between its training epochs
+        layer = torch.nn.utils.skip_init(nn.Linear, w.shape[1], w.shape[0])  # its values are loaded below:
+        layer.load_state_dict({"weight": w, "bias": b})  # drawing them would move the global RNG
         opt = torch.optim.Adam(layer.parameters(), lr=self.lr)
         for _ in range(self.epochs):
             for idx in torch.randperm(len(x), generator=gen).split(256):
