@@ -110,6 +110,9 @@ ROWS: list[tuple[str, str, str, tuple[str, str] | None, str]] = [
      "centralized", None, "experiment=ham10000_site_shift_128 mode=centralized federation.calibrate_from=55"),
     ("FedAvg + both levers, 128 px, 72 rounds, selected among calibrated rounds 55-72", "cf55_fedavg", "fedavg",
      ("cf55_centralized", "centralized"), "experiment=ham10000_site_shift_128 federation.calibrate_from=55"),
+    # FedNova on the preset: each site's update divided by its number of local steps, against the preset's pooled run
+    ("FedNova + both levers, 128 px, 72 rounds", "nova128_fednova", "fednova", ("ham128r72", "centralized"),
+     "experiment=ham10000_site_shift_128 strategy=fednova"),
 ]
 #: the reference centralized run (experiment=ham10000 as it is): ham10000_natural_sites.json
 REFERENCE = "centralized"
@@ -142,6 +145,14 @@ def earlier(path: Path | None) -> dict[str, list[list[str]]]:
         for row in json.loads(path.read_text())["rows"]:
             out.setdefault(row[0], []).append(row)
     return out
+
+
+def kept_mean(kept: dict[str, list[list[str]]], name: str, seeds: set[int]) -> float | None:
+    """The test balanced accuracy a results file holds for row ``name``, if it was run at exactly ``seeds``."""
+    for row in kept.get(name, []):
+        if {int(s) for s in row[2].split()} == seeds:
+            return float(row[5].split()[0])
+    return None
 
 
 def mean(values: list[float]) -> float:
@@ -179,12 +190,14 @@ def main() -> None:
             per_site.append([name, " ".join(str(r["seed"]) for r in rs), where, str(rs[0]["test_sites"][where]["n"]),
                              *[ms([r["test_sites"][where][k] for r in rs]) for k in ("balanced_acc", "f1", "auroc")]])
         pooled_bal, paired = None, rs
-        if pooled is not None:
+        if pooled not in (None, NO_POOLED):
             seeds_here = {r["seed"] for r in rs}  # the gap is taken at the seeds both rows have
             prs = [r for r in load(args.bench_out, *pooled) if r["seed"] in seeds_here]
             pooled_bal = mean([r["test_sites"]["pooled"]["balanced_acc"] for r in prs]) if prs else None
             paired = [r for r in rs if r["seed"] in {p["seed"] for p in prs}]
-        elif federated(label):  # the reference centralized run: same network and inputs
+            if not prs:  # the pooled row's runs are not here: its mean in the results file, at the same seeds
+                pooled_bal, paired = kept_mean(kept, compared_with(label, pooled), seeds_here), rs
+        elif pooled is None and federated(label):  # the reference centralized run: same network and inputs
             pooled_bal = REFERENCE_BAL_ACC
         bal = [r["test_sites"]["pooled"]["balanced_acc"] for r in rs]
         gap = "-"
