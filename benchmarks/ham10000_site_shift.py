@@ -113,8 +113,8 @@ ROWS: list[tuple[str, str, str, tuple[str, str] | None, str]] = [
     # FedNova on the preset: each site's update divided by its number of local steps, against the preset's pooled run
     ("FedNova + both levers, 128 px, 72 rounds", "nova128_fednova", "fednova", ("ham128r72", "centralized"),
      "experiment=ham10000_site_shift_128 strategy=fednova"),
-    # a longer budget: 120 rounds (epochs) of a quarter epoch, about 27 minutes per federation on one thread; the first
-    # 72 are the preset's (a constant learning rate), so selection chooses among 48 more candidates
+    # a longer budget: 120 rounds (epochs) of a quarter epoch (the preset's time scaled by 120/72); the first 72 are
+    # the preset's (a constant learning rate), so selection chooses among 48 more candidates
     ("centralized + both levers, 128 px, 120 rounds", "r120_centralized", "centralized", None,
      "experiment=ham10000_site_shift_128 mode=centralized federation.rounds=120"),
     ("FedAvg + both levers, 128 px, 120 rounds", "r120_fedavg", "fedavg", ("r120_centralized", "centralized"),
