@@ -153,11 +153,12 @@ def earlier(path: Path | None) -> dict[str, list[list[str]]]:
     return out
 
 
-def kept_mean(kept: dict[str, list[list[str]]], name: str, seeds: set[int]) -> float | None:
+def kept_mean(kept: dict[str, list[list[str]]], columns: list[str], name: str, seeds: set[int]) -> float | None:
     """The test balanced accuracy a results file holds for row ``name``, if it was run at exactly ``seeds``."""
     for row in kept.get(name, []):
-        if {int(s) for s in row[2].split()} == seeds:
-            return float(row[5].split()[0])
+        cells = dict(zip(columns, row, strict=True))
+        if {int(s) for s in cells["seeds"].split()} == seeds:
+            return float(cells["test bal. ACC"].split()[0])  # "mean ± std"
     return None
 
 
@@ -202,7 +203,7 @@ def main() -> None:
             pooled_bal = mean([r["test_sites"]["pooled"]["balanced_acc"] for r in prs]) if prs else None
             paired = [r for r in rs if r["seed"] in {p["seed"] for p in prs}]
             if not prs:  # the pooled row's runs are not here: its mean in the results file, at the same seeds
-                pooled_bal, paired = kept_mean(kept, compared_with(label, pooled), seeds_here), rs
+                pooled_bal, paired = kept_mean(kept, columns, compared_with(label, pooled), seeds_here), rs
         elif pooled is None and federated(label):  # the reference centralized run: same network and inputs
             pooled_bal = REFERENCE_BAL_ACC
         bal = [r["test_sites"]["pooled"]["balanced_acc"] for r in rs]
