@@ -78,7 +78,7 @@ def build_module(cfg: DictConfig) -> Classifier:
                       min_lr_ratio=opt.get("min_lr_ratio", 0.05), optimizer=opt.get("name", "adam"),
                       momentum=opt.get("momentum", 0.9),
                       keep_state=opt.get("keep_state", False), decorrelation=cfg.model.get("decorrelation", 0.0),
-                      freeze_head=cfg.model.get("freeze_head", False))
+                      freeze_head=cfg.model.get("freeze_head", False), sam_rho=opt.get("sam_rho", 0.0))
 
 
 def initial_weights(cfg: DictConfig) -> dict[str, torch.Tensor]:
@@ -127,6 +127,10 @@ def check_settings(cfg: DictConfig, mode: str) -> Strategy | None:
         raise FedmedError(f"model.decorrelation={cfg.model.decorrelation}: expected 0 with DP-SGD on (privacy.epsilon "
                           "or privacy.noise_multiplier): the penalty couples a batch's images, DP-SGD clips each "
                           "image's gradient alone")
+    if dp is not None and cfg.model.optimizer.get("sam_rho"):
+        raise FedmedError(f"model.optimizer.sam_rho={cfg.model.optimizer.sam_rho}: expected 0 with DP-SGD on "
+                          "(privacy.epsilon or privacy.noise_multiplier): sharpness-aware steps take two gradients "
+                          "per batch, DP-SGD accounts for one")
     every_round = cfg.federation.get("calibrate_from")
     if every_round is not None and not cfg.federation.get("calibrate_head"):
         raise FedmedError(f"federation.calibrate_from={every_round}: needs federation.calibrate_head=true (it "

@@ -13,6 +13,7 @@ from torch import nn
 from fedmed.models.decorrelation import decorrelation_penalty
 from fedmed.models.head import last_linear, penultimate
 from fedmed.models.metrics import compute_metrics, make_metrics
+from fedmed.models.sam import SAM
 
 LR_SCHEDULES = ("constant", "cosine")
 OPTIMIZERS = ("adam", "sgd")
@@ -63,6 +64,9 @@ class Classifier(L.LightningModule):
             schedule. A federated site's Adam then goes on across rounds instead of restarting with
             full-size bias-corrected steps. Not with DP-SGD, nor when the :attr:`hook` says no
             (SCAFFOLD's plain SGD, FedProx's proximal term start fresh).
+        sam_rho: radius of sharpness-aware minimisation (:class:`fedmed.models.sam.SAM`) around the optimizer
+            (FedSAM where every site trains so); each step costs two forward and backward passes, and
+            the training loss logged is the one at the unperturbed weights. 0 is off; not with DP-SGD.
     """
 
     def __init__(
@@ -80,6 +84,7 @@ class Classifier(L.LightningModule):
         keep_state: bool = False,
         decorrelation: float = 0.0,
         freeze_head: bool = False,
+        sam_rho: float = 0.0,
     ):
         super().__init__()
         self.net = net
@@ -98,6 +103,10 @@ class Classifier(L.LightningModule):
         self.keep_state = bool(keep_state)
         self.decorrelation = float(decorrelation)
         self.freeze_head = bool(freeze_head)
+        if sam_rho < 0:
+            raise ValueError(f"sam_rho must be >= 0, got {sam_rho}")
+        self.sam_rho = float(sam_rho)
+        self.sam: SAM | None = None  # the optimizer of the current fit, where sam_rho > 0
         if self.freeze_head:
             last_linear(net)[1].requires_grad_(False)
         self.optimizer_state: dict | None = None  # keep_state: the moments at the end of the last fit
@@ -131,17 +140,20 @@ class Classifier(L.LightningModule):
 
     def training_step(self, batch, batch_idx):
         x, y = batch
+        log = self.sam is None or not self.sam.perturbed  # SAM's second pass only serves its gradient
         if self.decorrelation:
             with penultimate(self.net) as seen:
                 logits = self.net(x)
             penalty = self.decorrelation * decorrelation_penalty(seen[0])
-            self.log("train_decorrelation", penalty, on_step=False, on_epoch=True, batch_size=len(y))
+            if log:
+                self.log("train_decorrelation", penalty, on_step=False, on_epoch=True, batch_size=len(y))
         else:
             logits, penalty = self.net(x), None
         if self.logit_adjust:
             logits = logits + self.logit_adjust * self.log_prior.to(logits.device)
         loss = self.loss_fn(logits, y)
-        self.log("train_loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(y))
+        if log:
+            self.log("train_loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(y))
         if penalty is not None:
             loss = loss + penalty
         extra = self.hook.extra_loss(self.net) if self.hook is not None else None
@@ -188,7 +200,11 @@ class Classifier(L.LightningModule):
         if self.keeps_state and self.optimizer_state is not None:
             fresh = opt.state_dict()
             opt.load_state_dict({"state": self.optimizer_state, "param_groups": fresh["param_groups"]})
+        if self.sam_rho and self.wrap_optimizer is not None:
+            raise ValueError("sam_rho > 0 with DP-SGD: each step would compute two clipped, noised gradients")
         opt = self.wrap_optimizer(opt) if self.wrap_optimizer is not None else opt
+        self.sam = SAM(opt, self.sam_rho, self.net) if self.sam_rho else None
+        opt = self.sam or opt
         if self.lr_schedule == "constant":
             return opt
         start = self.schedule[0]
