@@ -337,6 +337,7 @@ MEANINGS = {
     "model.net.spatial_dims": "2D or 3D layers (from the data)",
     "model.optimizer.lr": "learning rate at every site",
     "model.optimizer.min_lr_ratio": "cosine schedule: the last learning rate as a share of the first",
+    "model.optimizer.sam_rho": "radius of sharpness-aware minimisation around the optimizer (0: off; not with DP-SGD)",
     "model.optimizer.schedule": "learning rate over the planned epochs: constant or cosine",
     "model.optimizer.weight_decay": "L2 weight decay",
     "partition.alpha": "Dirichlet concentration: smaller is more skewed (unused here)",
