@@ -119,6 +119,17 @@ ROWS: list[tuple[str, str, str, tuple[str, str] | None, str]] = [
      "experiment=ham10000_site_shift_128 mode=centralized federation.rounds=120"),
     ("FedAvg + both levers, 128 px, 120 rounds", "r120_fedavg", "fedavg", ("r120_centralized", "centralized"),
      "experiment=ham10000_site_shift_128 federation.rounds=120"),
+    # sharpness-aware minimisation (radius 0.05) at every site (FedSAM), and in pooled training
+    ("centralized + both levers + SAM (0.05), 128 px, 72 rounds", "sam128_centralized", "centralized", None,
+     "experiment=ham10000_site_shift_128 mode=centralized model.optimizer.sam_rho=0.05"),
+    ("FedAvg + both levers + SAM (0.05) at every site, 128 px, 72 rounds", "sam128_fedavg", "fedavg",
+     ("sam128_centralized", "centralized"), "experiment=ham10000_site_shift_128 model.optimizer.sam_rho=0.05"),
+    # BatchNorm trained with its running statistics from round (epoch) 37 on (FixBN), in the federation and in pooled
+    # training
+    ("centralized + both levers, BatchNorm fixed from epoch 37, 128 px, 72 rounds", "fixbn37_centralized",
+     "centralized", None, "experiment=ham10000_site_shift_128 mode=centralized model.fix_batchnorm_from=37"),
+    ("FedAvg + both levers, BatchNorm fixed from round 37, 128 px, 72 rounds", "fixbn37_fedavg", "fedavg",
+     ("fixbn37_centralized", "centralized"), "experiment=ham10000_site_shift_128 model.fix_batchnorm_from=37"),
 ]
 #: the reference centralized run (experiment=ham10000 as it is): ham10000_natural_sites.json
 REFERENCE = "centralized"

@@ -78,7 +78,8 @@ def build_module(cfg: DictConfig) -> Classifier:
                       min_lr_ratio=opt.get("min_lr_ratio", 0.05), optimizer=opt.get("name", "adam"),
                       momentum=opt.get("momentum", 0.9),
                       keep_state=opt.get("keep_state", False), decorrelation=cfg.model.get("decorrelation", 0.0),
-                      freeze_head=cfg.model.get("freeze_head", False), sam_rho=opt.get("sam_rho", 0.0))
+                      freeze_head=cfg.model.get("freeze_head", False), sam_rho=opt.get("sam_rho", 0.0),
+                      fix_batchnorm_from=cfg.model.get("fix_batchnorm_from"))
 
 
 def initial_weights(cfg: DictConfig) -> dict[str, torch.Tensor]:
@@ -131,6 +132,15 @@ def check_settings(cfg: DictConfig, mode: str) -> Strategy | None:
         raise FedmedError(f"model.optimizer.sam_rho={cfg.model.optimizer.sam_rho}: expected 0 with DP-SGD on "
                           "(privacy.epsilon or privacy.noise_multiplier): sharpness-aware steps take two gradients "
                           "per batch, DP-SGD accounts for one")
+    fix_bn = cfg.model.get("fix_batchnorm_from")
+    if fix_bn is not None:
+        epochs = cfg.federation.rounds * cfg.federation.local_epochs
+        if fix_bn > epochs:
+            raise FedmedError(f"model.fix_batchnorm_from={fix_bn}: after the run's last epoch ({epochs} = "
+                              "federation.rounds x federation.local_epochs); use an epoch within it, or null")
+        if dp is not None or cfg.model.net.get("norm", "batch") != "batch":
+            raise FedmedError(f"model.fix_batchnorm_from={fix_bn}: this network has no BatchNorm layers "
+                              "(model.net.norm=group, or DP-SGD, which replaces them with GroupNorm); use null")
     every_round = cfg.federation.get("calibrate_from")
     if every_round is not None and not cfg.federation.get("calibrate_head"):
         raise FedmedError(f"federation.calibrate_from={every_round}: needs federation.calibrate_head=true (it "

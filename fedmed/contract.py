@@ -42,7 +42,8 @@ def terms(cfg: DictConfig, weights: Mapping[str, Any]) -> dict[str, str]:
         "federation.plan": f"rounds={fed.rounds} local_epochs={fed.local_epochs} finetune_epochs={fed.finetune_epochs}",
         "model.loss": f"logit_adjust={cfg.model.get('logit_adjust', 0.0)} logit_prior={label_prior(cfg)} "
                       f"decorrelation={cfg.model.get('decorrelation', 0.0)} "
-                      f"freeze_head={bool(cfg.model.get('freeze_head', False))}",
+                      f"freeze_head={bool(cfg.model.get('freeze_head', False))} "
+                      f"fix_batchnorm_from={cfg.model.get('fix_batchnorm_from')}",
         "federation.calibrate_head": f"{bool(fed.get('calibrate_head'))} "
                                      f"min_images={fed.get('calibrate_min_images', 10)} "
                                      f"every_round_from={fed.get('calibrate_from')}",

@@ -127,6 +127,7 @@ RULES: dict[str, Rule] = {
     "model.optimizer.momentum": number(0, 1, hi_open=True), "model.optimizer.keep_state": boolean,
     "model.optimizer.weight_decay": number(0), "model.optimizer.schedule": choice("constant", "cosine"),
     "model.optimizer.min_lr_ratio": PROB, "model.optimizer.sam_rho": number(0),
+    "model.fix_batchnorm_from": optional(integer(1)),
     "model.net.dropout": number(0, 1, hi_open=True),
     "model.net.hidden": integer(1), "model.net.norm": choice("batch", "group"), "model.net.norm_groups": integer(1),
     "trainer.accelerator": choice("cpu", "gpu", "cuda", "mps", "auto"), "trainer.deterministic": boolean,

@@ -64,6 +64,11 @@ class Classifier(L.LightningModule):
             schedule. A federated site's Adam then goes on across rounds instead of restarting with
             full-size bias-corrected steps. Not with DP-SGD, nor when the :attr:`hook` says no
             (SCAFFOLD's plain SGD, FedProx's proximal term start fresh).
+        fix_batchnorm_from: from this epoch of the run on (1-based; a federated site's round with one local
+            epoch), the network's BatchNorm layers normalise with their running statistics while training and
+            stop updating them, as they do at evaluation (FixBN, Zhong et al., 2024): a federated site then
+            trains under the global model's normalisation, not its own batches'. Their scale and shift
+            still learn. None is off.
         sam_rho: radius of sharpness-aware minimisation (:class:`fedmed.models.sam.SAM`) around the optimizer
             (FedSAM where every site trains so); each step costs two forward and backward passes, and
             the training loss logged is the one at the unperturbed weights. 0 is off; not with DP-SGD.
@@ -85,6 +90,7 @@ class Classifier(L.LightningModule):
         decorrelation: float = 0.0,
         freeze_head: bool = False,
         sam_rho: float = 0.0,
+        fix_batchnorm_from: int | None = None,
     ):
         super().__init__()
         self.net = net
@@ -107,6 +113,9 @@ class Classifier(L.LightningModule):
             raise ValueError(f"sam_rho must be >= 0, got {sam_rho}")
         self.sam_rho = float(sam_rho)
         self.sam: SAM | None = None  # the optimizer of the current fit, where sam_rho > 0
+        if fix_batchnorm_from is not None and fix_batchnorm_from < 1:
+            raise ValueError(f"fix_batchnorm_from must be an epoch >= 1 or None, got {fix_batchnorm_from}")
+        self.fix_batchnorm_from = fix_batchnorm_from
         if self.freeze_head:
             last_linear(net)[1].requires_grad_(False)
         self.optimizer_state: dict | None = None  # keep_state: the moments at the end of the last fit
@@ -138,8 +147,18 @@ class Classifier(L.LightningModule):
         counts = torch.as_tensor(counts).double()
         self.log_prior = ((counts + 1) / (counts.sum() + self.num_classes)).log().float()
 
+    @property
+    def batchnorm_fixed(self) -> bool:
+        """Whether this epoch's BatchNorm layers normalise with their running statistics (``fix_batchnorm_from``)."""
+        epoch = self.schedule[0] + self.current_epoch + 1
+        return self.fix_batchnorm_from is not None and epoch >= self.fix_batchnorm_from
+
     def training_step(self, batch, batch_idx):
         x, y = batch
+        if self.batchnorm_fixed:  # every step: Lightning may put the modules back in training mode
+            for layer in self.net.modules():
+                if isinstance(layer, nn.modules.batchnorm._BatchNorm):
+                    layer.eval()
         log = self.sam is None or not self.sam.perturbed  # SAM's second pass only serves its gradient
         if self.decorrelation:
             with penultimate(self.net) as seen:
