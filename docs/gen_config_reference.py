@@ -324,7 +324,7 @@ MEANINGS = {
     "model.logit_adjust": "logit adjustment by the site's label prior (0: plain cross-entropy)",
     "model.decorrelation": "weight of the penalty on correlated penultimate features (0: off; not with DP-SGD)",
     "model.freeze_head": "keep the last linear layer at its initial weights: only the body trains",
-    "model.fix_batchnorm_from": "epoch from which BatchNorm trains with its running statistics, not updating them (null: off)",
+    "model.fix_batchnorm_from": "epoch from which BatchNorm trains with its running statistics, frozen (null: off)",
     "model.name": "the network's name (MLflow tags and run names)",
     "model.net.block_config": "dense layers in each DenseNet block",
     "model.net.dropout": "dropout before the classifier",
