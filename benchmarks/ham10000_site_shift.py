@@ -177,6 +177,14 @@ def mean(values: list[float]) -> float:
     return statistics.mean(values) if values else float("nan")
 
 
+def wall_time(rs: list[dict]) -> str:
+    """Mean seconds per run; a run resumed from its checkpoint (``resume=``) timed only its resumed part, so it is
+    left out (and the seeds the mean covers named)."""
+    whole = [r for r in rs if not any(o.startswith("resume=") for o in r.get("overrides", []))]
+    text = f"{mean([r['seconds'] for r in whole]):.0f}"
+    return text if len(whole) == len(rs) else f"{text} (seeds {' '.join(str(r['seed']) for r in whole)})"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--bench-out", type=Path, default=Path("bench_out"))
@@ -230,7 +238,7 @@ def main() -> None:
                      ms([r["test_sites"]["pooled"]["f1"] for r in rs]),
                      ms([r["test_sites"]["pooled"]["auroc"] for r in rs]),
                      *[ms([r["test_sites"][s]["balanced_acc"] for r in rs]) for s in SITES],
-                     compared_with(label, pooled), gap, f"{mean([r['seconds'] for r in rs]):.0f}"])
+                     compared_with(label, pooled), gap, wall_time(rs)])
     print("| " + " | ".join(columns) + " |")
     print("|" + "---|" * len(columns))
     for row in body:
