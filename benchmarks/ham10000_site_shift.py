@@ -29,7 +29,19 @@ SITES = ["rosendahl", "vidir_modern", "vidir_molemax", "vienna_dias"]
 NO_POOLED = ("-", "-")  # a federated row without a pooled run on equal terms: no gap is given
 #: (row name, bench_out file, run label in it, the pooled row it is compared with: (file, label) or None for the
 #: reference centralized run of ham10000_natural_sites.json, overrides)
-ROWS: list[tuple[str, str, str, tuple[str, str] | None, str]] = [
+Row = tuple[str, str, str, tuple[str, str] | None, str]
+
+
+def on_equal_terms(tag: str, pooled: str, federated: str, option: str) -> list[Row]:
+    """Pooled training and FedAvg on the 128 px preset with ``option``, FedAvg compared with that pooled row
+    (bench_out files ``<tag>_centralized`` and ``<tag>_fedavg``); ``pooled`` and ``federated`` end the row names."""
+    preset = "experiment=ham10000_site_shift_128"
+    return [(f"centralized {pooled}", f"{tag}_centralized", "centralized", None, f"{preset} mode=centralized {option}"),
+            (f"FedAvg {federated}", f"{tag}_fedavg", "fedavg", (f"{tag}_centralized", "centralized"),
+             f"{preset} {option}")]
+
+
+ROWS: list[Row] = [
     ("FedAvg (reference, rerun)", "ham_ref", "fedavg", None, "-"),
     ("centralized, Shades of Gray", "ham_sog_centralized", "centralized", None,
      "data.transforms.colour=shades_of_gray"),
@@ -115,21 +127,15 @@ ROWS: list[tuple[str, str, str, tuple[str, str] | None, str]] = [
      "experiment=ham10000_site_shift_128 strategy=fednova"),
     # a longer budget: 120 rounds (epochs) of a quarter epoch (the preset's time scaled by 120/72); the first 72 are
     # the preset's (a constant learning rate), so selection chooses among 48 more candidates
-    ("centralized + both levers, 128 px, 120 rounds", "r120_centralized", "centralized", None,
-     "experiment=ham10000_site_shift_128 mode=centralized federation.rounds=120"),
-    ("FedAvg + both levers, 128 px, 120 rounds", "r120_fedavg", "fedavg", ("r120_centralized", "centralized"),
-     "experiment=ham10000_site_shift_128 federation.rounds=120"),
+    *on_equal_terms("r120", "+ both levers, 128 px, 120 rounds", "+ both levers, 128 px, 120 rounds",
+                    "federation.rounds=120"),
     # sharpness-aware minimisation (radius 0.05) at every site (FedSAM), and in pooled training
-    ("centralized + both levers + SAM (0.05), 128 px, 72 rounds", "sam128_centralized", "centralized", None,
-     "experiment=ham10000_site_shift_128 mode=centralized model.optimizer.sam_rho=0.05"),
-    ("FedAvg + both levers + SAM (0.05) at every site, 128 px, 72 rounds", "sam128_fedavg", "fedavg",
-     ("sam128_centralized", "centralized"), "experiment=ham10000_site_shift_128 model.optimizer.sam_rho=0.05"),
+    *on_equal_terms("sam128", "+ both levers + SAM (0.05), 128 px, 72 rounds",
+                    "+ both levers + SAM (0.05) at every site, 128 px, 72 rounds", "model.optimizer.sam_rho=0.05"),
     # BatchNorm trained with its running statistics from round (epoch) 37 on (FixBN), in the federation and in pooled
     # training
-    ("centralized + both levers, BatchNorm fixed from epoch 37, 128 px, 72 rounds", "fixbn37_centralized",
-     "centralized", None, "experiment=ham10000_site_shift_128 mode=centralized model.fix_batchnorm_from=37"),
-    ("FedAvg + both levers, BatchNorm fixed from round 37, 128 px, 72 rounds", "fixbn37_fedavg", "fedavg",
-     ("fixbn37_centralized", "centralized"), "experiment=ham10000_site_shift_128 model.fix_batchnorm_from=37"),
+    *on_equal_terms("fixbn37", "+ both levers, BatchNorm fixed from epoch 37, 128 px, 72 rounds",
+                    "+ both levers, BatchNorm fixed from round 37, 128 px, 72 rounds", "model.fix_batchnorm_from=37"),
 ]
 #: the reference centralized run (experiment=ham10000 as it is): ham10000_natural_sites.json
 REFERENCE = "centralized"
