@@ -155,7 +155,7 @@ class Classifier(L.LightningModule):
 
     def training_step(self, batch, batch_idx):
         x, y = batch
-        if self.batchnorm_fixed:  # every step: Lightning may put the modules back in training mode
+        if self.batchnorm_fixed:  # every step (a few isinstance checks): whatever calls net.train() in between
             for layer in self.net.modules():
                 if isinstance(layer, nn.modules.batchnorm._BatchNorm):
                     layer.eval()
