@@ -46,6 +46,40 @@ def normalized_weights(num_samples: Sequence[float]) -> torch.Tensor:
     return w / w.sum()
 
 
+def balanced_weight(counts: Sequence[int], totals: Sequence[int]) -> int:
+    """A site's weight in the mean under ``federation.weighting=balanced``.
+
+    Each of the site's training images counts ``m / N_y``, where ``N_y`` is the federation's number of
+    training images of its class and ``m`` that of the federation's rarest class: sum_c n_c m / N_c, rounded,
+    at least 1. Across sites these weights are proportional to each site's share of the class-balanced
+    objective, (1/C) sum_c n_kc / N_c, the weights under which the sites' mean matches pooled training that
+    gives every class the same total weight. No image counts more than 1, so the weight never exceeds the
+    site's image count (a site cannot buy more influence than plain FedAvg gives it).
+
+    Args:
+        counts: the site's training images per class.
+        totals: the federation's training images per class (the sum over sites, from the server).
+
+    Raises:
+        ValueError: the two differ in length, or ``totals`` is below ``counts`` for a class: they are not
+            the federation's totals.
+    """
+    n = torch.as_tensor(counts, dtype=torch.float64)
+    big = torch.as_tensor(totals, dtype=torch.float64)
+    if n.shape != big.shape or n.ndim != 1:
+        raise ValueError(f"{len(big)} class totals for {len(n)} classes")
+    short = [c for c in range(len(n)) if big[c] < n[c]]
+    if short:
+        c = short[0]
+        raise ValueError(f"the federation's class totals count {int(big[c])} images of class {c}, fewer than the "
+                         f"{int(n[c])} this site holds: they are not the federation's totals")
+    held = big > 0
+    if not bool(held.any()):
+        raise ValueError("the federation's class totals are all 0")
+    rarest = big[held].min()
+    return max(1, round(float((n[held] * rarest / big[held]).sum())))
+
+
 def weighted_average(states: Sequence[StateDict], weights: torch.Tensor) -> dict[str, torch.Tensor]:
     """Sum_k w_k * state_k per key, computed in float64 and cast back to each tensor's dtype.
 

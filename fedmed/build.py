@@ -121,6 +121,10 @@ def check_settings(cfg: DictConfig, mode: str) -> Strategy | None:
                                   ("federation.calibrate_head=true", bool(cfg.federation.get("calibrate_head"))))
               if on]
     dp = dp_config(cfg)
+    if dp is not None and balanced(cfg):
+        raise FedmedError("federation.weighting=balanced with DP-SGD (privacy.epsilon or privacy.noise_multiplier): "
+                          "each site's weight comes from its exact label counts, which DP-SGD does not noise; "
+                          "use federation.weighting=examples")
     if shared and dp is not None and dp.statistics_noise is None:  # secure aggregation masks them like updates
         raise FedmedError(f"{shared[0]} with DP-SGD needs privacy.statistics_noise: the class statistics are noised "
                           "and counted in each site's epsilon (e.g. privacy.statistics_noise=20)")
@@ -220,11 +224,16 @@ def label_prior(cfg: DictConfig) -> str:
     return str(cfg.model.get("logit_prior", "site")) if cfg.model.get("logit_adjust", 0.0) else "site"
 
 
+def balanced(cfg: DictConfig) -> bool:
+    """``federation.weighting=balanced``: each site weighs its update by its class-balanced share."""
+    return cfg.federation.get("weighting", "examples") == "balanced"
+
+
 def shares(cfg: DictConfig, federated: bool) -> frozenset[str]:
     """What a site of this config tells the server beyond its updates (:mod:`fedmed.federated.statistics`)."""
     if not federated:
         return frozenset()
-    out = {LABEL_COUNTS} if label_prior(cfg) == "federation" else set()
+    out = {LABEL_COUNTS} if label_prior(cfg) == "federation" or balanced(cfg) else set()
     if cfg.federation.get("calibrate_head"):
         out |= {LABEL_COUNTS, CLASS_FEATURES}
     return frozenset(out)
@@ -232,8 +241,9 @@ def shares(cfg: DictConfig, federated: bool) -> frozenset[str]:
 
 def releases(cfg: DictConfig, federated: bool) -> tuple[str, ...]:
     """The class statistics a site's training images go into beyond its updates (each once): the label counts
-    for the federation's prior, the feature moments for head calibration (also of a local or centralized run)."""
-    prior = federated and label_prior(cfg) == "federation"
+    for the federation's prior or the balanced weighting, the feature moments for head calibration (also of a
+    local or centralized run)."""
+    prior = federated and (label_prior(cfg) == "federation" or balanced(cfg))
     return tuple(r for r, on in ((LABEL_COUNTS, prior), (CLASS_FEATURES, bool(cfg.federation.get("calibrate_head"))))
                  if on)
 
@@ -248,7 +258,8 @@ def training_settings(cfg: DictConfig, federated: bool) -> TrainingSettings:
                             shares=shares(cfg, federated),
                             min_class_images=int(fed.get("calibrate_min_images", 10)),
                             releases=releases(cfg, federated),
-                            label_prior=label_prior(cfg) if federated else "site")
+                            label_prior=label_prior(cfg) if federated else "site",
+                            weighting="balanced" if federated and balanced(cfg) else "examples")
 
 
 def head_calibration(cfg: DictConfig) -> HeadCalibration | None:
@@ -300,6 +311,7 @@ def federation_settings(cfg: DictConfig) -> FederationSettings:
                                                                                        cfg.explain.every_n_rounds)),
             site_timeout=fed.site_timeout, secure_aggregation=bool(cfg.privacy.secure_aggregation),
             label_prior=label_prior(cfg) == "federation", num_classes=int(cfg.data.num_classes),
+            weighting=str(fed.get("weighting", "examples")),
             average_from=fed.get("average_from"), calibrate_from=fed.get("calibrate_from"))
     except ValueError as exc:
         raise FedmedError(str(exc)) from None

@@ -48,6 +48,7 @@ def terms(cfg: DictConfig, weights: Mapping[str, Any]) -> dict[str, str]:
                                      f"min_images={fed.get('calibrate_min_images', 10)} "
                                      f"every_round_from={fed.get('calibrate_from')}",
         "strategy": _plain(cfg.strategy),
+        "federation.weighting": str(fed.get("weighting", "examples")),
         "privacy.secure_aggregation": str(bool(cfg.privacy.secure_aggregation)),
         "federation.compression": f"{fed.compression} topk_fraction={fed.topk_fraction} "
                                   f"error_feedback={fed.error_feedback}",

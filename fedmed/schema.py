@@ -19,7 +19,7 @@ from hydra.errors import InstantiationException
 from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from fedmed.choices import CODECS, EXPLAIN_METHODS, FOLDER_SOURCES, PARTITIONS, SELECTIONS
+from fedmed.choices import CODECS, EXPLAIN_METHODS, FOLDER_SOURCES, PARTITIONS, SELECTIONS, WEIGHTINGS
 from fedmed.errors import FedmedError
 
 MODES = ("federated", "centralized", "local")
@@ -99,7 +99,7 @@ RULES: dict[str, Rule] = {
     "federation.fraction": number(0, 1, lo_open=True), "federation.min_sites": integer(1),
     "federation.site_timeout": optional(POSITIVE), "federation.select": choice(*SELECTIONS),
     "federation.finetune_epochs": integer(0), "federation.compression": choice(*CODECS),
-    "federation.average_from": optional(integer(1)),
+    "federation.average_from": optional(integer(1)), "federation.weighting": choice(*WEIGHTINGS),
     "federation.calibrate_from": optional(integer(1)),
     "federation.topk_fraction": number(0, 1, lo_open=True), "federation.error_feedback": boolean,
     "federation.parallel": integer(0), "federation.server": optional(text), "federation.connect_timeout": POSITIVE,

@@ -51,6 +51,8 @@ def model_card(config: DictConfig, evaluations: Sequence[tuple[str, Scores]], *,
              + (f"; started from `model.pretrained={cfg.model.pretrained}`" if cfg.model.get("pretrained") else "")
              + ("; logit-adjusted loss with the federation's label prior"
                 if cfg.model.get("logit_adjust") and cfg.model.get("logit_prior") == "federation" else "")
+             + ("; each site's update weighed by its class-balanced share (`federation.weighting=balanced`)"
+                if mode == "federated" and fed.get("weighting") == "balanced" else "")
              + ("; last layer re-fitted on class-balanced virtual features (`federation.calibrate_head`)"
                 if fed.get("calibrate_head") else "") + ".",
              f"- Privacy: DP-SGD {privacy}; secure aggregation {'on' if cfg.privacy.secure_aggregation else 'off'}; "

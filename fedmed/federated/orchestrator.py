@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from fedmed.aggregation import state_nbytes
-from fedmed.choices import SELECTIONS
+from fedmed.choices import SELECTIONS, WEIGHTINGS
 from fedmed.errors import BudgetSpent, FederationError, FedmedError
 from fedmed.federated.calls import SiteTimeout, call_with_timeout, concurrently
 from fedmed.federated.checkpoint import CHECKPOINT, save_checkpoint
@@ -98,6 +98,10 @@ class FederationSettings:
             (:mod:`fedmed.privacy.secagg`). Needs a strategy whose aggregate is ``summable``.
         label_prior: before the first round every site sends its training images per class; their sum
             goes to every site with every round (``model.logit_prior=federation``).
+        weighting: ``examples`` (FedAvg: each update weighs by the site's training images) or ``balanced``: the
+            sites' label counts are summed before the first round, as for ``label_prior``, and go to every site
+            with every round as ``class_totals``; each site then weighs its update by
+            :func:`~fedmed.aggregation.balanced_weight` (``federation.weighting=balanced``).
         num_classes: the model's classes (checks what the sites send).
         average_from: from this round on, the model the sites evaluate, that selection may keep and that
             the run returns is the mean of the global models since this round
@@ -117,6 +121,7 @@ class FederationSettings:
     site_timeout: float | None = None
     secure_aggregation: bool = False
     label_prior: bool = False
+    weighting: str = "examples"
     num_classes: int | None = None
     average_from: int | None = None
     calibrate_from: int | None = None
@@ -126,8 +131,10 @@ class FederationSettings:
             raise ValueError(f"rounds and local_epochs must be >= 1, got {self.rounds}, {self.local_epochs}")
         if not 0 < self.fraction <= 1:
             raise ValueError(f"federation.fraction must be in (0, 1], got {self.fraction}")
-        if self.label_prior and self.num_classes is None:
-            raise ValueError("label_prior needs num_classes")
+        if self.weighting not in WEIGHTINGS:
+            raise ValueError(f"federation.weighting must be one of {WEIGHTINGS}, got {self.weighting!r}")
+        if self.counts_needed and self.num_classes is None:
+            raise ValueError("label_prior and weighting=balanced need num_classes")
         if self.select not in SELECTIONS:
             raise ValueError(f"federation.select must be one of {SELECTIONS}, got {self.select!r}")
         if self.average_from is not None and not 1 <= self.average_from <= self.rounds:
@@ -136,6 +143,11 @@ class FederationSettings:
         if self.calibrate_from is not None and not 1 <= self.calibrate_from <= self.rounds:
             raise ValueError(f"federation.calibrate_from must be a round from 1 to federation.rounds={self.rounds} "
                              f"(or null), got {self.calibrate_from}")
+
+    @property
+    def counts_needed(self) -> bool:
+        """Whether the sites' label counts are summed before the first round (the prior, the balanced weights)."""
+        return self.label_prior or self.weighting == "balanced"
 
 
 @dataclass
@@ -218,7 +230,7 @@ class Orchestrator:
         self.checkpoint = Path(checkpoint_dir) / CHECKPOINT if checkpoint_dir else None
         self.extra_state = dict(extra_state or {})
         self._stray: dict[str, threading.Thread] = {}  # sites still running a timed-out round
-        self.label_counts: list[int] | None = None  # label_prior: the federation's training images per class
+        self.label_counts: list[int] | None = None  # counts_needed: the federation's training images per class
         self.statistics_dp: dict[str, dict[str, float]] = {}  # DP: each site's accounting after it sent statistics
         self.tail = TailAverage(settings.average_from) if settings.average_from is not None else None
 
@@ -305,14 +317,17 @@ class Orchestrator:
         return [total], None
 
     def gather_label_counts(self) -> list[int]:
-        """Every site's training images per class, checked, summed (``label_prior``); a site that cannot
-        answer stops the federation before any training (the prior would not be the federation's)."""
+        """Every site's training images per class, checked, summed (``label_prior``, ``weighting=balanced``); a
+        site that cannot answer stops the federation before any training (they would not be the federation's)."""
         got, problem = self._statistics(None, None)
         if problem:
+            uses = [key for key, on in (("model.logit_prior=federation", self.settings.label_prior),
+                                        ("federation.weighting=balanced", self.settings.weighting == "balanced"))
+                    if on]
             raise FederationError(f"site {problem[0]} could not send its label counts for the federation's "
-                                  f"label prior (model.logit_prior=federation): {problem[1]}")
+                                  f"totals ({' and '.join(uses)}): {problem[1]}")
         counts = [int(c) for c in summed(got)["counts"]]
-        log.info("the federation's label prior, from %d sites: %s images per class", len(self.sites), counts)
+        log.info("the federation's label counts, from %d sites: %s images per class", len(self.sites), counts)
         self.run_log.log_metrics({f"label_prior_count_class{i}": c for i, c in enumerate(counts)}, step=0)
         return counts
 
@@ -369,10 +384,13 @@ class Orchestrator:
         return calibrated
 
     def instructions(self, global_w) -> dict[str, Any]:
-        """The strategy's instructions for a round, and the federation's label prior where it is used."""
+        """The strategy's instructions for a round, and the federation's label counts where they are used (the
+        label prior, the class totals of the balanced weighting)."""
         out = dict(self.strategy.configure_fit(global_w))
-        if self.label_counts is not None:
+        if self.label_counts is not None and self.settings.label_prior:
             out["label_prior"] = list(self.label_counts)
+        if self.label_counts is not None and self.settings.weighting == "balanced":
+            out["class_totals"] = list(self.label_counts)
         return out
 
     def _train_round(self, r: int, chosen: list[SiteTransport], global_w) -> tuple[list[FitResult], dict[str, bytes]]:
@@ -521,7 +539,7 @@ class Orchestrator:
         history: list[RoundRecord] = []
         if resume is not None:
             first, global_w, best, history = self._restore(resume)
-        if s.label_prior:  # asked once per federation: a resumed one keeps the prior it trained with
+        if s.counts_needed:  # asked once per federation: a resumed one keeps the counts it trained with
             kept = resume.get("label_counts") if resume is not None else None
             self.label_counts = [int(c) for c in kept] if kept is not None else self.gather_label_counts()
         for r in range(first, s.rounds + 1):

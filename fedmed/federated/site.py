@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from fedmed.aggregation import balanced_weight
 from fedmed.data.datamodule import SiteData, make_loader
 from fedmed.federated.attack import Attack
 from fedmed.federated.channel import UpdateChannel
@@ -102,10 +103,11 @@ class SiteClient:
         instructions = dict(instructions or {})
         self.part.configure(instructions)
         self._use_prior(instructions.get("label_prior"))
+        weight = self._weight(instructions.get("class_totals"))
         out = self.training.fit_round(weights, round_idx, epochs, self.part, self.attack)
         new = self.attack.update(out.start, out.weights) if self.attack else out.weights
         self.run.log_metrics(out.metrics, step=round_idx)
-        result = FitResult(self.name, new, len(self.data.train), out.metrics, out.extras)
+        result = FitResult(self.name, new, weight, out.metrics, out.extras)
         return self.channel.package(result, out.start, instructions) if send else result
 
     def _use_prior(self, counts: Any) -> None:
@@ -123,6 +125,24 @@ class SiteClient:
             raise ValueError(f"the server's label prior: {problem}")
         self.module.set_label_counts(torch.as_tensor(np.asarray(counts)))
 
+    def _weight(self, totals: Any) -> int:
+        """What this site's update weighs in the mean: its training images, or under ``federation.weighting=
+        balanced`` its :func:`~fedmed.aggregation.balanced_weight` from the federation's class totals the server
+        sent, checked first; a site configured otherwise refuses totals."""
+        n = len(self.data.train)
+        if totals is None:
+            if self.settings.weighting == "balanced":
+                raise ValueError("federation.weighting=balanced, but the server sent no class totals")
+            return n
+        if self.settings.weighting != "balanced":
+            raise ValueError("the server sent class totals for a balanced weighting; this site is configured with "
+                             f"federation.weighting={self.settings.weighting}")
+        problem = check_statistics({"counts": np.asarray(totals)}, self.module.num_classes, features=False)
+        if problem:
+            raise ValueError(f"the server's class totals: {problem}")
+        own = class_statistics(self.module.net, self.data.train, self.module.num_classes, features=False)["counts"]
+        return balanced_weight(own.tolist(), np.asarray(totals).tolist())
+
     def statistics(self, weights: StateDict | None, features: bool,
                    secagg: Mapping[str, Any] | None = None) -> dict[str, Any]:
         """This site's training images per class and, with ``features``, the per-class moments of ``weights``'
@@ -134,7 +154,8 @@ class SiteClient:
         want = CLASS_FEATURES if features else LABEL_COUNTS
         if want not in self.settings.shares and CLASS_FEATURES not in self.settings.shares:
             raise PermissionError(f"site {self.name} does not share {want.replace('_', ' ')}: its config has no "
-                                  "model.logit_prior=federation or federation.calibrate_head=true")
+                                  "model.logit_prior=federation, federation.weighting=balanced or "
+                                  "federation.calibrate_head=true")
         plan = self.channel.plan(secagg, "its class statistics")
         stats = self.own_statistics(weights, features)
         if plan is not None:

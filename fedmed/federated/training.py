@@ -43,6 +43,9 @@ class TrainingSettings:
         min_class_images: ``class_features``: a class with fewer training images at the site is left out of
             what it sends (count, sum and outer products all 0): with one image, its "mean" is that image's
             feature vector. Under DP-SGD the noise protects them instead and nothing is left out.
+        weighting: ``examples`` (the site's update weighs by its training images) or ``balanced`` (by
+            :func:`~fedmed.aggregation.balanced_weight` of its label counts and the federation's totals the
+            server sends with every round).
         releases: the class statistics this run computes from the site's training images (``label_counts``,
             ``class_features``; each once): under DP-SGD they are noised and counted in its epsilon.
     """
@@ -55,6 +58,7 @@ class TrainingSettings:
     shares: frozenset[str] = frozenset()
     label_prior: str = "site"
     min_class_images: int = 10
+    weighting: str = "examples"
     releases: tuple[str, ...] = ()
 
 
