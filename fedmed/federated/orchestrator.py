@@ -437,6 +437,10 @@ class Orchestrator:
                 f"round {r}: only {len(fits)} of {len(chosen)} sites returned a usable update "
                 f"(federation.min_sites={s.min_sites}); the federation stops"
                 + (f", its state after round {r - 1} is in {self.checkpoint}" if self.checkpoint and r > 1 else ""))
+        if s.weighting == "balanced" and r == 1:
+            total = sum(f.num_samples for f in fits)
+            log.info("round 1/%d: class-balanced weights: %s", s.rounds,
+                     ", ".join(f"{f.site} {f.num_samples / total:.1%}" for f in fits))
         return fits, peers
 
     def _unmask(self, r: int, fits: list[FitResult], peers: dict[str, bytes], global_w) -> FitResult:
