@@ -136,6 +136,10 @@ ROWS: list[Row] = [
     # training
     *on_equal_terms("fixbn37", "+ both levers, BatchNorm fixed from epoch 37, 128 px, 72 rounds",
                     "+ both levers, BatchNorm fixed from round 37, 128 px, 72 rounds", "model.fix_batchnorm_from=37"),
+    # each site's update weighed by its class-balanced share instead of its image count: a change at the server
+    # only, so the preset's pooled run is its reference
+    ("FedAvg + both levers, class-balanced site weights, 128 px, 72 rounds", "bw_fedavg", "fedavg",
+     ("ham128r72", "centralized"), "experiment=ham10000_site_shift_128 federation.weighting=balanced"),
 ]
 #: the reference centralized run (experiment=ham10000 as it is): ham10000_natural_sites.json
 REFERENCE = "centralized"
