@@ -110,38 +110,37 @@ class SiteClient:
         result = FitResult(self.name, new, weight, out.metrics, out.extras)
         return self.channel.package(result, out.start, instructions) if send else result
 
-    def _use_prior(self, counts: Any) -> None:
-        """``model.logit_prior=federation``: train with the federation's label mix the server sent, checked
-        first; a site configured with its own prior refuses one."""
+    def _server_counts(self, counts: Any, wanted: bool, what: str, setting: str) -> np.ndarray | None:
+        """Per-class counts the server sent (``what``), checked; a site whose ``setting`` does not use them
+        refuses them, and one whose setting does (``wanted``) refuses a round without them."""
         if counts is None:
-            if self.settings.label_prior == "federation":
-                raise ValueError("model.logit_prior=federation, but the server sent no label prior")
-            return
-        if self.settings.label_prior != "federation":
-            raise ValueError("the server sent a label prior; this site is configured with model.logit_prior="
-                             f"{self.settings.label_prior}")
+            if wanted:
+                raise ValueError(f"{setting}, but the server sent no {what}")
+            return None
+        if not wanted:
+            raise ValueError(f"the server sent its {what}; this site is configured with {setting}")
         problem = check_statistics({"counts": np.asarray(counts)}, self.module.num_classes, features=False)
         if problem:
-            raise ValueError(f"the server's label prior: {problem}")
-        self.module.set_label_counts(torch.as_tensor(np.asarray(counts)))
+            raise ValueError(f"the server's {what}: {problem}")
+        return np.asarray(counts)
+
+    def _use_prior(self, counts: Any) -> None:
+        """``model.logit_prior=federation``: train with the federation's label mix the server sent."""
+        prior = self._server_counts(counts, self.settings.label_prior == "federation", "label prior",
+                                    f"model.logit_prior={self.settings.label_prior}")
+        if prior is not None:
+            self.module.set_label_counts(torch.as_tensor(prior))
 
     def _weight(self, totals: Any) -> int:
         """What this site's update weighs in the mean: its training images, or under ``federation.weighting=
         balanced`` its :func:`~fedmed.aggregation.balanced_weight` from the federation's class totals the server
-        sent, checked first; a site configured otherwise refuses totals."""
-        n = len(self.data.train)
-        if totals is None:
-            if self.settings.weighting == "balanced":
-                raise ValueError("federation.weighting=balanced, but the server sent no class totals")
-            return n
-        if self.settings.weighting != "balanced":
-            raise ValueError("the server sent class totals for a balanced weighting; this site is configured with "
-                             f"federation.weighting={self.settings.weighting}")
-        problem = check_statistics({"counts": np.asarray(totals)}, self.module.num_classes, features=False)
-        if problem:
-            raise ValueError(f"the server's class totals: {problem}")
+        sent."""
+        checked = self._server_counts(totals, self.settings.weighting == "balanced", "class totals",
+                                      f"federation.weighting={self.settings.weighting}")
+        if checked is None:
+            return len(self.data.train)
         own = class_statistics(self.module.net, self.data.train, self.module.num_classes, features=False)["counts"]
-        return balanced_weight(own.tolist(), np.asarray(totals).tolist())
+        return balanced_weight(own.tolist(), checked.tolist())
 
     def statistics(self, weights: StateDict | None, features: bool,
                    secagg: Mapping[str, Any] | None = None) -> dict[str, Any]:
