@@ -140,6 +140,13 @@ ROWS: list[Row] = [
     # only, so the preset's pooled run is its reference
     ("FedAvg + both levers, class-balanced site weights, 128 px, 72 rounds", "bw_fedavg", "fedavg",
      ("ham128r72", "centralized"), "experiment=ham10000_site_shift_128 federation.weighting=balanced"),
+    # the learning rate on a half cosine from 0.001 down to 0.00005 over the 72 rounds (epochs) instead of constant,
+    # in the federation and in pooled training; then the same pair again on seeds 45-47, which no lever was tried on
+    *on_equal_terms("cos", "+ both levers, cosine learning rate, 128 px, 72 rounds",
+                    "+ both levers, cosine learning rate, 128 px, 72 rounds", "model.optimizer.schedule=cosine"),
+    *on_equal_terms("cosfresh", "+ both levers, cosine learning rate, 128 px, 72 rounds, fresh seeds",
+                    "+ both levers, cosine learning rate, 128 px, 72 rounds, fresh seeds",
+                    "model.optimizer.schedule=cosine"),
 ]
 #: the reference centralized run (experiment=ham10000 as it is): ham10000_natural_sites.json
 REFERENCE = "centralized"
