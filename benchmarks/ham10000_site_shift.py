@@ -36,9 +36,10 @@ def on_equal_terms(tag: str, pooled: str, federated: str, option: str) -> list[R
     """Pooled training and FedAvg on the 128 px preset with ``option``, FedAvg compared with that pooled row
     (bench_out files ``<tag>_centralized`` and ``<tag>_fedavg``); ``pooled`` and ``federated`` end the row names."""
     preset = "experiment=ham10000_site_shift_128"
-    return [(f"centralized {pooled}", f"{tag}_centralized", "centralized", None, f"{preset} mode=centralized {option}"),
+    return [(f"centralized {pooled}", f"{tag}_centralized", "centralized", None,
+             f"{preset} mode=centralized {option}".strip()),
             (f"FedAvg {federated}", f"{tag}_fedavg", "fedavg", (f"{tag}_centralized", "centralized"),
-             f"{preset} {option}")]
+             f"{preset} {option}".strip())]
 
 
 ROWS: list[Row] = [
@@ -147,6 +148,17 @@ ROWS: list[Row] = [
     *on_equal_terms("cosfresh", "+ both levers, cosine learning rate, 128 px, 72 rounds, fresh seeds",
                     "+ both levers, cosine learning rate, 128 px, 72 rounds, fresh seeds",
                     "model.optimizer.schedule=cosine"),
+    # the preset itself on seeds 45-47, which no lever was tried on
+    *on_equal_terms("fresh128", "+ both levers, 128 px, 72 rounds, fresh seeds",
+                    "+ both levers, 128 px, 72 rounds, fresh seeds", ""),
+    # the preset on four class-stratified IID shares of the same training and validation images: what averaging
+    # costs without the site shift, against the preset's pooled run
+    ("FedAvg on four IID shares + both levers, 128 px, 72 rounds", "iid128_fedavg", "fedavg",
+     ("ham128r72", "centralized"), "experiment=ham10000_site_shift_128 partition=iid"),
+    # every site's logit adjustment by the federation's summed label counts instead of its own: the sites' losses
+    # then add up to pooled training's; a change at the sites only, so the preset's pooled run is its reference
+    ("FedAvg + both levers, the federation's label prior, 128 px, 72 rounds", "prior128_fedavg", "fedavg",
+     ("ham128r72", "centralized"), "experiment=ham10000_site_shift_128 model.logit_prior=federation"),
 ]
 #: the reference centralized run (experiment=ham10000 as it is): ham10000_natural_sites.json
 REFERENCE = "centralized"
