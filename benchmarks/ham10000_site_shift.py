@@ -32,14 +32,22 @@ NO_POOLED = ("-", "-")  # a federated row without a pooled run on equal terms: n
 Row = tuple[str, str, str, tuple[str, str] | None, str]
 
 
+PRESET = "experiment=ham10000_site_shift_128"
+PRESET_POOLED = ("ham128r72", "centralized")  # the preset's pooled run at seeds 42-44
+
+
+def against_preset(name: str, file: str, label: str, option: str) -> Row:
+    """A federated row that changes only the sites or the server, compared with the preset's pooled run."""
+    return (name, file, label, PRESET_POOLED, f"{PRESET} {option}")
+
+
 def on_equal_terms(tag: str, pooled: str, federated: str, option: str) -> list[Row]:
     """Pooled training and FedAvg on the 128 px preset with ``option``, FedAvg compared with that pooled row
     (bench_out files ``<tag>_centralized`` and ``<tag>_fedavg``); ``pooled`` and ``federated`` end the row names."""
-    preset = "experiment=ham10000_site_shift_128"
     return [(f"centralized {pooled}", f"{tag}_centralized", "centralized", None,
-             f"{preset} mode=centralized {option}".strip()),
+             f"{PRESET} mode=centralized {option}".strip()),
             (f"FedAvg {federated}", f"{tag}_fedavg", "fedavg", (f"{tag}_centralized", "centralized"),
-             f"{preset} {option}".strip())]
+             f"{PRESET} {option}".strip())]
 
 
 ROWS: list[Row] = [
@@ -84,11 +92,11 @@ ROWS: list[Row] = [
          (f"{tag}_centralized", "centralized"),
          f"experiment=ham10000_site_shift_128 federation.rounds={rounds} trainer.limit_train_batches={part}"))],
     # two local quarter epochs per round (36 passes over each site's data), against the preset's pooled run
-    ("FedAvg + both levers, 128 px, 72 rounds of two quarter epochs", "ham128le2_fedavg", "fedavg",
-     ("ham128r72", "centralized"), "experiment=ham10000_site_shift_128 federation.local_epochs=2"),
+    against_preset("FedAvg + both levers, 128 px, 72 rounds of two quarter epochs", "ham128le2_fedavg", "fedavg",
+                   "federation.local_epochs=2"),
     # server momentum (FedAvgM, beta 0.5) on the preset, against the preset's pooled run
-    ("FedAvgM (server momentum 0.5) + both levers, 128 px, 72 rounds", "ham128m5_fedavgm", "fedavgm",
-     ("ham128r72", "centralized"), "experiment=ham10000_site_shift_128 strategy=fedavgm strategy.server_momentum=0.5"),
+    against_preset("FedAvgM (server momentum 0.5) + both levers, 128 px, 72 rounds", "ham128m5_fedavgm", "fedavgm",
+                   "strategy=fedavgm strategy.server_momentum=0.5"),
     # weight averaging of the models of rounds (epochs) 55-72, pooled training averaged the same way: the mean
     # selectable by validation with the earlier rounds' models, or the final mean taken as it is
     *[row for select, tag, how in (("", "swa55", "selected by validation"),
@@ -124,8 +132,7 @@ ROWS: list[Row] = [
     ("FedAvg + both levers, 128 px, 72 rounds, selected among calibrated rounds 55-72", "cf55_fedavg", "fedavg",
      ("cf55_centralized", "centralized"), "experiment=ham10000_site_shift_128 federation.calibrate_from=55"),
     # FedNova on the preset: each site's update divided by its number of local steps, against the preset's pooled run
-    ("FedNova + both levers, 128 px, 72 rounds", "nova128_fednova", "fednova", ("ham128r72", "centralized"),
-     "experiment=ham10000_site_shift_128 strategy=fednova"),
+    against_preset("FedNova + both levers, 128 px, 72 rounds", "nova128_fednova", "fednova", "strategy=fednova"),
     # a longer budget: 120 rounds (epochs) of a quarter epoch (the preset's time scaled by 120/72); the first 72 are
     # the preset's (a constant learning rate), so selection chooses among 48 more candidates
     *on_equal_terms("r120", "+ both levers, 128 px, 120 rounds", "+ both levers, 128 px, 120 rounds",
@@ -139,8 +146,8 @@ ROWS: list[Row] = [
                     "+ both levers, BatchNorm fixed from round 37, 128 px, 72 rounds", "model.fix_batchnorm_from=37"),
     # each site's update weighed by its class-balanced share instead of its image count: a change at the server
     # only, so the preset's pooled run is its reference
-    ("FedAvg + both levers, class-balanced site weights, 128 px, 72 rounds", "bw_fedavg", "fedavg",
-     ("ham128r72", "centralized"), "experiment=ham10000_site_shift_128 federation.weighting=balanced"),
+    against_preset("FedAvg + both levers, class-balanced site weights, 128 px, 72 rounds", "bw_fedavg", "fedavg",
+                   "federation.weighting=balanced"),
     # the learning rate on a half cosine from 0.001 down to 0.00005 over the 72 rounds (epochs) instead of constant,
     # in the federation and in pooled training; then the same pair again on seeds 45-47, which no lever was tried on
     *on_equal_terms("cos", "+ both levers, cosine learning rate, 128 px, 72 rounds",
@@ -153,12 +160,12 @@ ROWS: list[Row] = [
                     "+ both levers, 128 px, 72 rounds, fresh seeds", ""),
     # the preset on four class-stratified IID shares of the same training and validation images: what averaging
     # costs without the site shift, against the preset's pooled run
-    ("FedAvg on four IID shares + both levers, 128 px, 72 rounds", "iid128_fedavg", "fedavg",
-     ("ham128r72", "centralized"), "experiment=ham10000_site_shift_128 partition=iid"),
+    against_preset("FedAvg on four IID shares + both levers, 128 px, 72 rounds", "iid128_fedavg", "fedavg",
+                   "partition=iid"),
     # every site's logit adjustment by the federation's summed label counts instead of its own: the sites' losses
     # then add up to pooled training's; a change at the sites only, so the preset's pooled run is its reference
-    ("FedAvg + both levers, the federation's label prior, 128 px, 72 rounds", "prior128_fedavg", "fedavg",
-     ("ham128r72", "centralized"), "experiment=ham10000_site_shift_128 model.logit_prior=federation"),
+    against_preset("FedAvg + both levers, the federation's label prior, 128 px, 72 rounds", "prior128_fedavg", "fedavg",
+                   "model.logit_prior=federation"),
 ]
 #: the reference centralized run (experiment=ham10000 as it is): ham10000_natural_sites.json
 REFERENCE = "centralized"
