@@ -20,6 +20,7 @@ from fedmed.config import site_config
 from fedmed.data.datamodule import Pipeline, SiteData
 from fedmed.data.manifest import Manifest
 from fedmed.data.sites import ensure_manifests, plan_manifests, write_new
+from fedmed.data.style import STYLE_SPECTRUM
 from fedmed.errors import FedmedError
 from fedmed.evaluation.sites import SiteImages
 from fedmed.federated.attack import ATTACKS, Attack
@@ -153,6 +154,14 @@ def check_settings(cfg: DictConfig, mode: str) -> Strategy | None:
         raise FedmedError(f"federation.calibrate_from={every_round}: expected null with DP-SGD on (privacy.epsilon or "
                           "privacy.noise_multiplier): a site sends its noisy feature statistics once, and this asks "
                           "for them every round")
+    style_mix = float(cfg.federation.get("style_mix", 0.0))
+    if style_mix and (secure or dp is not None):
+        other = "privacy.secure_aggregation" if secure else "DP-SGD (privacy.epsilon or privacy.noise_multiplier)"
+        raise FedmedError(f"federation.style_mix={style_mix} with {other}: each site's style spectrum leaves it "
+                          "unmasked and unnoised; use federation.style_mix=0")
+    if style_mix and int(cfg.data.get("spatial_dims", 2)) != 2:
+        raise FedmedError(f"federation.style_mix={style_mix}: expected 0 for 3D volumes (data.spatial_dims=3); the "
+                          "style spectrum is that of 2D images")
     if dp is not None:
         planned_releases(dp, releases(cfg, mode == "federated"))
     if mode != "federated":
@@ -236,6 +245,8 @@ def shares(cfg: DictConfig, federated: bool) -> frozenset[str]:
     out = {LABEL_COUNTS} if label_prior(cfg) == "federation" or balanced(cfg) else set()
     if cfg.federation.get("calibrate_head"):
         out |= {LABEL_COUNTS, CLASS_FEATURES}
+    if cfg.federation.get("style_mix", 0.0):
+        out.add(STYLE_SPECTRUM)
     return frozenset(out)
 
 
@@ -259,7 +270,9 @@ def training_settings(cfg: DictConfig, federated: bool) -> TrainingSettings:
                             min_class_images=int(fed.get("calibrate_min_images", 10)),
                             releases=releases(cfg, federated),
                             label_prior=label_prior(cfg) if federated else "site",
-                            weighting="balanced" if federated and balanced(cfg) else "examples")
+                            weighting="balanced" if federated and balanced(cfg) else "examples",
+                            style_mix=float(fed.get("style_mix", 0.0)) if federated else 0.0,
+                            style_band=float(fed.get("style_band", 0.1)))
 
 
 def head_calibration(cfg: DictConfig) -> HeadCalibration | None:
@@ -312,7 +325,8 @@ def federation_settings(cfg: DictConfig) -> FederationSettings:
             site_timeout=fed.site_timeout, secure_aggregation=bool(cfg.privacy.secure_aggregation),
             label_prior=label_prior(cfg) == "federation", num_classes=int(cfg.data.num_classes),
             weighting=str(fed.get("weighting", "examples")),
-            average_from=fed.get("average_from"), calibrate_from=fed.get("calibrate_from"))
+            average_from=fed.get("average_from"), calibrate_from=fed.get("calibrate_from"),
+            style_mix=float(fed.get("style_mix", 0.0)))
     except ValueError as exc:
         raise FedmedError(str(exc)) from None
 

@@ -49,6 +49,7 @@ def terms(cfg: DictConfig, weights: Mapping[str, Any]) -> dict[str, str]:
                                      f"every_round_from={fed.get('calibrate_from')}",
         "strategy": _plain(cfg.strategy),
         "federation.weighting": str(fed.get("weighting", "examples")),
+        "federation.style": f"mix={fed.get('style_mix', 0.0)} band={fed.get('style_band', 0.1)}",
         "privacy.secure_aggregation": str(bool(cfg.privacy.secure_aggregation)),
         "federation.compression": f"{fed.compression} topk_fraction={fed.topk_fraction} "
                                   f"error_feedback={fed.error_feedback}",

@@ -22,6 +22,7 @@ from fedmed.data.manifest import Manifest
 from fedmed.data.medmnist_source import md5sum
 from fedmed.data.preprocessing import Preprocessing
 from fedmed.data.source import DataSource, Rows
+from fedmed.data.style import StyleMix
 from fedmed.data.transforms import augmentation_transforms, deterministic_transforms, mask_transforms
 from fedmed.errors import FedmedError, ManifestError
 
@@ -55,8 +56,9 @@ class AugmentedDataset(ArrayDataset):
 
     Per-image MONAI steps (flips, intensity jitter, cutout) run in ``__getitem__``; rotation and
     zoom run on the whole batch in :meth:`collate` (:class:`fedmed.data.transforms.BatchRandAffine`),
-    which :func:`make_loader` uses. :meth:`reseed` makes both a function of a seed (the site
-    client reseeds each round), so runs with the same seed see the same augmented images.
+    which :func:`make_loader` uses, after ``style`` (other sites' looks, :class:`fedmed.data.style.StyleMix`,
+    set by the site when the federation shares them). :meth:`reseed` makes all of them a function of a seed
+    (the site client reseeds each round), so runs with the same seed see the same augmented images.
 
     Args:
         base: the cached tensors.
@@ -67,9 +69,10 @@ class AugmentedDataset(ArrayDataset):
     def __init__(self, base: ArrayDataset, augment, batch_augment=None):
         super().__init__(base.x, base.y, base.ids)
         self.augment, self.batch_augment = augment, batch_augment
+        self.style: StyleMix | None = None  # other sites' looks, where the federation shares them
 
     def reseed(self, seed: int) -> None:
-        for t in (self.augment, self.batch_augment):
+        for t in (self.augment, self.batch_augment, self.style):
             if t is not None:
                 t.set_random_state(seed=int(seed) % (2**32))
 
@@ -87,6 +90,8 @@ class AugmentedDataset(ArrayDataset):
 
     def collate(self, samples: list) -> tuple[torch.Tensor, torch.Tensor]:
         x, y = default_collate(samples)
+        if self.style is not None:
+            x = self.style(x)
         return (self.batch_augment(x) if self.batch_augment is not None else x), y
 
 

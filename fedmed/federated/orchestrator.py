@@ -109,6 +109,10 @@ class FederationSettings:
         calibrate_from: from this round on, that model is head-calibrated every round before the sites evaluate
             it (the Orchestrator's ``head``), so selection chooses among calibrated models; training goes on
             from the plain global model. None: off (the selected model may be calibrated once, afterwards).
+        style_mix: before the first round every site sends its mean low-frequency amplitude spectrum
+            (:mod:`fedmed.data.style`); they go to every site with every round as ``style_spectra``, and each site
+            gives this share of its training images another site's look. 0: off. Not with secure aggregation
+            (each site's spectrum reaches the server, and its peers, in the clear).
     """
 
     rounds: int
@@ -125,6 +129,7 @@ class FederationSettings:
     num_classes: int | None = None
     average_from: int | None = None
     calibrate_from: int | None = None
+    style_mix: float = 0.0
 
     def __post_init__(self) -> None:
         if self.rounds < 1 or self.local_epochs < 1:
@@ -140,6 +145,11 @@ class FederationSettings:
         if self.average_from is not None and not 1 <= self.average_from <= self.rounds:
             raise ValueError(f"federation.average_from must be a round from 1 to federation.rounds={self.rounds} "
                              f"(or null), got {self.average_from}")
+        if not 0 <= self.style_mix <= 1:
+            raise ValueError(f"federation.style_mix must be in [0, 1], got {self.style_mix}")
+        if self.style_mix and self.secure_aggregation:
+            raise ValueError("federation.style_mix with secure aggregation: each site's style spectrum would reach "
+                             "the server and its peers unmasked")
         if self.calibrate_from is not None and not 1 <= self.calibrate_from <= self.rounds:
             raise ValueError(f"federation.calibrate_from must be a round from 1 to federation.rounds={self.rounds} "
                              f"(or null), got {self.calibrate_from}")
@@ -231,6 +241,7 @@ class Orchestrator:
         self.extra_state = dict(extra_state or {})
         self._stray: dict[str, threading.Thread] = {}  # sites still running a timed-out round
         self.label_counts: list[int] | None = None  # counts_needed: the federation's training images per class
+        self.style_spectra: dict[str, np.ndarray] | None = None  # style_mix: every site's mean spectrum, by name
         self.statistics_dp: dict[str, dict[str, float]] = {}  # DP: each site's accounting after it sent statistics
         self.tail = TailAverage(settings.average_from) if settings.average_from is not None else None
 
@@ -331,6 +342,30 @@ class Orchestrator:
         self.run_log.log_metrics({f"label_prior_count_class{i}": c for i, c in enumerate(counts)}, step=0)
         return counts
 
+    def gather_style(self) -> dict[str, np.ndarray]:
+        """Every site's mean low-frequency amplitude spectrum (``style_mix``), checked: an array of one shape for
+        all, finite, non-negative. A site that cannot send one stops the federation before any training."""
+        spectra: dict[str, np.ndarray] = {}
+        for site, (answer, exc) in zip(self.sites, concurrently(lambda c: c.style(), self.sites), strict=True):
+            spectrum = answer.get("spectrum") if isinstance(answer, Mapping) else None
+            first = next(iter(spectra.values()), None)
+            if exc is not None:
+                problem = f"{type(exc).__name__}: {exc}"
+            elif not (isinstance(spectrum, np.ndarray) and spectrum.ndim == 3 and np.isfinite(spectrum).all()
+                      and (spectrum >= 0).all()):
+                problem = "its spectrum is not a finite, non-negative (channels, rows, columns) array"
+            elif first is not None and spectrum.shape != first.shape:
+                problem = f"its spectrum has shape {spectrum.shape}, the others' {first.shape}"
+            else:
+                problem = ""
+            if problem:
+                raise FederationError(f"site {site.name} could not send its style spectrum "
+                                      f"(federation.style_mix={self.settings.style_mix}): {problem}")
+            spectra[site.name] = np.asarray(spectrum, dtype=np.float64)
+        log.info("style spectra from %d sites (%s values each): each site trains on the others' looks",
+                 len(spectra), next(iter(spectra.values())).size)
+        return spectra
+
     def _fit_head(self, weights: dict[str, torch.Tensor], calibration: HeadCalibration, net: torch.nn.Module,
                   key_round: int) -> tuple[dict[str, torch.Tensor] | None, tuple[str, str] | None]:
         """``weights`` with the last layer re-fitted on virtual features from the sites' statistics of them; (None,
@@ -384,13 +419,15 @@ class Orchestrator:
         return calibrated
 
     def instructions(self, global_w) -> dict[str, Any]:
-        """The strategy's instructions for a round, and the federation's label counts where they are used (the
-        label prior, the class totals of the balanced weighting)."""
+        """The strategy's instructions for a round, the federation's label counts where they are used (the
+        label prior, the class totals of the balanced weighting) and the sites' style spectra (``style_mix``)."""
         out = dict(self.strategy.configure_fit(global_w))
         if self.label_counts is not None and self.settings.label_prior:
             out["label_prior"] = list(self.label_counts)
         if self.label_counts is not None and self.settings.weighting == "balanced":
             out["class_totals"] = list(self.label_counts)
+        if self.style_spectra is not None:
+            out["style_spectra"] = dict(self.style_spectra)
         return out
 
     def _train_round(self, r: int, chosen: list[SiteTransport], global_w) -> tuple[list[FitResult], dict[str, bytes]]:
@@ -546,6 +583,8 @@ class Orchestrator:
         if s.counts_needed:  # asked once per federation: a resumed one keeps the counts it trained with
             kept = resume.get("label_counts") if resume is not None else None
             self.label_counts = [int(c) for c in kept] if kept is not None else self.gather_label_counts()
+        if s.style_mix:  # asked again on resume: a site's spectrum is a function of its training images
+            self.style_spectra = self.gather_style()
         for r in range(first, s.rounds + 1):
             t0 = time.perf_counter()
             chosen = self.sample(r)

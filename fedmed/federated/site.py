@@ -18,7 +18,8 @@ import numpy as np
 import torch
 
 from fedmed.aggregation import balanced_weight
-from fedmed.data.datamodule import SiteData, make_loader
+from fedmed.data.datamodule import AugmentedDataset, SiteData, make_loader
+from fedmed.data.style import STYLE_SPECTRUM, StyleMix, check_spectrum, mean_amplitude
 from fedmed.federated.attack import Attack
 from fedmed.federated.channel import UpdateChannel
 from fedmed.federated.heatmaps import ExplainSettings, SiteHeatmaps
@@ -72,6 +73,7 @@ class SiteClient:
         self.attack = attack
         self.run = run or RunLog()
         self.model_config = model_config
+        self._spectrum: np.ndarray | None = None  # this site's look (federation.style_mix), once computed
 
     @property
     def module(self) -> Classifier:
@@ -103,6 +105,7 @@ class SiteClient:
         instructions = dict(instructions or {})
         self.part.configure(instructions)
         self._use_prior(instructions.get("label_prior"))
+        self._use_style(instructions.get("style_spectra"))
         weight = self._weight(instructions.get("class_totals"))
         out = self.training.fit_round(weights, round_idx, epochs, self.part, self.attack)
         new = self.attack.update(out.start, out.weights) if self.attack else out.weights
@@ -130,6 +133,46 @@ class SiteClient:
                                     f"model.logit_prior={self.settings.label_prior}")
         if prior is not None:
             self.module.set_label_counts(torch.as_tensor(prior))
+
+    def style(self) -> dict[str, Any]:
+        """This site's look: the mean low-frequency amplitude spectrum of its training images
+        (:func:`fedmed.data.mean_amplitude`), only where its config shares it (``federation.style_mix``;
+        ``PermissionError`` otherwise) and it holds at least ``min_class_images`` training images."""
+        if STYLE_SPECTRUM not in self.settings.shares:
+            raise PermissionError(f"site {self.name} does not share its style spectrum: its config has "
+                                  "federation.style_mix=0")
+        if len(self.data.train) < self.settings.min_class_images:
+            raise ValueError(f"site {self.name} holds {len(self.data.train)} training images, fewer than "
+                             f"federation.calibrate_min_images={self.settings.min_class_images}: a mean spectrum "
+                             "of so few would show single images' looks")
+        return {"site": self.name, "spectrum": self._own_spectrum()}
+
+    def _own_spectrum(self) -> np.ndarray:
+        if self._spectrum is None:
+            self._spectrum = mean_amplitude(self.data.train.x, self.settings.style_band)
+        return self._spectrum
+
+    def _use_style(self, spectra: Any) -> None:
+        """``federation.style_mix``: train on the other sites' looks, from the spectra the server relayed (each
+        checked against this site's own: :func:`fedmed.data.check_spectrum`)."""
+        wanted = self.settings.style_mix > 0
+        if spectra is None:
+            if wanted:
+                raise ValueError(f"federation.style_mix={self.settings.style_mix}, but the server sent no style "
+                                 "spectra")
+            return
+        if not wanted:
+            raise ValueError("the server sent style spectra; this site is configured with federation.style_mix=0")
+        if not isinstance(spectra, Mapping) or not all(isinstance(k, str) for k in spectra):
+            raise ValueError("the server's style spectra are not a mapping of site names to spectra")
+        own = self._own_spectrum()
+        others = {k: check_spectrum(k, v, own) for k, v in spectra.items() if k != self.name}
+        if not others:
+            raise ValueError("the server's style spectra name no other site")
+        train = self.data.train
+        if not isinstance(train, AugmentedDataset):
+            train = self.data.train = AugmentedDataset(train, None, None)
+        train.style = StyleMix(others, self.settings.style_mix)
 
     def _weight(self, totals: Any) -> int:
         """What this site's update weighs in the mean: its training images, or under ``federation.weighting=

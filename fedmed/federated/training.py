@@ -48,6 +48,10 @@ class TrainingSettings:
             server sends with every round).
         releases: the class statistics this run computes from the site's training images (``label_counts``,
             ``class_features``; each once): under DP-SGD they are noised and counted in its epsilon.
+        style_mix: probability that a training image is given another site's look, from the mean spectra the
+            server relays with every round (:mod:`fedmed.data.style`; ``shares`` then holds
+            ``style_spectrum``); 0: off.
+        style_band: the share of the image side whose low frequencies make a site's look.
     """
 
     batch_size: int = 64
@@ -60,6 +64,8 @@ class TrainingSettings:
     min_class_images: int = 10
     weighting: str = "examples"
     releases: tuple[str, ...] = ()
+    style_mix: float = 0.0
+    style_band: float = 0.1
 
 
 @dataclass

@@ -42,6 +42,10 @@ class SiteTransport(Protocol):
         with ``secagg``, masked (:meth:`SiteClient.statistics`)."""
         ...
 
+    def style(self) -> dict[str, Any]:
+        """The site's mean low-frequency amplitude spectrum (:meth:`SiteClient.style`)."""
+        ...
+
     def public_key(self, round_idx: int) -> tuple[bytes, bytes]: ...
 
     def attest(self, round_idx: int, survivors: list[str]) -> dict[str, bytes]: ...
@@ -103,3 +107,6 @@ class InProcessSite:
                    secagg: Mapping[str, Any] | None = None) -> dict[str, Any]:
         return self.client.statistics(clone_state(weights) if weights is not None else None, features,
                                       copy.deepcopy(secagg))
+
+    def style(self) -> dict[str, Any]:
+        return copy.deepcopy(self.client.style())

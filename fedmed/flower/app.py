@@ -60,6 +60,6 @@ def _reply(message: Message, context: Context) -> Message:
 # every message a site answers, one handler for all (protocol.py: the types; node.py: the calls)
 for _category, _action in (("query", "hello"), ("train", "default"), ("train", "finetune"), ("evaluate", "default"),
                            ("evaluate", "test"), ("query", "public_key"), ("query", "attest"),
-                           ("query", "dropout_correction"), ("query", "statistics"), ("query", "refused"),
-                           ("query", "finish")):
+                           ("query", "dropout_correction"), ("query", "statistics"), ("query", "style"),
+                           ("query", "refused"), ("query", "finish")):
     getattr(client_app, _category)(_action)(_reply)

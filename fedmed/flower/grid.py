@@ -34,6 +34,7 @@ from fedmed.flower.protocol import (
     REFUSED,
     SCORE,
     STATISTICS,
+    STYLE,
     TRAIN,
     RemoteSiteError,
     finish_request,
@@ -126,6 +127,12 @@ class GridSite:
         if not isinstance(stats, dict):
             raise RemoteSiteError(self.name, "ValueError", "its statistics are not a mapping")
         return self._own_stats(stats)
+
+    def style(self) -> dict[str, Any]:
+        answer = records.get_tree(self.ask(STYLE, RecordDict(), "style"), "style")
+        if not isinstance(answer, dict):
+            raise RemoteSiteError(self.name, "ValueError", "its style spectrum is not a mapping")
+        return self._own_stats(answer)
 
     def _own_stats(self, stats: dict[str, Any]) -> dict[str, Any]:
         if stats.get("site") != self.name:

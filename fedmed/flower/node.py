@@ -37,6 +37,7 @@ from fedmed.flower.protocol import (
     REFUSED,
     SCORE,
     STATISTICS,
+    STYLE,
     TRAIN,
     read_finish,
     read_hello,
@@ -145,6 +146,12 @@ def _statistics(client: SiteClient, content: RecordDict) -> RecordDict:
     return out
 
 
+def _style(client: SiteClient, content: RecordDict) -> RecordDict:
+    out = RecordDict()
+    records.put_tree(out, "style", client.style())
+    return out
+
+
 def _public_key(client: SiteClient, content: RecordDict) -> RecordDict:
     public, signature = client.public_key(records.config_int(content.config_records["round"], "round"))
     return RecordDict({"key": ConfigRecord({"public": public, "signature": signature})})
@@ -169,7 +176,7 @@ def _dropout_correction(client: SiteClient, content: RecordDict) -> RecordDict:
 
 CALLS: dict[str, Callable[[SiteClient, RecordDict], RecordDict]] = {
     TRAIN: _train, EVALUATE: _evaluate, FINETUNE: _finetune, SCORE: _score, STATISTICS: _statistics,
-    PUBLIC_KEY: _public_key, ATTEST: _attest, DROPOUT: _dropout_correction}
+    STYLE: _style, PUBLIC_KEY: _public_key, ATTEST: _attest, DROPOUT: _dropout_correction}
 
 
 def answer(client: SiteClient, message_type: str, content: RecordDict) -> RecordDict:

@@ -5,6 +5,7 @@ Message types: ``query.hello`` (which site a node is, its sample counts), ``trai
 ``query.attest`` and ``query.dropout_correction`` (secure aggregation's unmasking),
 ``evaluate.test`` (the final model on a site's own test images), ``query.statistics`` (a site's
 training images per class, and per-class feature moments of a model: only what the site agreed to share),
+``query.style`` (a site's mean low-frequency amplitude spectrum, where it agreed to share it),
 ``query.refused`` (why a node is not admitted) and ``query.finish`` (the federation is over).
 
 A site that raises answers with an error reply naming the exception's kind, which the server
@@ -28,6 +29,7 @@ PUBLIC_KEY, DROPOUT, FINISH = "query.public_key", "query.dropout_correction", "q
 ATTEST = "query.attest"  # secure aggregation: a survivor's tags over the survivor set
 SCORE = "evaluate.test"  # the final model on the site's own test images (numbers only)
 STATISTICS = "query.statistics"  # class counts / per-class feature moments (fedmed.federated.statistics)
+STYLE = "query.style"  # a site's mean low-frequency amplitude spectrum (fedmed.data.style)
 REFUSED = "query.refused"  # the server tells a node why it is not admitted (it is sent nothing else)
 
 _OURS = re.compile(r"(\w+): (.*)", re.S)  # "Kind: message", from error_reply
