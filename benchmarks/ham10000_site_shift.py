@@ -166,6 +166,10 @@ ROWS: list[Row] = [
     # then add up to pooled training's; a change at the sites only, so the preset's pooled run is its reference
     against_preset("FedAvg + both levers, the federation's label prior, 128 px, 72 rounds", "prior128_fedavg", "fedavg",
                    "model.logit_prior=federation"),
+    # every site trains half its images under another site's look (the other sites' mean low-frequency amplitude
+    # spectra, relayed by the server); a federation-only lever, so the preset's pooled run is its reference
+    against_preset("FedAvg + both levers, style sharing (0.5), 128 px, 72 rounds", "style128_fedavg", "fedavg",
+                   "federation.style_mix=0.5"),
 ]
 #: the reference centralized run (experiment=ham10000 as it is): ham10000_natural_sites.json
 REFERENCE = "centralized"

@@ -90,6 +90,11 @@ def test_a_server_checkpoint_that_would_run_code_is_refused(tmp_path, isolated, 
      "privacy.statistics_noise=20", "federation.calibrate_from=2: expected null with DP-SGD on"),
     ("federation.calibrate_head=true privacy.epsilon=0.5 privacy.statistics_noise=0.5",
      "the class statistics alone spend epsilon"),
+    ("federation.style_mix=1.5", "federation.style_mix=1.5: expected a number in [0, 1]"),
+    ("federation.style_band=0", "federation.style_band=0: expected a number in (0, 1]"),
+    ("federation.style_mix=0.5 privacy.secure_aggregation=true",
+     "federation.style_mix=0.5 with privacy.secure_aggregation: each site's style spectrum leaves it unmasked"),
+    ("federation.style_mix=0.5 privacy.noise_multiplier=1", "federation.style_mix=0.5 with DP-SGD"),
 ])
 def test_wrong_config_values_are_one_line_before_any_work(tmp_path, isolated, capsys, override, names):
     t0 = time.perf_counter()

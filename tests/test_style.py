@@ -7,11 +7,17 @@ import numpy as np
 import pytest
 import torch
 
+from fedmed.build import shares
+from fedmed.config import compose
+from fedmed.contract import first_difference, terms
 from fedmed.data.datamodule import ArrayDataset, SiteData
 from fedmed.data.style import STYLE_SPECTRUM, StyleMix, band_radius, check_spectrum, mean_amplitude
 from fedmed.errors import FederationError
 from fedmed.federated import FederationSettings, InProcessSite, Orchestrator, SiteClient, TrainingSettings
+from fedmed.flower import grid as fgrid
+from fedmed.models import CompactCNN
 from tests.helpers import strategy as make_strategy
+from tests.test_flower_app import LoopbackGrid, serverapp  # noqa: F401 - the fixture
 from tests.test_orchestrator import factory
 
 
@@ -151,3 +157,50 @@ def test_a_site_that_sends_no_usable_spectrum_stops_the_federation_before_traini
         orch.run(factory().net.state_dict())
     with pytest.raises(ValueError, match="secure aggregation"):
         FederationSettings(rounds=1, style_mix=0.5, secure_aggregation=True)
+
+
+def test_over_flower_the_sites_train_what_in_process_sites_train(serverapp):  # noqa: F811 - the fixture
+    """The spectra cross Flower's serialization twice (``query.style``, then with every round's instructions) and
+    each message is answered by a site built afresh: the federation is the in-process one, bit for bit."""
+    settings = FederationSettings(rounds=2, select="last", style_mix=0.5)
+    torch.manual_seed(0)
+    initial = factory().net.state_dict()
+    results = []
+    for remote in (False, True):
+        makers = [lambda k=k, n=n, gain=gain: looks_site(k, n, gain) for k, (n, gain) in enumerate(((40, 1.0),
+                                                                                                    (48, 0.5)))]
+        if remote:
+            sites = fgrid.accept(LoopbackGrid({10 + k: make for k, make in enumerate(makers)}), ["s0", "s1"],
+                                 timeout=30, hello={})
+        else:
+            sites = [InProcessSite(make()) for make in makers]
+        orch = Orchestrator(sites, make_strategy("fedavg"), settings)
+        results.append((orch.run(initial), orch.style_spectra))
+    (want, want_spectra), (got, got_spectra) = results
+    assert want_spectra is not None and got_spectra is not None and sorted(got_spectra) == ["s0", "s1"]
+    for name, spectrum in want_spectra.items():
+        np.testing.assert_array_equal(got_spectra[name], spectrum)
+    for k in want.final_weights:
+        assert torch.equal(got.final_weights[k], want.final_weights[k]), k
+    plain = Orchestrator([InProcessSite(looks_site(k, n, g, mix=0.0)) for k, (n, g) in enumerate(((40, 1.0),
+                                                                                                  (48, 0.5)))],
+                         make_strategy("fedavg"), FederationSettings(rounds=2, select="last")).run(initial)
+    assert any(not torch.equal(plain.final_weights[k], want.final_weights[k]) for k in want.final_weights)
+
+
+def test_a_site_under_another_style_setting_differs_in_the_federations_terms():
+    cfg, other = (compose("fit", ["experiment=smoke", *extra]) for extra in ([], ["federation.style_mix=0.5"]))
+    weights = CompactCNN(in_channels=1, num_classes=2).state_dict()
+    why = first_difference(terms(cfg, weights), terms(other, weights))
+    assert why is not None and "federation.style" in why and "mix=0.5" in why, why
+    assert STYLE_SPECTRUM in shares(other, federated=True) and STYLE_SPECTRUM not in shares(cfg, federated=True)
+
+
+def test_the_privacy_record_names_the_style_spectrum_among_what_each_site_sent():
+    from fedmed.privacy.record import format_record, privacy_record
+
+    rec = privacy_record(mode="federated", sites=["a", "b"], rounds_done=1, bytes_up=[1], bytes_down=[1],
+                         compression="none", secure_aggregation=False, dp=None, dp_setting="off", audit=[],
+                         num_train=10, class_statistics={STYLE_SPECTRUM})
+    assert "mean low-frequency amplitude spectrum of the training images (style sharing, relayed to every other " \
+           "site) (each site's, in the clear)" in format_record(rec)

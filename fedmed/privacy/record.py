@@ -30,7 +30,7 @@ def privacy_record(
         audit: the membership-inference attacks' results (``name``, ``auc``, TPRs, counts).
         num_train: training images over all sites (none of them left its site in a federation).
         class_statistics: what each site sent beyond its updates (``label_counts``, ``class_features``:
-            :mod:`fedmed.federated.statistics`), in the clear.
+            :mod:`fedmed.federated.statistics`; ``style_spectrum``: :mod:`fedmed.data.style`), in the clear.
         features_from_round: the feature moments went out every round from this one on
             (``federation.calibrate_from``), not once after the last round.
     """
@@ -81,7 +81,9 @@ def format_record(rec: Mapping[str, Any]) -> str:
         every = rec.get("class_features_from_round")
         what = {"label_counts": "training images per class", "class_features": "per-class mean and covariance of the "
                 "model's penultimate features (head calibration, "
-                + (f"every round from round {every})" if every is not None else "once, after the last round)")}
+                + (f"every round from round {every})" if every is not None else "once, after the last round)"),
+                "style_spectrum": "mean low-frequency amplitude spectrum of the training images (style sharing, "
+                "relayed to every other site)"}
         lines.append("  class statistics sent:    " + "; ".join(what.get(s, s) for s in shared)
                      + (" (masked: the server saw only the federation's sum" if rec["secure_aggregation"]
                         else " (each site's, in the clear") + ("; noised under DP-SGD)" if rec["dp_per_site"] else ")"))
