@@ -301,9 +301,9 @@ def test_the_privacy_record_says_which_class_statistics_the_sites_sent():
     rec = privacy_record(mode="federated", class_statistics={"class_features", "label_counts"}, **common)
     assert rec["class_statistics_shared"] == ["class_features", "label_counts"]
     text = format_record(rec)
-    assert "class statistics sent:    per-class mean and covariance of the model's penultimate features" in text
+    assert "statistics sent:          per-class mean and covariance of the model's penultimate features" in text
     assert "training images per class (each site's, in the clear)" in text
-    assert "class statistics" not in format_record(privacy_record(mode="federated", **common))
+    assert "statistics sent" not in format_record(privacy_record(mode="federated", **common))
     masked = format_record(privacy_record(mode="federated", class_statistics={"label_counts"},
                                           **{**common, "secure_aggregation": True}))
     assert "training images per class (masked: the server saw only the federation's sum)" in masked

@@ -84,7 +84,7 @@ def format_record(rec: Mapping[str, Any]) -> str:
                 + (f"every round from round {every})" if every is not None else "once, after the last round)"),
                 "style_spectrum": "mean low-frequency amplitude spectrum of the training images (style sharing, "
                 "relayed to every other site)"}
-        lines.append("  class statistics sent:    " + "; ".join(what.get(s, s) for s in shared)
+        lines.append("  statistics sent:          " + "; ".join(what.get(s, s) for s in shared)
                      + (" (masked: the server saw only the federation's sum" if rec["secure_aggregation"]
                         else " (each site's, in the clear") + ("; noised under DP-SGD)" if rec["dp_per_site"] else ")"))
     for a in rec["membership_inference"]:
