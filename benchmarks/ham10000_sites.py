@@ -64,9 +64,10 @@ class TestSets:
         self.pipeline = Pipeline.from_config(cfg.data)
         src = self.pipeline.source
         self.pooled = self.pipeline.dataset("test")
-        # each site's own test lesions: by the acquisition source, whatever the partition (iid too)
+        # each source's own test lesions, whatever the partition (iid too), a source that never trained included
+        # (federation.sites naming fewer than data.sites: external validation)
         where = np.asarray(src.column("test", cfg.partition.get("column", "source")))
-        self.sites = {s: np.flatnonzero(where == s) for s in cfg.federation.sites}
+        self.sites = {s: np.flatnonzero(where == s) for s in dict.fromkeys([*cfg.federation.sites, *cfg.data.sites])}
 
     def evaluate(self, net: torch.nn.Module, num_classes: int) -> dict[str, dict[str, float]]:
         out = {"pooled": self._metrics(net, self.pooled, num_classes)}
