@@ -34,6 +34,7 @@ Row = tuple[str, str, str, tuple[str, str] | None, str]
 
 PRESET = "experiment=ham10000_site_shift_128"
 PRESET_POOLED = ("ham128r72", "centralized")  # the preset's pooled run at seeds 42-44
+THREE_SITES = "federation.sites=[vidir_modern,vidir_molemax,vienna_dias]"
 
 
 def against_preset(name: str, file: str, label: str, option: str) -> Row:
@@ -170,6 +171,12 @@ ROWS: list[Row] = [
     # spectra, relayed by the server); a federation-only lever, so the preset's pooled run is its reference
     against_preset("FedAvg + both levers, style sharing (0.5), 128 px, 72 rounds", "style128_fedavg", "fedavg",
                    "federation.style_mix=0.5"),
+    # external validation: rosendahl never trains (three sites, selection on their validation images) and its own
+    # test lesions are scored; with and without style sharing, which is meant to carry to a look no site trained on
+    ("FedAvg + both levers, 128 px, 72 rounds, three sites (rosendahl never trains)", "ext128_fedavg", "fedavg",
+     NO_POOLED, f"{PRESET} {THREE_SITES}"),
+    ("FedAvg + both levers, style sharing (0.5), 128 px, 72 rounds, three sites (rosendahl never trains)",
+     "extstyle128_fedavg", "fedavg", NO_POOLED, f"{PRESET} {THREE_SITES} federation.style_mix=0.5"),
 ]
 #: the reference centralized run (experiment=ham10000 as it is): ham10000_natural_sites.json
 REFERENCE = "centralized"

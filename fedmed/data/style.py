@@ -9,8 +9,8 @@ mostly there; the phase, which carries the lesion's shape, is never shared.
 During training (:class:`StyleMix`) an image is, with probability ``prob``, given another site's look: its
 low-frequency amplitude becomes ``(1 - lam) * own + lam * other`` (``lam`` uniform in [0, 1], ``other`` one of
 the other sites' mean spectra, drawn at random) and its phase is kept; the result is not clipped (a brighter look
-may leave the source's range of values a little). Where each image is a 2D slice of ``C`` channels, the spectrum is ``(C, 2r + 1, 2r + 1)`` with
-``r = max(1, floor(band * min(H, W) / 2))``.
+may leave the source's range of values a little). For images of ``C`` channels and ``H x W`` pixels the spectrum
+is ``(C, 2r + 1, 2r + 1)`` with ``r = max(1, floor(band * min(H, W) / 2))``.
 
 Before a site uses the spectra the server relays, it checks them (:func:`check_spectrum`): the shape of its own,
 finite, non-negative, and within a factor :data:`MAX_RATIO` of its own spectrum's total, so a spectrum cannot

@@ -136,7 +136,7 @@ class SiteClient:
 
     def style(self) -> dict[str, Any]:
         """This site's look: the mean low-frequency amplitude spectrum of its training images
-        (:func:`fedmed.data.mean_amplitude`), only where its config shares it (``federation.style_mix``;
+        (:func:`fedmed.data.style.mean_amplitude`), only where its config shares it (``federation.style_mix``;
         ``PermissionError`` otherwise) and it holds at least ``min_class_images`` training images."""
         if STYLE_SPECTRUM not in self.settings.shares:
             raise PermissionError(f"site {self.name} does not share its style spectrum: its config has "
@@ -154,7 +154,7 @@ class SiteClient:
 
     def _use_style(self, spectra: Any) -> None:
         """``federation.style_mix``: train on the other sites' looks, from the spectra the server relayed (each
-        checked against this site's own: :func:`fedmed.data.check_spectrum`)."""
+        checked against this site's own: :func:`fedmed.data.style.check_spectrum`)."""
         wanted = self.settings.style_mix > 0
         if spectra is None:
             if wanted:
