@@ -123,7 +123,7 @@ RULES: dict[str, Rule] = {
     "federation.calibrate_head": boolean, "federation.calibrate_samples": integer(10),
     "federation.calibrate_epochs": integer(1), "federation.calibrate_lr": POSITIVE,
     "federation.calibrate_min_images": integer(1),
-    "federation.style_mix": PROB, "federation.style_band": number(0, 1, lo_open=True),
+    "federation.style_mix": PROB, "federation.style_band": number(0, 0.5, lo_open=True),
     "model.optimizer.name": choice("adam", "sgd"), "model.optimizer.lr": POSITIVE,
     "model.optimizer.momentum": number(0, 1, hi_open=True), "model.optimizer.keep_state": boolean,
     "model.optimizer.weight_decay": number(0), "model.optimizer.schedule": choice("constant", "cosine"),
