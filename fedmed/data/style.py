@@ -115,12 +115,13 @@ class StyleMix:
             raise ValueError(f"style spectra of shape {tuple(self.bank.shape[1:])} do not fit images of shape "
                              f"{tuple(x.shape[1:])}")
         rows, cols = _window(h, w, self.r)
-        picked = x[chosen].double()
-        spectrum = _centred(picked)
-        amplitude, phase = spectrum.abs(), spectrum.angle()
-        low = amplitude[..., rows, cols]
-        amplitude[..., rows, cols] = (1 - lam.view(-1, 1, 1, 1)) * low + lam.view(-1, 1, 1, 1) * self.bank[which]
-        mixed = torch.fft.ifft2(torch.fft.ifftshift(torch.polar(amplitude, phase), dim=(-2, -1))).real
+        spectrum = _centred(x[chosen].double())
+        band = spectrum[..., rows, cols]  # only the band changes: rescale it to the new amplitude, phase kept
+        low = band.abs()
+        lam = lam.view(-1, 1, 1, 1)
+        new = (1 - lam) * low + lam * self.bank[which]
+        spectrum[..., rows, cols] = torch.where(low > 0, band * (new / low.clamp_min(1e-300)), new.to(band.dtype))
+        mixed = torch.fft.ifft2(torch.fft.ifftshift(spectrum, dim=(-2, -1))).real
         out = x.clone()
         out[chosen] = mixed.to(x.dtype)
         return out
