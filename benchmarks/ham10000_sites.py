@@ -36,9 +36,9 @@ from results import ms, save_json
 
 from fedmed.build import build_module
 from fedmed.config import compose
-from fedmed.data.datamodule import Pipeline, make_loader
+from fedmed.data.datamodule import ArrayDataset, Pipeline, make_loader
 from fedmed.logs import setup_logging
-from fedmed.models.metrics import evaluate
+from fedmed.models.metrics import compute_metrics, evaluate, make_metrics
 from fedmed.tasks import fit
 
 STRATEGIES = ("fedavg", "fedavgm", "fedbn", "fedprox", "fedadam", "scaffold", "fednova")
@@ -66,8 +66,36 @@ class TestSets:
         self.pooled = self.pipeline.dataset("test")
         # each source's own test lesions, whatever the partition (iid too), a source that never trained included
         # (federation.sites naming fewer than data.sites: external validation)
-        where = np.asarray(src.column("test", cfg.partition.get("column", "source")))
+        column = cfg.partition.get("column", "source")
+        where = np.asarray(src.column("test", column))
         self.sites = {s: np.flatnonzero(where == s) for s in dict.fromkeys([*cfg.federation.sites, *cfg.data.sites])}
+        self.num_classes = int(cfg.data.num_classes)
+        self._val: tuple[ArrayDataset, np.ndarray] | None = None
+        self._column = column
+
+    def own(self, site: str, split: str = "test") -> ArrayDataset:
+        """The rows of ``split`` (``test`` or ``val``) acquired at ``site``."""
+        if split == "test":
+            data, rows = self.pooled, self.sites[site]
+        else:
+            if self._val is None:
+                self._val = (self.pipeline.dataset("val"), np.asarray(self.pipeline.source.column("val", self._column)))
+            data, where = self._val
+            rows = np.flatnonzero(where == site)
+        return type(data)(data.x[rows], data.y[rows])
+
+    def pooled_over(self, nets: dict[str, torch.nn.Module], split: str) -> dict[str, float]:
+        """Each site's own ``net`` on that site's own rows of ``split``, all predictions scored together."""
+        metrics = make_metrics(self.num_classes)
+        n = 0
+        with torch.no_grad():
+            for site, net in nets.items():
+                net.eval()
+                for x, y in make_loader(self.own(site, split), 256, False):
+                    metrics.update(net(x).softmax(-1), y)
+                    n += len(y)
+        scalars, _ = compute_metrics(metrics)
+        return {**{k: scalars[k] for k in KEYS}, "n": n}
 
     def evaluate(self, net: torch.nn.Module, num_classes: int) -> dict[str, dict[str, float]]:
         out = {"pooled": self._metrics(net, self.pooled, num_classes)}
@@ -77,8 +105,7 @@ class TestSets:
 
     def evaluate_site(self, net: torch.nn.Module, site: str, num_classes: int) -> dict[str, float]:
         """``net`` on the test lesions of ``site`` only."""
-        rows = self.sites[site]
-        return self._metrics(net, type(self.pooled)(self.pooled.x[rows], self.pooled.y[rows]), num_classes)
+        return self._metrics(net, self.own(site), num_classes)
 
     @staticmethod
     def _metrics(net, ds, num_classes: int) -> dict[str, float]:
@@ -87,16 +114,21 @@ class TestSets:
 
 
 def personalized(cfg, run_id: str, tests: TestSets) -> dict[str, dict[str, float]]:
-    """Each site's fine-tuned model (`checkpoint/model.pt` in its site run) on that site's own test lesions."""
+    """Each site's fine-tuned model (`checkpoint/model.pt` in its site run) on that site's own test lesions;
+    ``pooled``: every site's model on its own test lesions, scored together (what the sites get, as one figure);
+    ``val_pooled``: the same on the sites' own validation rows (what fine-tuning is judged by)."""
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(cfg.logger.tracking_uri)
     exp = client.get_run(run_id).info.experiment_id
-    out = {}
+    out, nets = {}, {}
     for r in client.search_runs([exp], filter_string=f"tags.mlflow.parentRunId = '{run_id}'"):
         module = build_module(cfg)
         module.net.load_state_dict(selected_weights(cfg, r.info.run_id))
+        nets[r.info.run_name] = module.net
         out[r.info.run_name] = tests.evaluate_site(module.net, r.info.run_name, cfg.data.num_classes)
+    out["pooled"] = tests.pooled_over(nets, "test")
+    out["val_pooled"] = tests.pooled_over(nets, "val")
     return out
 
 
@@ -239,6 +271,9 @@ def main() -> None:
             row["val_balanced_acc"] = validation_score(cfg, row)
             if label == "finetune":
                 row["personalized_sites"] = personalized(cfg, res["run_id"], tests)  # type: ignore[arg-type]
+                # the global model on the same validation rows, for the paired comparison with fine-tuning
+                row["global_val_pooled"] = tests.pooled_over(  # type: ignore[union-attr]
+                    dict.fromkeys(cfg.federation.sites, module.net), "val")
             done.append(row)
             save_json(args.name, done)
             print(f"{label} seed {seed}: selected {res['selected']}, pooled test bal. ACC "
