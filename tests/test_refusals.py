@@ -199,3 +199,19 @@ def test_a_stop_that_lightning_turns_into_system_exit_still_ends_runs_killed(tmp
         except KeyboardInterrupt:
             raise SystemExit(1)  # noqa: B904 - as Lightning does: the interrupt is its __context__
     assert MlflowClient(uri).get_run(run_id).info.status == "KILLED"
+
+
+@needs(PNEUMONIA)
+def test_a_batch_fraction_that_leaves_a_site_no_batch_is_refused_before_training(isolated, capsys):
+    # smoke: 2 PneumoniaMNIST sites of a few hundred training images each, batch 64, i.e. a handful of batches
+    t0 = time.perf_counter()
+    assert main(["fit", *isolated, "experiment=smoke", "trainer.limit_train_batches=0.01"]) == 1
+    err = capsys.readouterr().err  # the partition's log lines come first: the data had to be read
+    line = one_line("\n".join(x for x in err.splitlines() if "error" in x.lower()))
+    assert "Traceback" not in err and "round 1" not in err, err
+    assert "trainer.limit_train_batches=0.01 gives site hospital_a no batch (it has 8)" in line, line
+    assert "use at least" in line
+    assert time.perf_counter() - t0 < 60
+    # a fraction that leaves every site one batch trains
+    assert main(["fit", *isolated, "experiment=smoke", "trainer.limit_train_batches=0.5",
+                 "explain.every_n_rounds=0", "privacy.audit=none"]) == 0

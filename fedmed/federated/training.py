@@ -13,6 +13,7 @@ import lightning as L
 import torch
 
 from fedmed.data.datamodule import SiteData, make_loader
+from fedmed.errors import FedmedError
 from fedmed.federated.attack import Attack
 from fedmed.federated.callbacks import BestOnValidation, EpochProgress
 from fedmed.federated.messages import StateDict, clone_state
@@ -22,6 +23,9 @@ from fedmed.models.metrics import evaluate
 from fedmed.privacy.dp import DPConfig, SitePrivacy
 
 log = logging.getLogger("fedmed")
+
+#: images per validation batch (validation never trains, so its batch size is only a matter of memory)
+VAL_BATCH = 256
 
 
 @dataclass(frozen=True)
@@ -78,6 +82,19 @@ class RoundOutput:
     extras: dict[str, Any]
 
 
+def check_train_batch_limit(site: str, data: SiteData, batch_size: int, trainer: Mapping[str, Any]) -> None:
+    """Refuse, before any training, a fractional ``trainer.limit_train_batches`` that leaves ``site`` no training
+    batch: Lightning would only say so when the site's first round starts.
+
+    Raises:
+        FedmedError: one line naming the key, the site and the smallest fraction that gives it one batch.
+    """
+    limit, batches = trainer.get("limit_train_batches"), -(-len(data.train) // batch_size)
+    if isinstance(limit, float) and 0 < limit < 1 and batches and int(batches * limit) == 0:
+        raise FedmedError(f"trainer.limit_train_batches={limit} gives site {site} no batch (it has {batches}); "
+                          f"use at least {1 / batches:.3g}, or a whole number of batches")
+
+
 def site_seed(seed: int, round_idx: int, site_index: int) -> int:
     """Seed for one site's work in one round: independent of which other sites ran, or in what order."""
     return (seed * 1_000_003 + round_idx * 1_009 + site_index) % (2**31 - 1)
@@ -98,6 +115,7 @@ class LocalTraining:
                  site_index: int = 0):
         self.name, self.data, self.module, self.settings = name, data, module, settings
         self.site_index = site_index
+        check_train_batch_limit(name, data, settings.batch_size, settings.trainer)
         self.module.set_label_prior(data.train.y)  # for a logit-adjusted loss: this site's own label mix
         self.dp: SitePrivacy | None = None
         if settings.privacy is not None:
@@ -172,7 +190,7 @@ class LocalTraining:
         """``weights`` scored on the site's validation data (a copy of the network; training is not touched)."""
         net = copy.deepcopy(self.module.net)
         net.load_state_dict(weights, strict=True)
-        metrics, _ = evaluate(net, make_loader(self.data.val, 256, shuffle=False), self.module.num_classes)
+        metrics, _ = evaluate(net, make_loader(self.data.val, VAL_BATCH, shuffle=False), self.module.num_classes)
         return metrics
 
     def _fit(self, trainer: L.Trainer, loader, epochs: int, seed: int, part: SitePart | None,
@@ -184,7 +202,7 @@ class LocalTraining:
             gsm, loader, m.wrap_optimizer = self.dp.attach(m.net, loader, seed)
         m.hook = part
         try:
-            val = make_loader(self.data.val, 256, shuffle=False) if validate else None
+            val = make_loader(self.data.val, VAL_BATCH, shuffle=False) if validate else None
             trainer.fit(m, train_dataloaders=loader, val_dataloaders=val)
         finally:
             m.hook, m.wrap_optimizer = None, None
