@@ -177,6 +177,18 @@ ROWS: list[Row] = [
      NO_POOLED, f"{PRESET} {THREE_SITES}"),
     ("FedAvg + both levers, style sharing (0.5), 128 px, 72 rounds, three sites (rosendahl never trains)",
      "extstyle128_fedavg", "fedavg", NO_POOLED, f"{PRESET} {THREE_SITES} federation.style_mix=0.5"),
+    # personalisation: after the preset's federation each site fine-tunes the final model for one pass over its
+    # own training images (4 local epochs of a quarter) and keeps it; each site's model is scored on that site's
+    # own lesions, all predictions together ("own"). Its control: the preset's pooled model fine-tuned at each
+    # site the same way. The global model of the same federations is the preset again (same seeds).
+    against_preset("FedAvg + both levers, 128 px, 72 rounds: the global model before fine-tuning", "ft128_finetune",
+                   "finetune", "federation.finetune_epochs=4"),
+    ("FedAvg + both levers, 128 px, 72 rounds, fine-tuned at each site: each site's model on its own lesions",
+     "ft128_finetune", "finetune:own", ("ft128_centralized_finetune", "centralized_finetune:own"),
+     f"{PRESET} federation.finetune_epochs=4"),
+    ("centralized + both levers, 128 px, 72 rounds, fine-tuned at each site: each site's model on its own lesions",
+     "ft128_centralized_finetune", "centralized_finetune:own", None,
+     f"{PRESET} mode=centralized, then each site as federation.finetune_epochs=4"),
 ]
 #: the reference centralized run (experiment=ham10000 as it is): ham10000_natural_sites.json
 REFERENCE = "centralized"
@@ -185,7 +197,7 @@ REFERENCE_BAL_ACC = 0.511  # its pooled test balanced accuracy, seeds 42-44
 
 def federated(label: str) -> bool:
     """Whether a run label is a federation (not pooled training, not one source alone)."""
-    return label != "centralized" and not label.startswith("local:")
+    return not label.startswith(("centralized", "local:"))
 
 
 def compared_with(label: str, pooled: tuple[str, str] | None) -> str:
@@ -196,10 +208,18 @@ def compared_with(label: str, pooled: tuple[str, str] | None) -> str:
 
 
 def load(folder: Path, name: str, label: str) -> list[dict]:
+    """The runs of ``label`` in ``bench_out/<name>.json``; ``<label>:own``: each site's fine-tuned model on its own
+    lesions (``personalized_sites``) in place of the one model's figures, judged by the same models' validation."""
     path = folder / f"{name}.json"
     if not path.exists():
         return []
-    return sorted((r for r in json.loads(path.read_text()) if r["label"] == label), key=lambda r: r["seed"])
+    base, own = label.removesuffix(":own"), label.endswith(":own")
+    rows = sorted((r for r in json.loads(path.read_text()) if r["label"] == base), key=lambda r: r["seed"])
+    if own:
+        rows = [{**r, "label": label, "test_sites": r["personalized_sites"],
+                 "val_balanced_acc": r["personalized_sites"]["val_pooled"]["balanced_acc"],
+                 "selected": f"{r['selected']}, then fine-tuned at each site"} for r in rows]
+    return rows
 
 
 def earlier(path: Path | None) -> dict[str, list[list[str]]]:

@@ -14,7 +14,8 @@ Usage:
         [--seeds 42] [--runs centralized fedavg fedbn locals] [--name ham10000_sites] [override ...]
 
 Run labels: centralized, fedavg, fedavgm, fedbn, fedprox, fedadam, scaffold, fednova, finetune (FedAvg plus
-`federation.finetune_epochs`; each site's fine-tuned model is also scored on that site's own test lesions),
+`federation.finetune_epochs`; each site's fine-tuned model is also scored on that site's own test lesions, and all
+of them together), centralized_finetune (its control: the pooled model fine-tuned at each site the same way),
 locals (every site alone) or local:<site>. Any partition works (`partition=iid` for the reference without
 site shift); the per-site columns always score each acquisition source's own test lesions.
 Prints a markdown table (mean +- std over seeds) and writes bench_out/<name>.json after every run;
@@ -52,6 +53,8 @@ def run_overrides(label: str, finetune_epochs: int) -> list[str]:
         return [f"strategy={label}"]
     if label == "finetune":
         return ["strategy=fedavg", f"federation.finetune_epochs={finetune_epochs}"]
+    if label == "centralized_finetune":  # pooled training, then each site fine-tunes it as in `finetune`
+        return ["mode=centralized"]
     if label.startswith("local:"):
         return [f"site={label.removeprefix('local:')}"]
     raise SystemExit(f"unknown run {label!r}")
@@ -132,6 +135,28 @@ def personalized(cfg, run_id: str, tests: TestSets) -> dict[str, dict[str, float
     return out
 
 
+def pooled_finetuned(cfg, weights: dict[str, torch.Tensor], tests: TestSets) -> dict[str, dict[str, float]]:
+    """The control for a federation's fine-tuning: the pooled model fine-tuned at each site exactly as the
+    federation's sites fine-tune theirs (``cfg``: the federated config with ``federation.finetune_epochs``; same
+    site data, seeds, epochs and strategy instructions; a fresh optimizer, where the federation's sites may
+    keep their Adam moments from the rounds), scored as :func:`personalized` scores those."""
+    from fedmed import build
+
+    fed, sites = cfg.federation, list(cfg.federation.sites)
+    strategy = build.build_strategy(cfg, len(sites))
+    _, datas = build.load_sites(cfg, tests.pipeline.source, sites)
+    instructions = {**strategy.configure_fit(weights), "trained_epochs": fed.rounds * fed.local_epochs}
+    out, nets = {}, {}
+    for k, site in enumerate(sites):
+        client = build.site_client(cfg, site, k, datas[site], strategy=strategy)
+        client.finetune(weights, fed.rounds + 1, fed.finetune_epochs, instructions)
+        nets[site] = client.module.net  # finetune's evaluation loaded the fine-tuned weights into it
+        out[site] = tests.evaluate_site(nets[site], site, cfg.data.num_classes)
+    out["pooled"] = tests.pooled_over(nets, "test")
+    out["val_pooled"] = tests.pooled_over(nets, "val")
+    return out
+
+
 def selected_weights(cfg, run_id: str) -> dict[str, torch.Tensor]:
     """The weights `fedmed fit` selected (or a site fine-tuned), from its MLflow run (`checkpoint/model.pt`)."""
     from mlflow.tracking import MlflowClient
@@ -157,7 +182,7 @@ def validation_score(cfg, row: dict) -> float:
     baseline's averaged or calibrated candidates are its `candidate_val_*` metrics."""
     selected, run_id = row["selected"], row["run_id"]
     step = int(selected.split()[1].split("/")[0].rstrip(","))
-    if row["label"] == "centralized" or row["label"].startswith("local:"):
+    if row["label"].startswith(("centralized", "local:")):
         candidates = dict(metric_history(cfg, run_id, "candidate_val_balanced_acc"))
         if step in candidates:
             return candidates[step]
@@ -183,7 +208,7 @@ def table(rows: dict[str, list[dict]], sites: list[str]) -> str:
 NAMES = {"centralized": "centralized", "fedavg": "federated, FedAvg", "fedavgm": "federated, FedAvgM",
          "fedbn": "federated, FedBN", "fedprox": "federated, FedProx", "fedadam": "federated, FedAdam",
          "scaffold": "federated, SCAFFOLD", "fednova": "federated, FedNova",
-         "finetune": "federated, FedAvg + fine-tuning"}
+         "finetune": "federated, FedAvg + fine-tuning", "centralized_finetune": "centralized + fine-tuning"}
 
 
 def results_rows(rows: dict[str, list[dict]], sites: list[str]) -> tuple[list[str], list[list[str]]]:
@@ -272,6 +297,11 @@ def main() -> None:
             if label == "finetune":
                 row["personalized_sites"] = personalized(cfg, res["run_id"], tests)  # type: ignore[arg-type]
                 # the global model on the same validation rows, for the paired comparison with fine-tuning
+            if label == "centralized_finetune":
+                tuned = compose("fit", [*base, f"seed={seed}", *run_overrides("finetune", args.finetune_epochs),
+                                        *strategy_keys])
+                row["personalized_sites"] = pooled_finetuned(tuned, module.net.state_dict(), tests)  # type: ignore[arg-type]
+            if "personalized_sites" in row:
                 row["global_val_pooled"] = tests.pooled_over(  # type: ignore[union-attr]
                     dict.fromkeys(cfg.federation.sites, module.net), "val")
             done.append(row)
