@@ -181,14 +181,19 @@ ROWS: list[Row] = [
     # own training images (4 local epochs of a quarter) and keeps it; each site's model is scored on that site's
     # own lesions, all predictions together ("own"). Its control: the preset's pooled model fine-tuned at each
     # site the same way. The global model of the same federations is the preset again (same seeds).
-    against_preset("FedAvg + both levers, 128 px, 72 rounds: the global model before fine-tuning", "ft128_finetune",
-                   "finetune", "federation.finetune_epochs=4"),
+    ("FedAvg + both levers, 128 px, 72 rounds: the global model before fine-tuning", "ft128_finetune", "finetune",
+     ("ft128_centralized_finetune", "centralized_finetune"), f"{PRESET} federation.finetune_epochs=4"),
     ("FedAvg + both levers, 128 px, 72 rounds, fine-tuned at each site: each site's model on its own lesions",
      "ft128_finetune", "finetune:own", ("ft128_centralized_finetune", "centralized_finetune:own"),
      f"{PRESET} federation.finetune_epochs=4"),
+    ("centralized + both levers, 128 px, 72 rounds: the pooled model before fine-tuning",
+     "ft128_centralized_finetune", "centralized_finetune", None, f"{PRESET} mode=centralized"),
     ("centralized + both levers, 128 px, 72 rounds, fine-tuned at each site: each site's model on its own lesions",
      "ft128_centralized_finetune", "centralized_finetune:own", None,
      f"{PRESET} mode=centralized, then each site as federation.finetune_epochs=4"),
+    # FedProx on the preset: each site's loss adds mu/2 ||w - w_global||^2; against the pooled run just above
+    ("FedProx (mu 0.01) + both levers, 128 px, 72 rounds", "prox128_fedprox", "fedprox",
+     ("ft128_centralized_finetune", "centralized_finetune"), f"{PRESET} strategy=fedprox"),
 ]
 #: the reference centralized run (experiment=ham10000 as it is): ham10000_natural_sites.json
 REFERENCE = "centralized"
