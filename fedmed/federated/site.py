@@ -36,7 +36,7 @@ from fedmed.federated.statistics import (
     withhold_small_classes,
 )
 from fedmed.federated.strategies.base import SitePart
-from fedmed.federated.training import LocalTraining, TrainingSettings
+from fedmed.federated.training import VAL_BATCH, LocalTraining, TrainingSettings
 from fedmed.models.classifier import Classifier
 from fedmed.models.metrics import evaluate
 from fedmed.tracking import RunLog
@@ -261,7 +261,7 @@ class SiteClient:
         from fedmed.models.metrics import name_classes
 
         self.set_weights(self.part.local_weights(weights))  # FedBN: a site is evaluated with its own BN
-        loader = make_loader(self.data.val, 256, shuffle=False)
+        loader = make_loader(self.data.val, VAL_BATCH, shuffle=False)
         net = self.module.net.to(self.training.device())
         metrics, confmat = evaluate(net, loader, self.module.num_classes)
         metrics = name_classes(metrics, self.heatmaps.class_names)
